@@ -1,0 +1,151 @@
+"""Configuration: the example is valid; every mistake is named with its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warmrelay.config import load_config, parse_config
+from warmrelay.errors import ConfigError, WarmrelayError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.yaml"
+
+
+def minimal(**over: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "ips": [
+            {
+                "address": "127.0.0.2",
+                "helo": "mta1.example.test",
+                "warmup": {"start": "2026-11-27", "schedule": [50, 100]},
+            },
+            {"address": "127.0.0.3", "helo": "mta2.example.test"},
+        ]
+    }
+    doc.update(over)
+    return doc
+
+
+def problems(doc: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert isinstance(info.value, WarmrelayError)
+    return [str(p) for p in info.value.problems]
+
+
+def warmrelay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "warmrelay", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_example_config_is_valid_and_resolves_state_dir_next_to_it() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.state.dir == ROOT / "var"
+    assert [str(ip.address) for ip in cfg.ips] == ["127.0.0.2", "127.0.0.3"]
+    assert cfg.ips[0].warmup is not None
+    assert cfg.ips[0].warmup.start == date(2026, 11, 27)
+
+
+def test_preset_name_becomes_its_table() -> None:
+    doc = minimal()
+    doc["ips"][0]["warmup"]["schedule"] = "sparkpost"
+    cfg = parse_config(doc)
+    assert cfg.ips[0].warmup is not None
+    assert cfg.ips[0].warmup.schedule.daily[:3] == (200, 500, 1000)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"smtp": {"colour": "blue"}}, "smtp.colour: unknown key"),
+        ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
+        ({"overflow": "spray"}, "overflow: Input should be 'pool' or 'hold'"),
+        ({"routes": {"*": "127.0.0.1"}}, "routes['*']: '127.0.0.1' needs a port"),
+        ({"smtp": {"allow_networks": ["10.0.0.0/33"]}}, "smtp.allow_networks[0]:"),
+        ({"state": {"counters": "mongodb://x"}}, "state.counters:"),
+        ({"ips": []}, "ips: list at least one source IP"),
+    ],
+)
+def test_single_mistakes(change: dict[str, Any], expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(minimal(**change))), problems(
+        minimal(**change)
+    )
+
+
+def test_ip_level_mistakes_name_the_entry() -> None:
+    doc = minimal()
+    doc["ips"][1]["address"] = "300.1.2.3"
+    doc["ips"][0]["warmup"]["schedule"] = [10, -1]
+    doc["ips"].append({"address": "127.0.0.2", "helo": "x.example.test"})
+    found = problems(doc)
+    assert "ips[1].address: '300.1.2.3' is not an IP address" in found
+    assert "ips[0].warmup.schedule: day 2: cap -1 is negative" in found
+    assert "ips[2].address: 127.0.0.2 is already listed as ips[0]" in found
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ([], "the schedule is empty"),
+        ({"a": 1}, "must be a list of daily caps or a preset name"),
+        ("fastest", "unknown preset 'fastest'"),
+        ([1, "many"], "day 2: 'many' is not a whole number"),
+    ],
+)
+def test_bad_schedules(schedule: Any, expected: str) -> None:
+    doc = minimal()
+    doc["ips"][0]["warmup"]["schedule"] = schedule
+    assert any(p.startswith(f"ips[0].warmup.schedule: {expected}") for p in problems(doc))
+
+
+def test_pool_overflow_needs_a_warm_ip() -> None:
+    doc = minimal()
+    del doc["ips"][1]
+    assert any(p.startswith("overflow: 'pool' needs at least one warm IP") for p in problems(doc))
+    assert parse_config({**doc, "overflow": "hold"}).overflow == "hold"
+
+
+def test_empty_and_non_mapping_documents() -> None:
+    assert problems(None) == ["the configuration is empty"]
+    assert problems([1, 2]) == ["the configuration must be a mapping of keys"]
+
+
+def test_check_config_prints_all_three_mistakes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "smtp:\n  listen: ['127.0.0.1:2525']\n  colour: blue\n"
+        "ips:\n"
+        "  - address: 127.0.0.2\n    helo: mta1.example.test\n"
+        "    warmup: {start: 2026-13-40, schedule: [50]}\n"
+        "  - address: 127.0.0.3\n    helo: mta2.example.test\n"
+        "routes: {'*': '127.0.0.1'}\n"
+    )
+    result = warmrelay("check-config", "-c", str(bad))
+    assert result.returncode == 1
+    assert "3 error(s)" in result.stderr
+    for path in ("smtp.colour", "ips[0].warmup.start", "routes['*']"):
+        assert f"  {path}: " in result.stderr
+
+
+def test_check_config_summary_for_the_example() -> None:
+    result = warmrelay("check-config", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+    assert "127.0.0.2" in result.stdout and "127.0.0.3" in result.stdout
+    assert "warm (pool)" in result.stdout
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    assert warmrelay("check-config", "-c", str(tmp_path / "nope.yaml")).returncode == 1
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("ips: [\n")
+    result = warmrelay("check-config", "-c", str(broken))
+    assert result.returncode == 1
+    assert "not valid YAML" in result.stderr

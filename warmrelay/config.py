@@ -1,0 +1,319 @@
+"""Configuration: one YAML file loaded once into typed, frozen objects.
+
+Validation is done by pydantic (unknown keys are errors, every problem is
+reported with its key path, not only the first); the few rules that span
+several keys (duplicate IPs, an overflow policy that needs a warm IP) are
+checked here on the raw document so they are reported even when other keys
+are wrong too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from warmrelay.errors import ConfigError, ConfigProblem
+from warmrelay.schedule import PRESETS, Schedule
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9-_]{0,61}[A-Za-z0-9_])?\.?)+$")
+
+
+def _ip(value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+def _network(value: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network (e.g. 10.0.0.0/8)") from None
+
+
+def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port`` / ``host`` (when a default port is given)."""
+    text = str(value).strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
+    if m:
+        host, port_text = m.group(1), m.group(2)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port_text = text, None
+    else:
+        host, port_text = text, None
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{value!r} needs a port (host:port)")
+        port = default_port
+    else:
+        port = int(port_text)
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port must be 1-65535")
+    return host, port
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return str(value[0]), int(value[1])
+    return parse_host_port(str(value))
+
+
+def _dns_server(value: Any) -> tuple[str, int]:
+    host, port = parse_host_port(str(value), default_port=53)
+    _ip(host)
+    return host, port
+
+
+def _hostname(value: str) -> str:
+    if not _HOSTNAME.match(value):
+        raise ValueError(f"{value!r} is not a host name")
+    return value
+
+
+HostPort = Annotated[tuple[str, int], BeforeValidator(_host_port)]
+DnsServer = Annotated[tuple[str, int], BeforeValidator(_dns_server)]
+Address = Annotated[IPAddress, BeforeValidator(_ip)]
+Network = Annotated[IPNetwork, BeforeValidator(_network)]
+HostName = Annotated[str, AfterValidator(_hostname)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class SmtpConfig(_Frozen):
+    listen: tuple[HostPort, ...] = Field(default=(("127.0.0.1", 2525),), min_length=1)
+    hostname: HostName = Field(default_factory=socket.getfqdn)
+    allow_networks: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
+    max_message_bytes: int = Field(default=26_214_400, gt=0)
+    max_recipients: int = Field(default=100, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class AdminConfig(_Frozen):
+    listen: HostPort | None = ("127.0.0.1", 9465)
+
+
+class StateConfig(_Frozen):
+    dir: Path = Path("./var")
+    counters: str = "sqlite"
+
+    @field_validator("counters")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value in ("sqlite", "memory"):
+            return value
+        if value.startswith(("redis://", "rediss://")):
+            raise ValueError("the redis backend is not available in this version; use sqlite")
+        raise ValueError(f"{value!r} is not a counters backend (sqlite or memory)")
+
+
+class DnsConfig(_Frozen):
+    nameservers: tuple[DnsServer, ...] = ()
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class DeliveryConfig(_Frozen):
+    concurrency: int = Field(default=64, gt=0)
+    connections_per_destination: int = Field(default=16, gt=0)
+    connect_timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+    idle_connection_s: float = Field(default=10.0, ge=0)
+    retry_first_s: float = Field(default=300.0, gt=0)
+    retry_max_s: float = Field(default=3600.0, gt=0)
+    queue_lifetime_s: float = Field(default=5 * 86400.0, gt=0)
+    ip_down_s: float = Field(default=300.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    mx_port: int = Field(default=25, gt=0, lt=65536)
+    starttls: Literal["opportunistic", "never"] = "opportunistic"
+
+
+def _schedule(value: Any) -> Schedule:
+    if isinstance(value, str):
+        preset = PRESETS.get(value)
+        if preset is None:
+            raise ValueError(f"unknown preset {value!r} (known: {', '.join(sorted(PRESETS))})")
+        return preset
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("the schedule is empty: give daily caps or a preset name")
+        caps: list[int] = []
+        for i, cap in enumerate(value):
+            if isinstance(cap, bool) or not isinstance(cap, int):
+                raise ValueError(f"day {i + 1}: {cap!r} is not a whole number")
+            if cap < 0:
+                raise ValueError(f"day {i + 1}: cap {cap} is negative")
+            caps.append(cap)
+        return Schedule(name="custom", daily=tuple(caps))
+    raise ValueError(f"must be a list of daily caps or a preset name, not {type(value).__name__}")
+
+
+class WarmupConfig(_Frozen):
+    start: date
+    schedule: Annotated[Schedule, BeforeValidator(_schedule)]
+
+
+class IPConfig(_Frozen):
+    address: Address
+    helo: HostName
+    weight: int = Field(default=1, gt=0)
+    warmup: WarmupConfig | None = None
+
+
+class Config(_Frozen):
+    smtp: SmtpConfig = SmtpConfig()
+    admin: AdminConfig = AdminConfig()
+    state: StateConfig = StateConfig()
+    dns: DnsConfig = DnsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    timezone: str = "UTC"
+    ips: tuple[IPConfig, ...]
+    overflow: Literal["pool", "hold"] = "pool"
+    routes: Mapping[str, HostPort] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _lower_domains(cls, value: Mapping[str, tuple[str, int]]) -> Mapping[str, tuple[str, int]]:
+        return {k.lower().rstrip("."): v for k, v in value.items()}
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def format_path(loc: Sequence[int | str]) -> str:
+    """('ips', 1, 'warmup', 'start') -> 'ips[1].warmup.start'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Rules spanning several keys, checked on the raw document."""
+    problems: list[ConfigProblem] = []
+    ips = doc.get("ips")
+    if ips == []:
+        problems.append(ConfigProblem("ips", "list at least one source IP"))
+    if not isinstance(ips, list):
+        return problems
+    seen: dict[str, int] = {}
+    has_warm = False
+    for i, entry in enumerate(ips):
+        if not isinstance(entry, Mapping):
+            continue
+        if entry.get("warmup") is None:
+            has_warm = True
+        try:
+            key = str(ipaddress.ip_address(str(entry.get("address"))))
+        except ValueError:
+            continue
+        if key in seen:
+            problems.append(
+                ConfigProblem(f"ips[{i}].address", f"{key} is already listed as ips[{seen[key]}]")
+            )
+        else:
+            seen[key] = i
+    if doc.get("overflow", "pool") == "pool" and not has_warm and ips:
+        problems.append(
+            ConfigProblem(
+                "overflow",
+                "'pool' needs at least one warm IP (an entry of ips without a warmup block); "
+                "add one or use overflow: hold",
+            )
+        )
+    return problems
+
+
+def parse_config(doc: Any, *, base_dir: Path | None = None) -> Config:
+    """Validate a loaded YAML document; raise ConfigError listing every problem."""
+    if doc is None:
+        raise ConfigError([ConfigProblem("", "the configuration is empty")])
+    if not isinstance(doc, Mapping):
+        raise ConfigError([ConfigProblem("", "the configuration must be a mapping of keys")])
+    problems = _cross_key_problems(doc)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(doc)
+    except ValidationError as exc:
+        problems = [
+            ConfigProblem(format_path(e["loc"]), _message(e)) for e in exc.errors()
+        ] + problems
+    if problems or config is None:
+        raise ConfigError(problems)
+    if base_dir is not None and not config.state.dir.is_absolute():
+        state = config.state.model_copy(update={"dir": base_dir / config.state.dir})
+        config = config.model_copy(update={"state": state})
+    return config
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML, but dates stay strings: pydantic then reports a bad date with its key path."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:timestamp",
+    lambda loader, node: loader.construct_scalar(node),  # type: ignore[arg-type]
+)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML file. Relative paths in it are relative to the file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read {p}: {exc.strerror}")]) from exc
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem("", f"{p} is not valid YAML: {exc}")]) from exc
+    return parse_config(doc, base_dir=p.resolve().parent)

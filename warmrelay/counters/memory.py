@@ -1,0 +1,33 @@
+"""In-memory counters: for tests and simulation; lost on exit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from warmrelay.counters.base import CounterKey, Limit, grantable
+
+
+class MemoryCounters:
+    """Atomic because reserve never awaits between read and write (one event loop)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[CounterKey, int] = {}
+
+    async def reserve(self, limits: Sequence[Limit], n: int) -> int:
+        granted = grantable(
+            [self._counts.get(lim.key, 0) for lim in limits], [lim.cap for lim in limits], n
+        )
+        if granted:
+            for lim in limits:
+                self._counts[lim.key] = self._counts.get(lim.key, 0) + granted
+        return granted
+
+    async def release(self, keys: Sequence[CounterKey], n: int) -> None:
+        for key in keys:
+            self._counts[key] = max(0, self._counts.get(key, 0) - n)
+
+    async def get(self, key: CounterKey) -> int:
+        return self._counts.get(key, 0)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,52 @@
+"""One error root for everything warmrelay raises on purpose.
+
+Callers catch ``WarmrelayError`` to handle any of our failures; each subclass
+names the stage of the data path it comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class WarmrelayError(Exception):
+    """Root of all errors warmrelay raises deliberately."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One mistake in a configuration file: where (key path) and what."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(WarmrelayError, ValueError):
+    """A configuration file is invalid; carries every problem found, not only the first."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class CounterError(WarmrelayError):
+    """The counter store could not answer (locked, unreachable, corrupt)."""
+
+
+class SpoolError(WarmrelayError, OSError):
+    """The spool could not store or read a message durably."""
+
+
+class NextHopError(WarmrelayError):
+    """The next hop of a domain could not be found.
+
+    ``permanent`` is true when retrying cannot help (null MX, no such domain),
+    so the recipients bounce instead of waiting.
+    """
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
