@@ -52,7 +52,9 @@ def _network(value: Any) -> IPNetwork:
         raise ValueError(f"{value!r} is not a network (e.g. 10.0.0.0/8)") from None
 
 
-def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+def parse_host_port(
+    value: str, *, default_port: int | None = None, allow_zero: bool = False
+) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port`` / ``host`` (when a default port is given)."""
     text = str(value).strip()
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
@@ -72,7 +74,7 @@ def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str
         port = int(port_text)
     if not host:
         raise ValueError(f"{value!r} has no host")
-    if not 0 < port < 65536:
+    if not (0 if allow_zero else 1) <= port < 65536:
         raise ValueError(f"{value!r}: port must be 1-65535")
     return host, port
 
@@ -81,6 +83,13 @@ def _host_port(value: Any) -> tuple[str, int]:
     if isinstance(value, (tuple, list)) and len(value) == 2:
         return str(value[0]), int(value[1])
     return parse_host_port(str(value))
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    """A listening address; port 0 picks a free port (tests)."""
+    host, port = parse_host_port(str(value), allow_zero=True)
+    _ip(host)
+    return host, port
 
 
 def _dns_server(value: Any) -> tuple[str, int]:
@@ -96,6 +105,7 @@ def _hostname(value: str) -> str:
 
 
 HostPort = Annotated[tuple[str, int], BeforeValidator(_host_port)]
+Listen = Annotated[tuple[str, int], BeforeValidator(_listen)]
 DnsServer = Annotated[tuple[str, int], BeforeValidator(_dns_server)]
 Address = Annotated[IPAddress, BeforeValidator(_ip)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
@@ -107,7 +117,7 @@ class _Frozen(BaseModel):
 
 
 class SmtpConfig(_Frozen):
-    listen: tuple[HostPort, ...] = Field(default=(("127.0.0.1", 2525),), min_length=1)
+    listen: tuple[Listen, ...] = Field(default=(("127.0.0.1", 2525),), min_length=1)
     hostname: HostName = Field(default_factory=socket.getfqdn)
     allow_networks: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
     max_message_bytes: int = Field(default=26_214_400, gt=0)
@@ -116,7 +126,7 @@ class SmtpConfig(_Frozen):
 
 
 class AdminConfig(_Frozen):
-    listen: HostPort | None = ("127.0.0.1", 9465)
+    listen: Listen | None = ("127.0.0.1", 9465)
 
 
 class StateConfig(_Frozen):

@@ -1,0 +1,208 @@
+"""Shared test pieces: a recording SMTP sink on loopback and a relay started in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from warmrelay.app import Relay
+from warmrelay.config import Config, parse_config
+
+
+@dataclass
+class Received:
+    peer: str  # source address the message came from
+    peer_port: int  # tells connections apart (reuse)
+    tls: bool  # the message came over TLS
+    helo: str
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+
+
+ReplyFn = Callable[[str, str], "str | None"]
+
+
+@dataclass
+class Sink:
+    """An SMTP receiver that records the peer address of each message.
+
+    ``rcpt_reply(peer, rcpt)`` and ``data_reply(peer, envelope)`` may return a
+    reply line to refuse (fault injection); ``delay_s`` slows DATA down.
+    """
+
+    host: str = "127.0.0.1"
+    rcpt_reply: Callable[[str, str], str | None] | None = None
+    data_reply: Callable[[str, Envelope], str | None] | None = None
+    delay_s: float = 0.0
+    tls_context: ssl.SSLContext | None = None
+    messages: list[Received] = field(default_factory=list)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        peer = str(session.peer[0])
+        reply = self.rcpt_reply(peer, address) if self.rcpt_reply else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        peer = str(session.peer[0])
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        reply = self.data_reply(peer, envelope) if self.data_reply else None
+        if reply:
+            return reply
+        self.messages.append(
+            Received(
+                peer,
+                int(session.peer[1]),
+                session.ssl is not None,
+                session.host_name or "",
+                (envelope.mail_from or "").strip("<>"),
+                list(envelope.rcpt_tos),
+                envelope.original_content or b"",
+            )
+        )
+        self._changed.set()
+        return "250 2.0.0 stored"
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(
+                self, hostname="sink.test", enable_SMTPUTF8=True, tls_context=self.tls_context
+            ),
+            self.host,
+            self.port,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_for(self, n: int, timeout_s: float = 30.0) -> list[Received]:
+        """Wait (event-driven) until at least n messages arrived."""
+
+        async def until() -> None:
+            while len(self.messages) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(until(), timeout_s)
+        return self.messages
+
+    async def wait_for_ids(
+        self, wanted: set[int], ids_of: Callable[[Sink], list[int]], timeout_s: float = 30.0
+    ) -> None:
+        """Wait (event-driven) until every wanted id has arrived."""
+
+        async def until() -> None:
+            while not wanted <= set(ids_of(self)):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(until(), timeout_s)
+
+    def by_peer(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.messages:
+            out[m.peer] = out.get(m.peer, 0) + len(m.rcpts)
+        return out
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = await Sink().start()
+    yield s
+    await s.stop()
+
+
+def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
+    doc: dict[str, Any] = {
+        "smtp": {
+            "listen": ["127.0.0.1:0"],
+            "hostname": "relay.test",
+            "allow_networks": ["127.0.0.0/8"],
+        },
+        "admin": {"listen": "127.0.0.1:0"},
+        "state": {"dir": str(tmp_path / "state"), "counters": "sqlite"},
+        "ips": [
+            {
+                "address": "127.0.0.2",
+                "helo": "mta1.example.test",
+                "warmup": {"start": "2026-01-01", "schedule": [10] * 3650},
+            },
+            {"address": "127.0.0.3", "helo": "mta2.example.test"},
+        ],
+        "routes": {"*": f"127.0.0.1:{sink_port}"},
+        "delivery": {"retry_first_s": 0.2, "retry_max_s": 1.0, "drain_timeout_s": 5},
+    }
+    for key, value in over.items():
+        if key != "routes" and isinstance(value, dict) and isinstance(doc.get(key), dict):
+            doc[key] = {**doc[key], **value}
+        else:
+            doc[key] = value
+    return parse_config(doc)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, **kwargs: Any) -> AsyncIterator[Relay]:
+    relay = Relay(config, **kwargs)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+async def send(
+    relay: Relay,
+    rcpts: list[str],
+    *,
+    sender: str = "app@sender.test",
+    body: str = "hello",
+    source: str = "127.0.0.1",
+    subject: str = "test",
+) -> tuple[dict[str, Any], str]:
+    message = (
+        f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n\r\n{body}\r\n"
+    ).encode()
+    client = aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=relay.smtp_ports[0], source_address=(source, 0)
+    )
+    async with client:
+        return await client.sendmail(sender, rcpts, message)
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def status(relay: Relay) -> dict[str, Any]:
+    code, body = await http_get(relay.admin.port, "/status")
+    assert code == 200
+    result: dict[str, Any] = json.loads(body)
+    return result

@@ -1,0 +1,66 @@
+"""Run ``warmrelay serve`` as a real OS process (for crash and signal tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+READY = re.compile(rb"ready: smtp [0-9.]+:(\d+), admin [0-9.]+:(\d+)")
+
+
+class RelayProcess:
+    """Starts the relay, waits for its ready line (an event, not a sleep), keeps its log."""
+
+    def __init__(self, config: dict[str, object], workdir: Path) -> None:
+        self.config_path = workdir / "relay.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc: asyncio.subprocess.Process | None = None
+        self.smtp_port = 0
+        self.admin_port = 0
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> RelayProcess:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "warmrelay",
+            "serve",
+            "-c",
+            str(self.config_path),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        ready: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(ready))
+        self.smtp_port, self.admin_port = await asyncio.wait_for(ready, timeout_s)
+        return self
+
+    async def _read(self, ready: asyncio.Future[tuple[int, int]]) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            self.log.append(line.decode(errors="replace"))
+            m = READY.search(line)
+            if m and not ready.done():
+                ready.set_result((int(m.group(1)), int(m.group(2))))
+        if not ready.done():
+            ready.set_exception(RuntimeError("relay exited:\n" + "".join(self.log[-20:])))
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+        if self._reader:
+            await self._reader
+
+    async def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        code = await self.proc.wait()
+        if self._reader:
+            await self._reader
+        return code

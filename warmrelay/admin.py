@@ -1,0 +1,66 @@
+"""Admin HTTP endpoint: GET /metrics, /healthz, /status.
+
+A few lines of HTTP/1.1 on asyncio streams: the relay needs three read-only
+pages, not a web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("warmrelay.admin")
+
+Page = Callable[[], Awaitable[tuple[int, str, bytes]]]
+
+
+class AdminServer:
+    def __init__(self, pages: dict[str, Page]) -> None:
+        self._pages = pages
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, _, rest = request.decode("latin-1").partition(" ")
+            path = rest.partition(" ")[0].partition("?")[0]
+            page = self._pages.get(path)
+            if method != "GET":
+                status, ctype, body = 405, "text/plain", b"method not allowed\n"
+            elif page is None:
+                status, ctype, body = 404, "text/plain", b"not found\n"
+            else:
+                status, ctype, body = await page()
+            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
+                status, "Service Unavailable"
+            )
+            writer.write(
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+def json_page(data: Any, status: int = 200) -> tuple[int, str, bytes]:
+    return status, "application/json", (json.dumps(data, indent=2) + "\n").encode()

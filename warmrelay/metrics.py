@@ -1,0 +1,77 @@
+"""Prometheus collectors, all in one place, on a registry of the relay's own.
+
+A registry per relay (not the global default) keeps several relays in one
+test process apart. Gauges that mirror counters (warmup day, cap, sent) are
+set just before each scrape, from the same code that routes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.warmup_day = Gauge(
+            "warmrelay_warmup_day",
+            "Warmup day of the IP (1 = start date; 0 = not started)",
+            ["ip"],
+            registry=r,
+        )
+        self.warmup_cap = Gauge(
+            "warmrelay_warmup_cap",
+            "Recipients the warming IP may send today (-1 = no cap)",
+            ["ip"],
+            registry=r,
+        )
+        self.warmup_sent = Gauge(
+            "warmrelay_warmup_sent",
+            "Recipients counted against the IP's cap today",
+            ["ip"],
+            registry=r,
+        )
+        self.ip_up = Gauge(
+            "warmrelay_ip_up",
+            "1 if the source IP can be used, 0 if marked down",
+            ["ip"],
+            registry=r,
+        )
+        self.routed = Counter(
+            "warmrelay_routed",
+            "Recipients routed, by source IP and reason (warmup, overflow, pool)",
+            ["ip", "reason"],
+            registry=r,
+        )
+        self.held = Counter(
+            "warmrelay_held",
+            "Recipients held back by the router (no IP may take them now)",
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "warmrelay_deliveries",
+            "Recipient outcomes by source IP (delivered, deferred, bounced, expired)",
+            ["ip", "outcome"],
+            registry=r,
+        )
+        self.received = Counter(
+            "warmrelay_received", "Messages accepted (250 after DATA)", registry=r
+        )
+        self.rejected = Counter(
+            "warmrelay_rejected", "SMTP commands refused, by reply code", ["code"], registry=r
+        )
+        self.spool_errors = Counter(
+            "warmrelay_spool_errors",
+            "Messages refused with 451 because the spool failed",
+            registry=r,
+        )
+        self.spool_messages = Gauge(
+            "warmrelay_spool_messages", "Messages in the spool (not yet finished)", registry=r
+        )
+        self.dsn_sent = Counter(
+            "warmrelay_dsn", "Delivery status notifications generated", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
