@@ -68,7 +68,7 @@ class Relay:
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start()
-        handler = RelayHandler(self.config, self.spool, self.scheduler.submit, self.metrics)
+        handler = RelayHandler(self.config, self.spool, self.scheduler.accept, self.metrics)
         loop = asyncio.get_running_loop()
         for host, port in self.config.smtp.listen:
             server = await loop.create_server(make_protocol(handler, self.config), host, port)

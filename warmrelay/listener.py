@@ -77,7 +77,7 @@ class RelayHandler:
         self,
         config: Config,
         spool: Spool,
-        submit: Callable[[SpooledMessage], None],
+        submit: Callable[[SpooledMessage, bytes], None],
         metrics: Metrics,
     ) -> None:
         self.config = config
@@ -146,11 +146,12 @@ class RelayHandler:
         peer = _peer_ip(session)
         received_at = time.time()
         trace = self._received_header(session, peer, envelope, received_at)
+        data = trace + content
         try:
             message = await self.spool.store(
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 envelope.rcpt_tos,
-                trace + content,
+                data,
                 meta={"client": peer, "helo": session.host_name or ""},
                 received_at=received_at,
             )
@@ -167,7 +168,7 @@ class RelayHandler:
             message.size,
             peer,
         )
-        self.submit(message)
+        self.submit(message, data)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
     def _received_header(

@@ -87,6 +87,8 @@ class Scheduler:
         self._metrics = metrics
         self._clock = clock
         self._messages: dict[str, _Message] = {}
+        self._cache: dict[str, bytes] = {}  # bytes of fresh messages: no re-read from disk
+        self._cache_bytes = 0
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
         self._timers: set[asyncio.TimerHandle] = set()
         self._workers: list[asyncio.Task[None]] = []
@@ -96,6 +98,27 @@ class Scheduler:
         self._stopping = False
 
     # -- intake ---------------------------------------------------------------
+
+    CACHE_MAX_BYTES = 64 * 1024 * 1024
+
+    def accept(self, message: SpooledMessage, data: bytes) -> None:
+        """A message the listener just spooled; keep its bytes while the cache has room."""
+        if self._cache_bytes + len(data) <= self.CACHE_MAX_BYTES:
+            self._cache[message.queue_id] = data
+            self._cache_bytes += len(data)
+        self.submit(message)
+
+    def _data(self, queue_id: str) -> bytes:
+        cached = self._cache.get(queue_id)
+        return cached if cached is not None else self._spool.read_data(queue_id)
+
+    def _forget(self, queue_id: str) -> None:
+        self._spool.remove(queue_id)
+        del self._messages[queue_id]
+        data = self._cache.pop(queue_id, None)
+        if data is not None:
+            self._cache_bytes -= len(data)
+        self._metrics.spool_messages.set(len(self._messages))
 
     def submit(
         self, message: SpooledMessage, done: Mapping[int, str] | None = None, attempts: int = 0
@@ -243,7 +266,7 @@ class Scheduler:
         msg = self._messages[d.queue_id].message
         ip = route.address
         try:
-            data = self._spool.read_data(d.queue_id)
+            data = self._data(d.queue_id)
         except SpoolError as exc:
             await self._router.release(route, len(chunk))
             log.error("%s: cannot read the spooled message: %s", d.queue_id, exc)
@@ -295,12 +318,14 @@ class Scheduler:
         if out.failed and not await self._notify(state, out.failed, now):
             out.retry += [(i, reply) for i, reply, _ in out.failed]  # DSN not stored: try later
             out.failed = []
-        for group in (out.done, out.failed):
-            for disposition in {disp for _, _, disp in group}:
-                idx = [i for i, _, disp in group if disp == disposition]
+        finals = [*out.done, *out.failed]
+        finishing = state.pending.issubset(i for i, _, _ in finals)
+        for disposition in {disp for _, _, disp in finals}:
+            idx = [i for i, _, disp in finals if disp == disposition]
+            if not finishing:  # a finished message is removed below: nothing to record
                 self._spool.mark_done(d.queue_id, idx, disposition)
-                state.pending.difference_update(idx)
-                self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
+            state.pending.difference_update(idx)
+            self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
         if out.retry:
             self._metrics.deliveries.labels(ip, "deferred").inc(len(out.retry))
             attempts = d.attempts + 1
@@ -315,9 +340,7 @@ class Scheduler:
             )
             self._later(retry, min(delay, max(0.0, expires_in)))
         if not state.pending:
-            self._spool.remove(d.queue_id)
-            del self._messages[d.queue_id]
-            self._metrics.spool_messages.set(len(self._messages))
+            self._forget(d.queue_id)
 
     def _log(
         self,
@@ -362,7 +385,7 @@ class Scheduler:
             for i, reply, disp in failed
         ]
         try:
-            original = self._spool.read_data(msg.queue_id)
+            original = self._data(msg.queue_id)
             dsn = build_dsn(
                 reporting_mta=self._config.smtp.hostname,
                 queue_id=msg.queue_id,
@@ -378,5 +401,5 @@ class Scheduler:
             return False
         self._metrics.dsn_sent.inc()
         log.info("%s: sender non-delivery notification: %s", msg.queue_id, bounce.queue_id)
-        self.submit(bounce)
+        self.accept(bounce, dsn)
         return True
