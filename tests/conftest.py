@@ -135,7 +135,8 @@ async def sink() -> AsyncIterator[Sink]:
     await s.stop()
 
 
-def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
+def relay_doc(tmp_path: Path, sink_port: int, cap: int = 10, **over: Any) -> dict[str, Any]:
+    """The YAML document of a test relay: warming 127.0.0.2 (``cap`` a day), pool 127.0.0.3."""
     doc: dict[str, Any] = {
         "smtp": {
             "listen": ["127.0.0.1:0"],
@@ -148,7 +149,7 @@ def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
             {
                 "address": "127.0.0.2",
                 "helo": "mta1.example.test",
-                "warmup": {"start": "2026-01-01", "schedule": [10] * 3650},
+                "warmup": {"start": "2026-01-01", "schedule": [cap] * 3650},
             },
             {"address": "127.0.0.3", "helo": "mta2.example.test"},
         ],
@@ -160,7 +161,11 @@ def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
             doc[key] = {**doc[key], **value}
         else:
             doc[key] = value
-    return parse_config(doc)
+    return doc
+
+
+def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
+    return parse_config(relay_doc(tmp_path, sink_port, **over))
 
 
 @contextlib.asynccontextmanager

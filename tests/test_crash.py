@@ -5,30 +5,22 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
-from conftest import Sink
+from conftest import Sink, relay_doc
 from relayproc import RelayProcess
 
 N = 500
 
 
-def process_config(tmp_path: Path, sink_port: int) -> dict[str, object]:
-    return {
-        "smtp": {"listen": ["127.0.0.1:0"], "hostname": "relay.test"},
-        "admin": {"listen": "127.0.0.1:0"},
-        "state": {"dir": str(tmp_path / "state")},
-        "ips": [
-            {
-                "address": "127.0.0.2",
-                "helo": "mta1.example.test",
-                "warmup": {"start": "2026-01-01", "schedule": [100] * 3650},
-            },
-            {"address": "127.0.0.3", "helo": "mta2.example.test"},
-        ],
-        "routes": {"*": f"127.0.0.1:{sink_port}"},
-        "delivery": {"retry_first_s": 0.5, "retry_max_s": 2, "connections_per_destination": 8},
-    }
+def process_config(tmp_path: Path, sink_port: int) -> dict[str, Any]:
+    return relay_doc(
+        tmp_path,
+        sink_port,
+        cap=100,
+        delivery={"retry_first_s": 0.5, "retry_max_s": 2, "connections_per_destination": 8},
+    )
 
 
 async def push(port: int, ids: range) -> list[int]:
