@@ -94,7 +94,10 @@ def test_ip_level_mistakes_name_the_entry() -> None:
     ("schedule", "expected"),
     [
         ([], "the schedule is empty"),
-        ({"a": 1}, "must be a list of daily caps or a preset name"),
+        (42, "must be a list of daily caps, a preset name or a ramp"),
+        ({"start": 50, "growth": 1.4}, "a generated ramp needs exactly start, growth and target"),
+        ({"start": 50, "growth": 0.9, "target": 100}, "a ramp needs start >= 1, growth > 1"),
+        ({"preset": "sendgrid-manual", "target": 0}, "target must be a whole number >= 1"),
         ("fastest", "unknown preset 'fastest'"),
         ([1, "many"], "day 2: 'many' is not a whole number"),
     ],

@@ -16,7 +16,7 @@ from typing import Any
 from warmrelay import __version__
 from warmrelay.admin import AdminServer, json_page
 from warmrelay.config import Config
-from warmrelay.counters import Counters, open_counters
+from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.listener import RelayHandler, make_protocol
 from warmrelay.metrics import Metrics
@@ -115,17 +115,29 @@ class Relay:
         for ip in self.config.ips:
             st = self.router.status(ip, now)
             address = str(ip.address)
-            ips.append(
-                {
-                    "address": address,
-                    "helo": ip.helo,
-                    "state": st.state.value,
-                    "warmup_day": st.day if ip.warmup is not None else None,
-                    "cap": st.cap,
-                    "sent": await self.router.sent(ip, now) if ip.warmup is not None else None,
-                    "up": not self.router.is_down(address, now),
-                }
-            )
+            entry: dict[str, Any] = {
+                "address": address,
+                "helo": ip.helo,
+                "state": st.state.value,
+                "warmup_day": st.day if ip.warmup is not None else None,
+                "cap": st.cap,
+                "sent": await self.router.sent(ip, now) if ip.warmup is not None else None,
+                "up": not self.router.is_down(address, now),
+            }
+            caps = self.router.caps(ip, now)
+            if ip.warmup is not None and caps is not None and caps.limits:
+                entry["cap_now"] = caps.limits[0].cap  # released so far today (smoothing)
+                entry["providers"] = {}
+                for name in ip.warmup.providers:
+                    pcaps = self.router.caps(ip, now, name)
+                    assert pcaps is not None
+                    lim = pcaps.limits[-1]
+                    key = CounterKey(address, lim.window, lim.scope)
+                    entry["providers"][name] = {
+                        "cap_now": lim.cap,
+                        "sent": await self.counters.get(key),
+                    }
+            ips.append(entry)
         return {
             "version": __version__,
             "time": now.isoformat(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 from warmrelay import __version__
 from warmrelay.config import Config, IPConfig, load_config
@@ -65,6 +65,30 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_columns(ip: IPConfig) -> list[str]:
+    """Extra columns of the schedule table: per-hour and per-provider caps where configured."""
+    assert ip.warmup is not None
+    cols = []
+    if ip.warmup.schedule.hourly is not None or ip.warmup.sending_hours is not None:
+        cols.append("per hour")
+    cols += list(ip.warmup.providers)
+    return cols
+
+
+def _plan_cells(ip: IPConfig, day: int, cap: int) -> list[str]:
+    assert ip.warmup is not None
+    cells = []
+    hourly, hours = ip.warmup.schedule.hourly, ip.warmup.sending_hours
+    if hourly is not None or hours is not None:
+        per_hour = [hourly[day - 1]] if hourly is not None else []
+        if hours is not None:
+            per_hour.append(cap // hours.slots)
+        cells.append(f"{min(per_hour):,}")
+    for pcap in ip.warmup.plan().providers.values():
+        cells.append(f"{pcap.daily_cap(day, cap):,}")
+    return cells
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
     today = local_date(datetime.now(UTC), config.zone)
@@ -85,18 +109,72 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             f"{ip.address} ({ip.helo}): schedule {sched.name}, start {ip.warmup.start}, "
             f"{sched.days} days"
         )
-        print(f"  {'':2}{'date':<12}{'day':>5}  {'cap':>12}")
+        if ip.warmup.sending_hours is not None:
+            hours = ip.warmup.sending_hours
+            print(
+                f"  sends {hours} {config.timezone} only; each day's cap is released evenly "
+                f"over {hours.slots} hours (unused budget carries into later hours that day)"
+            )
+        extra = _plan_columns(ip)
+        print(f"  {'':2}{'date':<12}{'day':>5}  {'cap':>12}" + "".join(f"{c:>12}" for c in extra))
         for row in plan(sched, ip.warmup.start, today, days):
             st = row.status
+            cells: list[str] = []
             if st.state is WarmupState.NOT_STARTED:
                 day, cap = "-", "0 (not started)"
             elif st.state is WarmupState.WARM:
                 day, cap = str(st.day), "warm (pool)"
             else:
+                assert st.cap is not None
                 day, cap = str(st.day), f"{st.cap:,}"
+                cells = _plan_cells(ip, st.day, st.cap)
             mark = "> " if row.today else "  "
             note = "  today" if row.today else ""
-            print(f"  {mark}{row.date.isoformat():<12}{day:>5}  {cap:>12}{note}")
+            print(
+                f"  {mark}{row.date.isoformat():<12}{day:>5}  {cap:>12}"
+                + "".join(f"{c:>12}" for c in cells)
+                + note
+            )
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from warmrelay.simulate import completion_day, parse_mix, simulate, svg_chart, table
+
+    config = _load_or_exit(args.config)
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as exc:
+        print(f"--mix: {exc}", file=sys.stderr)
+        return 2
+    if args.plot and not args.plot.endswith(".svg"):
+        print("--plot: the chart is written as SVG; name the file *.svg", file=sys.stderr)
+        return 2
+    starts = [ip.warmup.start for ip in config.ips if ip.warmup is not None]
+    start = args.start or (min(starts) if starts else local_date(datetime.now(UTC), config.zone))
+    done = completion_day(config, start)
+    days = args.days or max(1, min(400, (done or 0) + 3))
+    rows = asyncio.run(simulate(config, args.daily, days, start, mix))
+    print(
+        f"{args.daily:,} recipients a day from {start}, mix "
+        + ", ".join(f"{k} {v:.0%}" for k, v in mix.items())
+    )
+    print(table(rows))
+    if done is None:
+        print("no IP is warming up")
+    elif done < 1:
+        print(f"warmup completed before {start}")
+    else:
+        print(
+            f"warmup completes on day {done} ({start + timedelta(days=done - 1)}); "
+            f"from day {done + 1} every IP is warm"
+        )
+    if args.plot:
+        with open(args.plot, "w", encoding="utf-8") as fh:
+            fh.write(svg_chart(rows, f"warmrelay simulate: {args.daily:,} recipients/day"))
+        print(f"chart written to {args.plot}")
     return 0
 
 
@@ -133,12 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--days", type=int, default=None, help="rows to show (default: until warm)")
     p.set_defaults(func=cmd_schedule)
+    p = sub.add_parser("simulate", help="project a steady daily volume through the warmup")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--daily", type=int, required=True, help="recipients per day")
+    p.add_argument("--days", type=int, default=None, help="days to simulate (default: until warm)")
+    p.add_argument(
+        "--start",
+        type=date.fromisoformat,
+        default=None,
+        help="first simulated day (default: the earliest warmup start)",
+    )
+    p.add_argument("--mix", default=None, help="provider shares, e.g. gmail=0.4,microsoft=0.3")
+    p.add_argument("--plot", default=None, help="write a chart of both series to FILE.svg")
+    p.set_defaults(func=cmd_simulate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
 
 
 if __name__ == "__main__":

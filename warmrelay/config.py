@@ -27,10 +27,20 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from warmrelay.errors import ConfigError, ConfigProblem
-from warmrelay.schedule import PRESETS, Schedule
+from warmrelay.providers import BUILTIN
+from warmrelay.schedule import (
+    PRESETS,
+    ProviderCap,
+    Schedule,
+    SendingHours,
+    WarmupPlan,
+    extend_to_target,
+    ramp,
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -163,7 +173,38 @@ class DeliveryConfig(_Frozen):
     starttls: Literal["opportunistic", "never"] = "opportunistic"
 
 
+_RAMP_KEYS = {"start", "growth", "target"}
+
+
+def _schedule_mapping(value: Mapping[str, Any]) -> Schedule:
+    """{preset: NAME, target: N} or {start: N, growth: F, target: N}."""
+    keys = set(value)
+    if "preset" in keys:
+        if keys - {"preset", "target"}:
+            raise ValueError(f"unknown keys {sorted(keys - {'preset', 'target'})} with preset")
+        base = _schedule(value["preset"])
+        target = value.get("target")
+        if target is None:
+            return base
+        if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+            raise ValueError("target must be a whole number >= 1")
+        return extend_to_target(base, target)
+    if keys != _RAMP_KEYS:
+        raise ValueError(
+            "a generated ramp needs exactly start, growth and target "
+            "(e.g. {start: 50, growth: 1.4, target: 500000})"
+        )
+    start, growth, target = value["start"], value["growth"], value["target"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, target)):
+        raise ValueError("start and target must be whole numbers")
+    if isinstance(growth, bool) or not isinstance(growth, (int, float)):
+        raise ValueError("growth must be a number > 1 (e.g. 1.4)")
+    return ramp(start, float(growth), target)
+
+
 def _schedule(value: Any) -> Schedule:
+    if isinstance(value, Mapping):
+        return _schedule_mapping(value)
     if isinstance(value, str):
         preset = PRESETS.get(value)
         if preset is None:
@@ -180,12 +221,44 @@ def _schedule(value: Any) -> Schedule:
                 raise ValueError(f"day {i + 1}: cap {cap} is negative")
             caps.append(cap)
         return Schedule(name="custom", daily=tuple(caps))
-    raise ValueError(f"must be a list of daily caps or a preset name, not {type(value).__name__}")
+    raise ValueError(
+        f"must be a list of daily caps, a preset name or a ramp, not {type(value).__name__}"
+    )
+
+
+ScheduleField = Annotated[Schedule, BeforeValidator(_schedule)]
+
+
+def _sending_hours(value: Any) -> SendingHours:
+    return SendingHours.parse(str(value))
+
+
+class ProviderCapConfig(_Frozen):
+    """Per-provider cap of a warming IP: ``share`` of the day's cap, or its own ``schedule``."""
+
+    share: float | None = Field(default=None, gt=0, le=1)
+    schedule: ScheduleField | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ProviderCapConfig:
+        if (self.share is None) == (self.schedule is None):
+            raise ValueError("give either share (e.g. 0.3) or schedule, not both or neither")
+        return self
 
 
 class WarmupConfig(_Frozen):
     start: date
-    schedule: Annotated[Schedule, BeforeValidator(_schedule)]
+    schedule: ScheduleField
+    sending_hours: Annotated[SendingHours, BeforeValidator(_sending_hours)] | None = None
+    providers: Mapping[str, ProviderCapConfig] = Field(default_factory=dict)
+
+    def plan(self) -> WarmupPlan:
+        return WarmupPlan(
+            self.schedule,
+            self.start,
+            self.sending_hours,
+            {name: ProviderCap(p.share, p.schedule) for name, p in self.providers.items()},
+        )
 
 
 class IPConfig(_Frozen):
@@ -193,6 +266,13 @@ class IPConfig(_Frozen):
     helo: HostName
     weight: int = Field(default=1, gt=0)
     warmup: WarmupConfig | None = None
+
+
+class ProviderConfig(_Frozen):
+    """A mailbox provider of the operator's: MX host suffixes and/or recipient domains."""
+
+    mx: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
 
 
 class Config(_Frozen):
@@ -205,6 +285,7 @@ class Config(_Frozen):
     ips: tuple[IPConfig, ...]
     overflow: Literal["pool", "hold"] = "pool"
     routes: Mapping[str, HostPort] = Field(default_factory=dict)
+    providers: Mapping[str, ProviderConfig] = Field(default_factory=dict)
 
     @field_validator("timezone")
     @classmethod
@@ -257,9 +338,22 @@ def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
         return problems
     seen: dict[str, int] = {}
     has_warm = False
+    custom = doc.get("providers")
+    known = {r.name for r in BUILTIN} | (set(custom) if isinstance(custom, Mapping) else set())
     for i, entry in enumerate(ips):
         if not isinstance(entry, Mapping):
             continue
+        warmup = entry.get("warmup")
+        caps = warmup.get("providers") if isinstance(warmup, Mapping) else None
+        for name in caps if isinstance(caps, Mapping) else ():
+            if name not in known:
+                problems.append(
+                    ConfigProblem(
+                        f"ips[{i}].warmup.providers.{name}",
+                        f"unknown provider (known: {', '.join(sorted(known))}; "
+                        "define others under providers:)",
+                    )
+                )
         if entry.get("warmup") is None:
             has_warm = True
         try:

@@ -18,7 +18,15 @@ from datetime import datetime, timedelta
 
 from warmrelay.config import Config, IPConfig
 from warmrelay.counters import CounterKey, Counters, Limit
-from warmrelay.schedule import WarmupState, WarmupStatus, next_window_start, warmup_status
+from warmrelay.schedule import (
+    Caps,
+    WarmupPlan,
+    WarmupState,
+    WarmupStatus,
+    caps_at,
+    next_window_start,
+    warmup_status,
+)
 
 
 class RouteReason(enum.Enum):
@@ -76,6 +84,9 @@ class Router:
         self._rr_weights: dict[str, int] = {}
         self._rotation = itertools.count()
         self._down_until: dict[str, datetime] = {}
+        self._plans: dict[str, WarmupPlan] = {
+            str(ip.address): ip.warmup.plan() for ip in config.ips if ip.warmup is not None
+        }
 
     @property
     def ips(self) -> Sequence[IPConfig]:
@@ -87,6 +98,11 @@ class Router:
             window = now.astimezone(self._zone).date().isoformat()
             return WarmupStatus(WarmupState.WARM, 0, None, window)
         return warmup_status(ip.warmup.schedule, ip.warmup.start, self._zone, now)
+
+    def caps(self, ip: IPConfig, now: datetime, provider: str | None = None) -> Caps | None:
+        """The caps in force for a warming IP (None for an IP without a warmup block)."""
+        plan = self._plans.get(str(ip.address))
+        return None if plan is None else caps_at(plan, self._zone, now, provider)
 
     def mark_down(self, address: str, until: datetime) -> None:
         """Stop routing to an IP that cannot be used (e.g. not bound on this host)."""
@@ -108,27 +124,36 @@ class Router:
         """Recipients counted against ``ip`` in the current window."""
         return await self._counters.get(self.counter_key(ip, now))
 
-    async def route(self, n: int, now: datetime) -> RoutePlan:
-        """Split a delivery of ``n`` recipients into routes and holds."""
+    async def route(self, n: int, now: datetime, provider: str | None = None) -> RoutePlan:
+        """Split a delivery of ``n`` recipients (to ``provider``) into routes and holds."""
         parts: list[Route | Hold] = []
         remaining = n
         warming = [ip for ip in self.ips if self.status(ip, now).state is WarmupState.WARMING]
+        more_room_at = next_window_start(now, self._zone)
         if warming:
             start = next(self._rotation) % len(warming)
             for ip in warming[start:] + warming[:start]:
                 if remaining == 0:
                     break
-                if self.is_down(str(ip.address), now):
+                address = str(ip.address)
+                if self.is_down(address, now):
                     continue
-                status = self.status(ip, now)
-                assert status.cap is not None
-                key = CounterKey(str(ip.address), status.window)
-                granted = await self._counters.reserve([Limit(key, status.cap)], remaining)
+                caps = self.caps(ip, now, provider)
+                assert caps is not None
+                more_room_at = min(more_room_at, caps.next_change)
+                if caps.closed:
+                    continue
+                limits = [
+                    Limit(CounterKey(address, lim.window, lim.scope), lim.cap)
+                    for lim in caps.limits
+                ]
+                granted = await self._counters.reserve(limits, remaining)
                 if granted:
-                    parts.append(Route(ip, granted, RouteReason.WARMUP, (key,)))
+                    keys = tuple(lim.key for lim in limits)
+                    parts.append(Route(ip, granted, RouteReason.WARMUP, keys))
                     remaining -= granted
         if remaining:
-            parts.append(self._overflow(remaining, now, warming_in_play=bool(warming)))
+            parts.append(self._overflow(remaining, now, bool(warming), more_room_at))
         return RoutePlan(tuple(parts))
 
     async def release(self, route: Route, n: int) -> None:
@@ -136,9 +161,11 @@ class Router:
         if route.reserved and n:
             await self._counters.release(route.reserved, n)
 
-    def _overflow(self, n: int, now: datetime, *, warming_in_play: bool) -> Route | Hold:
+    def _overflow(
+        self, n: int, now: datetime, warming_in_play: bool, more_room_at: datetime
+    ) -> Route | Hold:
         if warming_in_play and self._config.overflow == "hold":
-            return Hold(n, next_window_start(now, self._zone), "warming IPs are at their cap")
+            return Hold(n, more_room_at, "warming IPs are at their cap")
         pool = [
             ip
             for ip in self.ips

@@ -9,7 +9,9 @@ nothing; after the last day it is warm and joins the pool.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
@@ -56,6 +58,11 @@ _MAILTRAP = (
     5400, 7000, 9100, 11800, 15400, 20000, 26000, 33700, 43900, 57000,
 )  # fmt: skip
 
+_MAILTRAP_HOURLY = (
+    60, 80, 100, 130, 170, 220, 290, 380, 490, 640, 830,
+    1100, 1400, 1800, 2400, 3100, 4000, 5200, 6700, 8800, 11400,
+)  # fmt: skip
+
 PRESETS: dict[str, Schedule] = {
     "sendgrid": _hourly_preset(
         "sendgrid", _SENDGRID_HOURLY, "SendGrid automated IP warmup (hourly limit x 24)"
@@ -64,8 +71,40 @@ PRESETS: dict[str, Schedule] = {
         "sendgrid-manual", _SENDGRID_MANUAL, None, "SendGrid IPWarmupSchedule.pdf (daily)"
     ),
     "sparkpost": Schedule("sparkpost", _SPARKPOST, None, "SparkPost Auto IP Warmup stages"),
-    "mailtrap": Schedule("mailtrap", _MAILTRAP, None, "Mailtrap IP warmup (daily)"),
+    "mailtrap": Schedule(
+        "mailtrap", _MAILTRAP, _MAILTRAP_HOURLY, "Mailtrap IP warmup (daily and max per hour)"
+    ),
 }
+
+MAX_DAYS = 3650  # a generated ramp longer than ten years is a mistake
+
+
+def ramp(start: int, growth: float, target: int, name: str = "ramp") -> Schedule:
+    """Daily caps start, start*growth, ... until the target (the last day's cap), then warm."""
+    if start < 1 or growth <= 1.0 or target < start:
+        raise ValueError("a ramp needs start >= 1, growth > 1 and target >= start")
+    caps: list[int] = []
+    value = float(start)
+    while value < target and len(caps) < MAX_DAYS:
+        caps.append(round(value))
+        value *= growth
+    caps.append(target)
+    return Schedule(name, tuple(caps), None, f"generated: start {start}, x{growth}/day")
+
+
+def extend_to_target(base: Schedule, target: int) -> Schedule:
+    """A daily schedule that doubles after its last day until ``target`` (SendGrid manual)."""
+    caps: list[int] = []
+    for cap in base.daily:
+        if cap >= target:
+            break
+        caps.append(cap)
+    value = base.daily[-1] * 2 if len(caps) == base.days else target
+    while value < target and len(caps) < MAX_DAYS:
+        caps.append(value)
+        value *= 2
+    caps.append(target)
+    return Schedule(base.name, tuple(caps), None, base.source + f", doubling up to {target}")
 
 
 class WarmupState(enum.Enum):
@@ -112,6 +151,141 @@ def status_on(schedule: Schedule, start: date, day_date: date) -> WarmupStatus:
 
 def warmup_status(schedule: Schedule, start: date, zone: ZoneInfo, now: datetime) -> WarmupStatus:
     return status_on(schedule, start, local_date(now, zone))
+
+
+@dataclass(frozen=True)
+class SendingHours:
+    """Local time of day when a warming IP may send; its cap is spread evenly over it.
+
+    Minutes since local midnight, ``start`` < ``end`` <= 1440 ("24:00").
+    """
+
+    start_min: int
+    end_min: int
+
+    @classmethod
+    def parse(cls, text: str) -> SendingHours:
+        """'08:00-20:00' -> SendingHours(480, 1200)."""
+
+        def minutes(part: str) -> int:
+            hh, sep, mm = part.strip().partition(":")
+            if not sep or not hh.isdigit() or not mm.isdigit() or int(mm) > 59:
+                raise ValueError(f"{part.strip()!r} is not HH:MM")
+            value = int(hh) * 60 + int(mm)
+            if value > 1440:
+                raise ValueError(f"{part.strip()!r} is past 24:00")
+            return value
+
+        first, sep, second = text.partition("-")
+        if not sep:
+            raise ValueError(f"{text!r} is not a range like '08:00-20:00'")
+        start, end = minutes(first), minutes(second)
+        if start >= end:
+            raise ValueError(f"{text!r}: the end must be after the start (same day)")
+        return cls(start, end)
+
+    @property
+    def slots(self) -> int:
+        return math.ceil((self.end_min - self.start_min) / 60)
+
+    def slot(self, local: datetime) -> int | None:
+        """0-based hour slot of ``local`` in the window, None outside it."""
+        minute = local.hour * 60 + local.minute
+        if not self.start_min <= minute < self.end_min:
+            return None
+        return (minute - self.start_min) // 60
+
+    def __str__(self) -> str:
+        return (
+            f"{self.start_min // 60:02d}:{self.start_min % 60:02d}-"
+            f"{self.end_min // 60:02d}:{self.end_min % 60:02d}"
+        )
+
+
+@dataclass(frozen=True)
+class ProviderCap:
+    """A warming IP's cap for one mailbox provider: a share of the day's cap, or its own."""
+
+    share: float | None = None
+    schedule: Schedule | None = None
+
+    def daily_cap(self, day: int, ip_cap: int) -> int:
+        if self.schedule is not None:
+            if day > self.schedule.days:
+                return ip_cap
+            return min(ip_cap, self.schedule.daily[day - 1])
+        assert self.share is not None
+        return math.floor(ip_cap * self.share)
+
+
+@dataclass(frozen=True)
+class WarmupPlan:
+    """Everything that decides a warming IP's caps: pure data, no clock."""
+
+    schedule: Schedule
+    start: date
+    sending_hours: SendingHours | None = None
+    providers: Mapping[str, ProviderCap] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CapLimit:
+    """One cap in force now: counted under (window, scope)."""
+
+    window: str
+    scope: str
+    cap: int
+
+
+@dataclass(frozen=True)
+class Caps:
+    """The caps in force for a warming IP at one instant, and when they next grow."""
+
+    status: WarmupStatus
+    limits: tuple[CapLimit, ...]
+    next_change: datetime  # when more budget may appear (next hour or next day)
+
+    @property
+    def closed(self) -> bool:
+        return any(lim.cap <= 0 for lim in self.limits)
+
+
+def caps_at(plan: WarmupPlan, zone: ZoneInfo, now: datetime, provider: str | None) -> Caps:
+    """The caps a warming IP must respect at ``now`` for mail to ``provider``.
+
+    - the day's cap; with ``sending_hours`` it is released hour by hour: by the
+      end of slot k (of H) at most floor(cap * (k+1) / H) may have been sent
+      today. An hour's unused budget thus carries into the later hours of the
+      same day, never into the next day (the day counter starts at 0).
+    - a published hourly limit (sendgrid, mailtrap presets) per clock hour;
+    - a per-provider cap, smoothed the same way as the day's cap.
+    """
+    local = now.astimezone(zone)
+    status = status_on(plan.schedule, plan.start, local.date())
+    next_day = next_window_start(now, zone)
+    next_hour = (local.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)).astimezone(
+        zone
+    )
+    if status.state is not WarmupState.WARMING:
+        return Caps(status, (), next_day)
+    assert status.cap is not None
+    fraction = 1.0
+    hourly = plan.schedule.hourly is not None
+    if plan.sending_hours is not None:
+        slot = plan.sending_hours.slot(local)
+        if slot is None:
+            return Caps(status, (CapLimit(status.window, "all", 0),), next_hour)
+        fraction = (slot + 1) / plan.sending_hours.slots
+    limits = [CapLimit(status.window, "all", math.floor(status.cap * fraction))]
+    if plan.schedule.hourly is not None:
+        hour = f"{status.window}T{local.hour:02d}"
+        limits.append(CapLimit(hour, "hour", plan.schedule.hourly[status.day - 1]))
+    provider_cap = plan.providers.get(provider) if provider else None
+    if provider_cap is not None:
+        pcap = provider_cap.daily_cap(status.day, status.cap)
+        limits.append(CapLimit(status.window, f"provider:{provider}", math.floor(pcap * fraction)))
+    smoothed = hourly or plan.sending_hours is not None
+    return Caps(status, tuple(limits), next_hour if smoothed else next_day)
 
 
 @dataclass(frozen=True)

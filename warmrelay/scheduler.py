@@ -24,6 +24,7 @@ from warmrelay.dsn import FailedRecipient, build_dsn
 from warmrelay.errors import NextHopError, SpoolError, WarmrelayError
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHop, NextHopResolver
+from warmrelay.providers import provider_map
 from warmrelay.router import Hold, Route, Router
 from warmrelay.spool import Spool, SpooledMessage
 
@@ -86,6 +87,9 @@ class Scheduler:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._clock = clock
+        self._providers = provider_map(
+            {name: (p.mx, p.domains) for name, p in config.providers.items()}
+        )
         self._messages: dict[str, _Message] = {}
         self._cache: dict[str, bytes] = {}  # bytes of fresh messages: no re-read from disk
         self._cache_bytes = 0
@@ -235,7 +239,8 @@ class Scheduler:
                 out.retry = [(i, reply) for i in indices]
             await self._record(d, out, ip="none", reason="", now=now)
             return
-        plan = await self._router.route(len(indices), now)
+        provider = self._providers.recognise(d.domain, [h.mx for h in hops if h.mx])
+        plan = await self._router.route(len(indices), now, provider)
         pos = 0
         for part in plan.parts:
             chunk = indices[pos : pos + part.count]
