@@ -143,7 +143,7 @@ def table(rows: Sequence[SimDay]) -> str:
 
 def svg_chart(rows: Sequence[SimDay], title: str) -> str:
     """A line chart of recipients per day via the warming IPs and via the pool."""
-    width, height, left, right, top, bottom = 800, 420, 70, 20, 40, 50
+    width, height, left, right, top, bottom = 800, 430, 70, 20, 62, 50
     peak = max([max(r.warming, r.pool, r.held) for r in rows] + [1])
     pw, ph = width - left - right, height - top - bottom
 
@@ -175,12 +175,30 @@ def svg_chart(rows: Sequence[SimDay], title: str) -> str:
         x = left + pw * i / max(1, len(rows) - 1)
         out.append(f'<text x="{x:.1f}" y="{top + ph + 18}" text-anchor="middle">{rows[i].n}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 10}" text-anchor="middle">day</text>')
+    warm_at = next(
+        (
+            i
+            for i, r in enumerate(rows)
+            if r.warmup_days and all(d == "warm" for d in r.warmup_days.split("/"))
+        ),
+        None,
+    )
+    if warm_at:
+        x = left + pw * (warm_at - 0.5) / max(1, len(rows) - 1)
+        out.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" '
+            'stroke="#2b8a3e" stroke-dasharray="4 3"/>'
+        )
+        out.append(
+            f'<text x="{x - 4:.1f}" y="{top + 14}" text-anchor="end" fill="#2b8a3e">'
+            f"warmup complete (day {rows[warm_at].n - 1})</text>"
+        )
     for k, (label, color, values) in enumerate(series):
         points = " ".join(xy(i, v) for i, v in enumerate(values))
         out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>')
         out.append(
-            f'<rect x="{left + 10 + 170 * k}" y="{top - 2}" width="12" height="4" fill="{color}"/>'
+            f'<rect x="{left + 10 + 170 * k}" y="{top - 22}" width="12" height="4" fill="{color}"/>'
         )
-        out.append(f'<text x="{left + 26 + 170 * k}" y="{top + 4}">{label}</text>')
+        out.append(f'<text x="{left + 26 + 170 * k}" y="{top - 16}">{label}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
