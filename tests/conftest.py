@@ -13,7 +13,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from warmrelay.app import Relay
 from warmrelay.config import Config, parse_config
@@ -46,6 +46,9 @@ class Sink:
     data_reply: Callable[[str, Envelope], str | None] | None = None
     delay_s: float = 0.0
     tls_context: ssl.SSLContext | None = None
+    credentials: tuple[str, str] | None = None  # require AUTH (after STARTTLS) with these
+    logins: list[tuple[str, bool]] = field(default_factory=list)  # (user, accepted)
+    ehlos: int = 0  # greetings seen: connection attempts that got that far
     messages: list[Received] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -82,11 +85,41 @@ class Sink:
         self._changed.set()
         return "250 2.0.0 stored"
 
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        assert self.credentials is not None
+        user, password = data.login.decode(), data.password.decode()
+        ok = (user, password) == self.credentials
+        self.logins.append((user, ok))
+        self._changed.set()
+        return AuthResult(success=ok, handled=False)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        self.ehlos += 1
+        self._changed.set()
+        return responses
+
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: SMTP(
-                self, hostname="sink.test", enable_SMTPUTF8=True, tls_context=self.tls_context
+                self,
+                hostname="sink.test",
+                enable_SMTPUTF8=True,
+                tls_context=self.tls_context,
+                require_starttls=self.credentials is not None,
+                auth_required=self.credentials is not None,
+                auth_require_tls=True,
+                authenticator=self._authenticate if self.credentials else None,
             ),
             self.host,
             self.port,
@@ -98,28 +131,26 @@ class Sink:
         if self._server is not None:
             self._server.close()
 
-    async def wait_for(self, n: int, timeout_s: float = 30.0) -> list[Received]:
-        """Wait (event-driven) until at least n messages arrived."""
+    async def wait_until(self, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
+        """Wait (event-driven: woken by each message, login or greeting) until done()."""
 
         async def until() -> None:
-            while len(self.messages) < n:
+            while not done():
                 self._changed.clear()
                 await self._changed.wait()
 
         await asyncio.wait_for(until(), timeout_s)
+
+    async def wait_for(self, n: int, timeout_s: float = 30.0) -> list[Received]:
+        """Wait until at least n messages arrived."""
+        await self.wait_until(lambda: len(self.messages) >= n, timeout_s)
         return self.messages
 
     async def wait_for_ids(
         self, wanted: set[int], ids_of: Callable[[Sink], list[int]], timeout_s: float = 30.0
     ) -> None:
-        """Wait (event-driven) until every wanted id has arrived."""
-
-        async def until() -> None:
-            while not wanted <= set(ids_of(self)):
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), timeout_s)
+        """Wait until every wanted id has arrived."""
+        await self.wait_until(lambda: wanted <= set(ids_of(self)), timeout_s)
 
     def by_peer(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -66,7 +66,7 @@ def test_preset_name_becomes_its_table() -> None:
     [
         ({"smtp": {"colour": "blue"}}, "smtp.colour: unknown key"),
         ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
-        ({"overflow": "spray"}, "overflow: Input should be 'pool' or 'hold'"),
+        ({"overflow": "spray"}, "overflow: Input should be 'pool', 'hold' or 'smarthost'"),
         ({"routes": {"*": "127.0.0.1"}}, "routes['*']: '127.0.0.1' needs a port"),
         ({"smtp": {"allow_networks": ["10.0.0.0/33"]}}, "smtp.allow_networks[0]:"),
         ({"state": {"counters": "mongodb://x"}}, "state.counters:"),

@@ -99,3 +99,15 @@ async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path) -> None:
     assert granted_here + sum(granted_there) == 50
     assert await local.get(KEY) == 50
     await local.close()
+
+
+async def test_values_persist_and_delete(tmp_path: Path) -> None:
+    first = SqliteCounters(tmp_path / "c.sqlite3")
+    await first.set_value("ip:127.0.0.2:paused", "2026-11-28")
+    await first.set_value("gone", "x")
+    await first.set_value("gone", None)
+    await first.close()
+    second = SqliteCounters(tmp_path / "c.sqlite3")
+    assert await second.get_value("ip:127.0.0.2:paused") == "2026-11-28"
+    assert await second.get_value("gone") is None
+    await second.close()

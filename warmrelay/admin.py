@@ -14,12 +14,17 @@ from typing import Any
 
 log = logging.getLogger("warmrelay.admin")
 
-Page = Callable[[], Awaitable[tuple[int, str, bytes]]]
+Response = tuple[int, str, bytes]
+Page = Callable[[], Awaitable[Response]]
+Action = Callable[[str], Awaitable[Response]]  # gets the path, e.g. /ips/10.0.0.7/pause
 
 
 class AdminServer:
-    def __init__(self, pages: dict[str, Page]) -> None:
+    """GET pages by exact path; POST actions by path prefix."""
+
+    def __init__(self, pages: dict[str, Page], actions: dict[str, Action] | None = None) -> None:
         self._pages = pages
+        self._actions = actions or {}
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -40,16 +45,13 @@ class AdminServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, _, rest = request.decode("latin-1").partition(" ")
             path = rest.partition(" ")[0].partition("?")[0]
-            page = self._pages.get(path)
-            if method != "GET":
-                status, ctype, body = 405, "text/plain", b"method not allowed\n"
-            elif page is None:
-                status, ctype, body = 404, "text/plain", b"not found\n"
-            else:
-                status, ctype, body = await page()
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
-                status, "Service Unavailable"
-            )
+            status, ctype, body = await self._dispatch(method, path)
+            reason = {
+                200: "OK",
+                400: "Bad Request",
+                404: "Not Found",
+                405: "Method Not Allowed",
+            }.get(status, "Service Unavailable")
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -60,6 +62,17 @@ class AdminServer:
             pass
         finally:
             writer.close()
+
+    async def _dispatch(self, method: str, path: str) -> Response:
+        if method == "GET" and path in self._pages:
+            return await self._pages[path]()
+        if method == "POST":
+            for prefix, action in self._actions.items():
+                if path.startswith(prefix):
+                    return await action(path)
+        if path in self._pages or any(path.startswith(p) for p in self._actions):
+            return 405, "text/plain", b"method not allowed\n"
+        return 404, "text/plain", b"not found\n"
 
 
 def json_page(data: Any, status: int = 200) -> tuple[int, str, bytes]:

@@ -52,7 +52,8 @@ class Relay:
                 "/metrics": self._metrics_page,
                 "/healthz": self._health_page,
                 "/status": self._status_page,
-            }
+            },
+            {"/ips/": self._ip_action},
         )
         self._servers: list[asyncio.Server] = []
 
@@ -62,6 +63,7 @@ class Relay:
 
     async def start(self) -> None:
         self.config.state.dir.mkdir(parents=True, exist_ok=True)
+        await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
         recovered = await self.spool.open()
         for item in recovered:
             self.scheduler.submit(item.message, item.done, item.attempts)
@@ -124,6 +126,15 @@ class Relay:
                 "sent": await self.router.sent(ip, now) if ip.warmup is not None else None,
                 "up": not self.router.is_down(address, now),
             }
+            control = self.router.control(address)
+            entry["paused_since"] = (
+                control.paused_since.isoformat() if control.paused_since else None
+            )
+            entry["suspended"] = {
+                provider: {"until": s.until.isoformat(), "reason": s.reason}
+                for provider, s in control.suspended.items()
+                if self.router.suspension(address, provider, now)
+            }
             caps = self.router.caps(ip, now)
             if ip.warmup is not None and caps is not None and caps.limits:
                 entry["cap_now"] = caps.limits[0].cap  # released so far today (smoothing)
@@ -149,6 +160,28 @@ class Relay:
             },
         }
 
+    async def ip_action(self, address: str, action: str) -> dict[str, Any]:
+        """pause | resume | complete an IP; persisted, so it survives restarts."""
+        if address not in {str(ip.address) for ip in self.config.ips}:
+            raise KeyError(address)
+        now = self.clock()
+        await {
+            "pause": self.router.pause,
+            "resume": self.router.resume,
+            "complete": self.router.complete,
+        }[action](address, now)
+        log.warning("operator: %s %s", action, address)
+        return next(ip for ip in (await self.status())["ips"] if ip["address"] == address)
+
+    async def _ip_action(self, path: str) -> tuple[int, str, bytes]:
+        parts = path.strip("/").split("/")  # ips / ADDRESS / ACTION
+        if len(parts) != 3 or parts[2] not in ("pause", "resume", "complete"):
+            return json_page({"error": "use POST /ips/ADDRESS/pause|resume|complete"}, 400)
+        try:
+            return json_page(await self.ip_action(parts[1], parts[2]))
+        except KeyError:
+            return json_page({"error": f"{parts[1]} is not an IP of this relay"}, 404)
+
     async def _status_page(self) -> tuple[int, str, bytes]:
         return json_page(await self.status())
 
@@ -165,6 +198,8 @@ class Relay:
                 m.warmup_cap.labels(a).set(-1 if ip["cap"] is None else ip["cap"])
                 m.warmup_sent.labels(a).set(ip["sent"])
             m.ip_up.labels(a).set(1 if ip["up"] else 0)
+            for provider in self.router.control(a).suspended:
+                m.suspended.labels(a, provider).set(1 if provider in ip["suspended"] else 0)
         m.spool_messages.set(len(self.spool))
         return 200, "text/plain; version=0.0.4; charset=utf-8", m.render()
 

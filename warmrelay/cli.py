@@ -178,6 +178,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ip(args: argparse.Namespace) -> int:
+    """Ask the running relay (admin endpoint); if none runs, write the state store directly."""
+    import asyncio
+    import json
+    import urllib.error
+    import urllib.request
+
+    config = _load_or_exit(args.config)
+    if args.address not in {str(ip.address) for ip in config.ips}:
+        print(f"{args.address} is not listed under ips in {args.config}", file=sys.stderr)
+        return 1
+    if config.admin.listen is not None:
+        host, port = config.admin.listen
+        url = f"http://{_fmt_hostport((host, port))}/ips/{args.address}/{args.action}"
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, method="POST"), timeout=10
+            ) as r:
+                state = json.loads(r.read())
+            print(
+                f"{args.address}: {args.action} done by the running relay; state {state['state']}"
+            )
+            return 0
+        except urllib.error.HTTPError as exc:
+            print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError):
+            pass  # no relay running: change the store it will read at start
+
+    from warmrelay.app import Relay
+
+    async def offline() -> str:
+        relay = Relay(config)
+        try:
+            await relay.router.refresh(datetime.now(UTC))
+            state = await relay.ip_action(args.address, args.action)
+            return str(state["state"])
+        finally:
+            await relay.counters.close()
+
+    print(
+        f"{args.address}: {args.action} recorded in {config.state.dir} (no relay running); "
+        f"state {asyncio.run(offline())}"
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from warmrelay.app import run  # imported late: check-config needs none of the I/O stack
 
@@ -211,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--days", type=int, default=None, help="rows to show (default: until warm)")
     p.set_defaults(func=cmd_schedule)
+    p = sub.add_parser("ip", help="pause, resume or complete the warmup of a source IP")
+    p.add_argument("action", choices=["pause", "resume", "complete"])
+    p.add_argument("address")
+    p.add_argument("-c", "--config", required=True)
+    p.set_defaults(func=cmd_ip)
     p = sub.add_parser("simulate", help="project a steady daily volume through the warmup")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--daily", type=int, required=True, help="recipients per day")

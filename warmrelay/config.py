@@ -10,6 +10,7 @@ are wrong too.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from warmrelay.eligibility import Eligibility
 from warmrelay.errors import ConfigError, ConfigProblem
 from warmrelay.providers import BUILTIN
 from warmrelay.schedule import (
@@ -246,11 +248,27 @@ class ProviderCapConfig(_Frozen):
         return self
 
 
+def _header_rule(value: Any) -> tuple[str, str]:
+    return Eligibility.parse_header(str(value))
+
+
+class EligibleConfig(_Frozen):
+    """Which mail may use the warming IP; every rule given must match."""
+
+    senders: tuple[str, ...] = ()
+    header: Annotated[tuple[str, str], BeforeValidator(_header_rule)] | None = None
+    recipient_domains: tuple[str, ...] = ()
+
+
 class WarmupConfig(_Frozen):
     start: date
     schedule: ScheduleField
     sending_hours: Annotated[SendingHours, BeforeValidator(_sending_hours)] | None = None
     providers: Mapping[str, ProviderCapConfig] = Field(default_factory=dict)
+    progress: Literal["calendar", "results"] = "calendar"
+    progress_min_use: float = Field(default=0.9, gt=0, le=1)
+    progress_max_throttle: float = Field(default=0.02, gt=0, le=1)
+    eligible: EligibleConfig | None = None
 
     def plan(self) -> WarmupPlan:
         return WarmupPlan(
@@ -260,12 +278,61 @@ class WarmupConfig(_Frozen):
             {name: ProviderCap(p.share, p.schedule) for name, p in self.providers.items()},
         )
 
+    def eligibility(self) -> Eligibility | None:
+        e = self.eligible
+        return None if e is None else Eligibility(e.senders, e.header, e.recipient_domains)
+
 
 class IPConfig(_Frozen):
     address: Address
     helo: HostName
     weight: int = Field(default=1, gt=0)
     warmup: WarmupConfig | None = None
+
+
+class CooldownConfig(_Frozen):
+    cooldown_s: float = Field(default=3600.0, gt=0)
+    cooldown_max_s: float = Field(default=86400.0, gt=0)
+
+
+class ThrottleConfig(_Frozen):
+    """Replies that mean "this IP sends too much"; extra regexes match "CODE TEXT"."""
+
+    patterns: tuple[str, ...] = ()
+    cooldown_s: float = Field(default=3600.0, gt=0)
+    cooldown_max_s: float = Field(default=86400.0, gt=0)
+    providers: Mapping[str, CooldownConfig] = Field(default_factory=dict)
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return value
+
+    def cooldown(self, provider: str | None) -> tuple[float, float]:
+        own = self.providers.get(provider or "")
+        return (
+            (own.cooldown_s, own.cooldown_max_s) if own else (self.cooldown_s, self.cooldown_max_s)
+        )
+
+
+class SmarthostConfig(_Frozen):
+    """Overflow relayed through the email provider's shared pool."""
+
+    host: HostPort
+    starttls: Literal["required", "opportunistic", "implicit"] = "required"
+    username: str | None = None
+    password_env: str | None = None  # the password is read from this environment variable
+    helo: HostName | None = None
+    verify: bool = True  # check the smarthost's certificate (against ca_file or the system CAs)
+    ca_file: Path | None = None
+
+    def password(self) -> str | None:
+        return os.environ.get(self.password_env) if self.password_env else None
 
 
 class ProviderConfig(_Frozen):
@@ -283,7 +350,9 @@ class Config(_Frozen):
     delivery: DeliveryConfig = DeliveryConfig()
     timezone: str = "UTC"
     ips: tuple[IPConfig, ...]
-    overflow: Literal["pool", "hold"] = "pool"
+    overflow: Literal["pool", "hold", "smarthost"] = "pool"
+    smarthost: SmarthostConfig | None = None
+    throttle: ThrottleConfig = ThrottleConfig()
     routes: Mapping[str, HostPort] = Field(default_factory=dict)
     providers: Mapping[str, ProviderConfig] = Field(default_factory=dict)
 
@@ -366,6 +435,10 @@ def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
             )
         else:
             seen[key] = i
+    if doc.get("overflow") == "smarthost" and not isinstance(doc.get("smarthost"), Mapping):
+        problems.append(
+            ConfigProblem("smarthost", "overflow: smarthost needs a smarthost block (host: ...)")
+        )
     if doc.get("overflow", "pool") == "pool" and not has_warm and ips:
         problems.append(
             ConfigProblem(

@@ -49,6 +49,19 @@ class Reply:
         return {Outcome.BOUNCED: "5.0.0", Outcome.DEFERRED: "4.0.0"}.get(self.outcome, "2.0.0")
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """How to connect: from which address, greeting as whom, with what TLS and credentials."""
+
+    source: str | None  # local address to bind; None = the host's choice (smarthost)
+    helo: str
+    tls: str  # opportunistic | never | required | implicit
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    verify: bool = False
+    ca_file: str | None = None
+
+
 class Connected(enum.Enum):
     YES = "yes"  # a receiver got the recipients: they count against the cap
     NO = "no"  # no next hop answered: release the reservation, retry later
@@ -103,9 +116,13 @@ class Dispatcher:
             self._pools[key] = pool
         return pool
 
+    def endpoint(self, source: IPConfig) -> Endpoint:
+        """Deliver from a source IP of ours, greeting with its helo."""
+        return Endpoint(str(source.address), source.helo, self._config.starttls)
+
     async def send(
         self,
-        source: IPConfig,
+        endpoint: Endpoint,
         hops: Sequence[NextHop],
         mail_from: str,
         rcpts: Sequence[str],
@@ -114,7 +131,7 @@ class Dispatcher:
         """Try the next hops in order until one takes the transaction."""
         last = Reply(Outcome.DEFERRED, 451, "4.4.1 No next hop answered", "")
         for hop in hops:
-            key = (str(source.address), hop.address, hop.port)
+            key = (endpoint.source or "*", hop.address, hop.port)
             label = f"{hop.host}[{hop.address}]:{hop.port}"
             pool = self._pool(key)
             async with pool.limit:
@@ -131,20 +148,23 @@ class Dispatcher:
                             return self._done(pool, smtp, replies, reusable)
                         except _Lost:  # the receiver closed an idle connection: go fresh
                             smtp.close()
-                    smtp = await self._connect(source, hop)
+                    smtp = await self._connect(endpoint, hop)
                 except aiosmtplib.SMTPException as exc:
-                    if _is_bind_error(exc):
-                        return DispatchResult(
-                            Connected.BIND_FAILED,
-                            tuple(
-                                Reply(
-                                    Outcome.DEFERRED, 451, f"4.4.0 cannot bind {source.address}", ""
-                                )
-                                for _ in rcpts
-                            ),
+                    if endpoint.source is not None and _is_bind_error(exc):
+                        cannot = Reply(
+                            Outcome.DEFERRED, 451, f"4.4.0 cannot bind {endpoint.source}", ""
                         )
-                    last = Reply(Outcome.DEFERRED, 451, f"4.4.1 {label}: {exc}", label)
-                    log.info("connect %s from %s failed: %s", label, source.address, exc)
+                        return DispatchResult(Connected.BIND_FAILED, tuple(cannot for _ in rcpts))
+                    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+                        text = f"4.7.0 {label} refused our credentials: {exc.code} {exc.message}"
+                        last = Reply(Outcome.DEFERRED, 454, text, label)
+                    elif isinstance(exc, aiosmtplib.SMTPResponseException):  # e.g. 421 greeting
+                        last = Reply(Outcome.DEFERRED, exc.code, exc.message, label)
+                    else:
+                        last = Reply(Outcome.DEFERRED, 451, f"4.4.1 {label}: {exc}", label)
+                    log.info(
+                        "connect %s from %s failed: %s", label, endpoint.source or "default", exc
+                    )
                     continue
                 try:
                     replies, reusable = await self._transaction(smtp, mail_from, rcpts, data, label)
@@ -173,17 +193,31 @@ class Dispatcher:
             smtp.close()
         return None
 
-    async def _connect(self, source: IPConfig, hop: NextHop) -> aiosmtplib.SMTP:
+    async def _connect(self, endpoint: Endpoint, hop: NextHop) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
             hostname=hop.address,
             port=hop.port,
-            local_hostname=source.helo,
-            source_address=(str(source.address), 0),
+            local_hostname=endpoint.helo,
+            source_address=(endpoint.source, 0) if endpoint.source else None,
             timeout=self._config.timeout_s,
-            start_tls=None if self._config.starttls == "opportunistic" else False,
-            validate_certs=False,  # MX certificates are rarely valid for the MX name (RFC 7672)
+            use_tls=endpoint.tls == "implicit",
+            start_tls={"opportunistic": None, "required": True}.get(endpoint.tls, False),
+            # MX certificates rarely match the MX name (RFC 7672); a smarthost's must.
+            validate_certs=endpoint.verify,
+            cert_bundle=endpoint.ca_file,
         )
         await smtp.connect(timeout=self._config.connect_timeout_s)
+        if endpoint.username is not None:
+            if endpoint.password is None:
+                smtp.close()
+                raise aiosmtplib.SMTPAuthenticationError(
+                    530, "no password: the smarthost password variable is not set"
+                )
+            try:
+                await smtp.login(endpoint.username, endpoint.password)
+            except aiosmtplib.SMTPException:
+                smtp.close()
+                raise
         return smtp
 
     async def _transaction(

@@ -44,6 +44,18 @@ class Metrics:
             ["ip", "reason"],
             registry=r,
         )
+        self.throttled = Counter(
+            "warmrelay_throttled",
+            "Recipients a provider deferred with a throttling reply, by warming IP and provider",
+            ["ip", "provider"],
+            registry=r,
+        )
+        self.suspended = Gauge(
+            "warmrelay_suspended",
+            "1 while a warming IP is suspended for a provider after throttling",
+            ["ip", "provider"],
+            registry=r,
+        )
         self.held = Counter(
             "warmrelay_held",
             "Recipients held back by the router (no IP may take them now)",

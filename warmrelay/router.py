@@ -1,23 +1,28 @@
 """Router: pure policy deciding which source IP carries which recipients.
 
 For a delivery of n recipients it reserves what fits under each warming IP's
-cap (atomically, through the counters), sends the rest to the warm pool
-(smooth weighted round robin) or holds it until the next window, per the
-overflow policy. Outcomes are types: a ``RoutePlan`` of ``Route`` parts
-(send k recipients from this IP, for this reason) and ``Hold`` parts (not
-now, retry at T). The only I/O is the counters.
+caps (atomically, through the counters), sends the rest to the warm pool
+(smooth weighted round robin), a smarthost, or holds it, per the overflow
+policy. Outcomes are types: a ``RoutePlan`` of ``Route`` parts (send k
+recipients from this IP, for this reason), ``Smarthost`` parts and ``Hold``
+parts (not now, retry at T). It also keeps the per-IP state that policy
+depends on (pause, completion, results progression, throttling suspensions),
+persisted through the counters' value store, which is its only I/O.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from warmrelay.config import Config, IPConfig
+from warmrelay.control import IPControl, Suspension, advances, next_cooldown
 from warmrelay.counters import CounterKey, Counters, Limit
+from warmrelay.eligibility import Eligibility, Traffic
 from warmrelay.schedule import (
     Caps,
     WarmupPlan,
@@ -25,7 +30,7 @@ from warmrelay.schedule import (
     WarmupStatus,
     caps_at,
     next_window_start,
-    warmup_status,
+    status_for_day,
 )
 
 
@@ -50,6 +55,14 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Smarthost:
+    """Relay ``count`` recipients through the configured smarthost (overflow)."""
+
+    count: int
+    reason: RouteReason = RouteReason.OVERFLOW
+
+
+@dataclass(frozen=True)
 class Hold:
     """Not now: keep ``count`` recipients spooled and try again at ``retry_at``."""
 
@@ -58,9 +71,12 @@ class Hold:
     why: str
 
 
+Part = Route | Smarthost | Hold
+
+
 @dataclass(frozen=True)
 class RoutePlan:
-    parts: tuple[Route | Hold, ...]
+    parts: tuple[Part, ...]
 
     @property
     def routes(self) -> list[Route]:
@@ -72,10 +88,11 @@ class RoutePlan:
 
 
 NO_POOL_RETRY = timedelta(minutes=1)
+CONTROL_RELOAD_S = 30.0  # re-read pause/progress state so a fleet converges
 
 
 class Router:
-    """Holds the little state policy needs: round-robin weights and IPs marked down."""
+    """Policy state: round-robin weights, IPs marked down, and each IP's control state."""
 
     def __init__(self, config: Config, counters: Counters) -> None:
         self._config = config
@@ -84,25 +101,49 @@ class Router:
         self._rr_weights: dict[str, int] = {}
         self._rotation = itertools.count()
         self._down_until: dict[str, datetime] = {}
-        self._plans: dict[str, WarmupPlan] = {
-            str(ip.address): ip.warmup.plan() for ip in config.ips if ip.warmup is not None
-        }
+        self._plans: dict[str, WarmupPlan] = {}
+        self._eligible: dict[str, Eligibility] = {}
+        for ip in config.ips:
+            if ip.warmup is not None:
+                self._plans[str(ip.address)] = ip.warmup.plan()
+                rules = ip.warmup.eligibility()
+                if rules is not None:
+                    self._eligible[str(ip.address)] = rules
+        self._control: dict[str, IPControl] = {str(ip.address): IPControl() for ip in config.ips}
+        self._loaded_at = float("-inf")
 
     @property
     def ips(self) -> Sequence[IPConfig]:
         return self._config.ips
 
+    def control(self, address: str) -> IPControl:
+        return self._control[address]
+
+    # -- status ------------------------------------------------------------------
+
     def status(self, ip: IPConfig, now: datetime) -> WarmupStatus:
-        """Warmup status; an IP without a warmup block is always warm."""
-        if ip.warmup is None:
-            window = now.astimezone(self._zone).date().isoformat()
-            return WarmupStatus(WarmupState.WARM, 0, None, window)
-        return warmup_status(ip.warmup.schedule, ip.warmup.start, self._zone, now)
+        """Where the IP stands: warmup day and cap, or warm, paused, not started."""
+        today = now.astimezone(self._zone).date()
+        c = self._control[str(ip.address)]
+        if c.paused_since is not None:
+            day = c.day if c.day is not None else 0
+            if ip.warmup is not None and ip.warmup.progress == "calendar":
+                day = c.calendar_day(ip.warmup.start, today)
+            return WarmupStatus(WarmupState.PAUSED, day, 0, today.isoformat())
+        if ip.warmup is None or c.completed:
+            return WarmupStatus(WarmupState.WARM, 0, None, today.isoformat())
+        if ip.warmup.progress == "results" and c.day is not None:
+            day = c.day
+        else:
+            day = c.calendar_day(ip.warmup.start, today)
+        return status_for_day(ip.warmup.schedule, day, today)
 
     def caps(self, ip: IPConfig, now: datetime, provider: str | None = None) -> Caps | None:
         """The caps in force for a warming IP (None for an IP without a warmup block)."""
         plan = self._plans.get(str(ip.address))
-        return None if plan is None else caps_at(plan, self._zone, now, provider)
+        if plan is None:
+            return None
+        return caps_at(plan, self._zone, now, provider, self.status(ip, now))
 
     def mark_down(self, address: str, until: datetime) -> None:
         """Stop routing to an IP that cannot be used (e.g. not bound on this host)."""
@@ -117,18 +158,104 @@ class Router:
             return False
         return True
 
-    def counter_key(self, ip: IPConfig, now: datetime) -> CounterKey:
-        return CounterKey(str(ip.address), self.status(ip, now).window)
+    def suspension(self, address: str, provider: str | None, now: datetime) -> Suspension | None:
+        s = self._control[address].suspended.get(provider or "")
+        return s if s is not None and now < s.until else None
+
+    def counter_key(self, ip: IPConfig, now: datetime, scope: str = "all") -> CounterKey:
+        return CounterKey(str(ip.address), self.status(ip, now).window, scope)
 
     async def sent(self, ip: IPConfig, now: datetime) -> int:
         """Recipients counted against ``ip`` in the current window."""
         return await self._counters.get(self.counter_key(ip, now))
 
-    async def route(self, n: int, now: datetime, provider: str | None = None) -> RoutePlan:
-        """Split a delivery of ``n`` recipients (to ``provider``) into routes and holds."""
-        parts: list[Route | Hold] = []
+    # -- state kept in the store ---------------------------------------------------
+
+    async def refresh(self, now: datetime) -> None:
+        """Reload control state now and then, and advance ``progress: results`` IPs."""
+        if time.monotonic() - self._loaded_at >= CONTROL_RELOAD_S:
+            for address in self._control:
+                text = await self._counters.get_value(f"ip:{address}")
+                self._control[address] = IPControl.loads(text)
+            self._loaded_at = time.monotonic()
+        today = now.astimezone(self._zone).date()
+        for ip in self.ips:
+            if ip.warmup is not None and ip.warmup.progress == "results":
+                await self._advance(ip, today)
+
+    async def _advance(self, ip: IPConfig, today: date) -> None:
+        """Judge each finished day: the next warmup day begins only after a day that used
+        its cap (>= progress_min_use) with little throttling; other days repeat."""
+        assert ip.warmup is not None
+        address, c = str(ip.address), self._control[str(ip.address)]
+        if c.completed or today < ip.warmup.start:
+            return
+        changed = False
+        if c.day is None or c.day_date is None:
+            c.day, c.day_date, changed = 1, ip.warmup.start, True
+        schedule = ip.warmup.schedule
+        while c.day_date < today and c.day <= schedule.days:
+            window = c.day_date.isoformat()
+            sent = await self._counters.get(CounterKey(address, window))
+            throttled = await self._counters.get(CounterKey(address, window, "throttled"))
+            if advances(
+                sent,
+                throttled,
+                schedule.daily[c.day - 1],
+                ip.warmup.progress_min_use,
+                ip.warmup.progress_max_throttle,
+            ):
+                c.day += 1
+            c.day_date += timedelta(days=1)
+            changed = True
+        if c.day_date < today:  # warm: nothing left to judge
+            c.day_date, changed = today, True
+        if changed:
+            await self._save(address)
+
+    async def _save(self, address: str) -> None:
+        await self._counters.set_value(f"ip:{address}", self._control[address].dumps())
+
+    async def pause(self, address: str, now: datetime) -> None:
+        self._control[address].pause(now.astimezone(self._zone).date())
+        await self._save(address)
+
+    async def resume(self, address: str, now: datetime) -> None:
+        self._control[address].resume(now.astimezone(self._zone).date())
+        await self._save(address)
+
+    async def complete(self, address: str, now: datetime) -> None:
+        self._control[address].completed = True
+        await self._save(address)
+
+    async def throttled(
+        self, ip: IPConfig, provider: str | None, n: int, now: datetime, reason: str
+    ) -> Suspension:
+        """A provider said this IP sends too much: suspend it there for a (growing) cooldown."""
+        address, key = str(ip.address), provider or ""
+        c = self._control[address]
+        base_s, max_s = self._config.throttle.cooldown(provider)
+        cooldown = next_cooldown(c.suspended.get(key), now, base_s, max_s)
+        c.suspended[key] = Suspension(now + timedelta(seconds=cooldown), cooldown, reason)
+        throttle_key = self.counter_key(ip, now, "throttled")
+        await self._counters.reserve([Limit(throttle_key, 2**62)], n)
+        await self._save(address)
+        return c.suspended[key]
+
+    # -- routing -----------------------------------------------------------------
+
+    async def route(
+        self, n: int, now: datetime, provider: str | None = None, traffic: Traffic | None = None
+    ) -> RoutePlan:
+        """Split a delivery of ``n`` recipients (to ``provider``) into parts."""
+        await self.refresh(now)
+        parts: list[Part] = []
         remaining = n
-        warming = [ip for ip in self.ips if self.status(ip, now).state is WarmupState.WARMING]
+        warming = [
+            ip
+            for ip in self.ips
+            if self.status(ip, now).state is WarmupState.WARMING and self._admits(ip, traffic)
+        ]
         more_room_at = next_window_start(now, self._zone)
         if warming:
             start = next(self._rotation) % len(warming)
@@ -136,7 +263,7 @@ class Router:
                 if remaining == 0:
                     break
                 address = str(ip.address)
-                if self.is_down(address, now):
+                if self.is_down(address, now) or self.suspension(address, provider, now):
                     continue
                 caps = self.caps(ip, now, provider)
                 assert caps is not None
@@ -156,6 +283,10 @@ class Router:
             parts.append(self._overflow(remaining, now, bool(warming), more_room_at))
         return RoutePlan(tuple(parts))
 
+    def _admits(self, ip: IPConfig, traffic: Traffic | None) -> bool:
+        rules = self._eligible.get(str(ip.address))
+        return rules is None or (traffic is not None and rules.admits(traffic))
+
     async def release(self, route: Route, n: int) -> None:
         """Give back reservations for recipients whose connection never opened."""
         if route.reserved and n:
@@ -163,9 +294,12 @@ class Router:
 
     def _overflow(
         self, n: int, now: datetime, warming_in_play: bool, more_room_at: datetime
-    ) -> Route | Hold:
-        if warming_in_play and self._config.overflow == "hold":
+    ) -> Part:
+        policy = self._config.overflow
+        if warming_in_play and policy == "hold":
             return Hold(n, more_room_at, "warming IPs are at their cap")
+        if warming_in_play and policy == "smarthost":
+            return Smarthost(n)
         pool = [
             ip
             for ip in self.ips
@@ -173,6 +307,8 @@ class Router:
             and not self.is_down(str(ip.address), now)
         ]
         if not pool:
+            if policy == "smarthost":
+                return Smarthost(n, RouteReason.POOL)
             if not any(self.status(ip, now).state is WarmupState.WARM for ip in self.ips):
                 return Hold(n, next_window_start(now, self._zone), "no IP may send yet")
             return Hold(n, now + NO_POOL_RETRY, "every pool IP is down")

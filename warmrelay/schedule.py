@@ -111,6 +111,7 @@ class WarmupState(enum.Enum):
     NOT_STARTED = "not_started"
     WARMING = "warming"
     WARM = "warm"
+    PAUSED = "paused"  # by the operator: sends nothing, does not advance
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,11 @@ def next_window_start(now: datetime, zone: ZoneInfo) -> datetime:
 
 
 def status_on(schedule: Schedule, start: date, day_date: date) -> WarmupStatus:
-    day = (day_date - start).days + 1
+    """Calendar progression: the warmup day is the number of days since the start date."""
+    return status_for_day(schedule, (day_date - start).days + 1, day_date)
+
+
+def status_for_day(schedule: Schedule, day: int, day_date: date) -> WarmupStatus:
     if day < 1:
         return WarmupStatus(WarmupState.NOT_STARTED, day, 0, day_date.isoformat())
     if day > schedule.days:
@@ -250,7 +255,13 @@ class Caps:
         return any(lim.cap <= 0 for lim in self.limits)
 
 
-def caps_at(plan: WarmupPlan, zone: ZoneInfo, now: datetime, provider: str | None) -> Caps:
+def caps_at(
+    plan: WarmupPlan,
+    zone: ZoneInfo,
+    now: datetime,
+    provider: str | None,
+    status: WarmupStatus | None = None,
+) -> Caps:
     """The caps a warming IP must respect at ``now`` for mail to ``provider``.
 
     - the day's cap; with ``sending_hours`` it is released hour by hour: by the
@@ -261,7 +272,8 @@ def caps_at(plan: WarmupPlan, zone: ZoneInfo, now: datetime, provider: str | Non
     - a per-provider cap, smoothed the same way as the day's cap.
     """
     local = now.astimezone(zone)
-    status = status_on(plan.schedule, plan.start, local.date())
+    if status is None:
+        status = status_on(plan.schedule, plan.start, local.date())
     next_day = next_window_start(now, zone)
     next_hour = (local.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)).astimezone(
         zone

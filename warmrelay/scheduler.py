@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from warmrelay.config import Config
-from warmrelay.dispatcher import Connected, Dispatcher, Outcome, Reply
+from warmrelay.dispatcher import Connected, Dispatcher, Endpoint, Outcome, Reply
 from warmrelay.dsn import FailedRecipient, build_dsn
+from warmrelay.eligibility import Traffic, header_block
 from warmrelay.errors import NextHopError, SpoolError, WarmrelayError
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHop, NextHopResolver
 from warmrelay.providers import provider_map
-from warmrelay.router import Hold, Route, Router
+from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
 from warmrelay.spool import Spool, SpooledMessage
+from warmrelay.throttle import ThrottleRules
 
 log = logging.getLogger("warmrelay.delivery")
 
@@ -87,6 +89,30 @@ class Scheduler:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._clock = clock
+        self._throttle = ThrottleRules(config.throttle.patterns)
+        self._header_names = {
+            ip.warmup.eligible.header[0]
+            for ip in config.ips
+            if ip.warmup is not None
+            and ip.warmup.eligible is not None
+            and ip.warmup.eligible.header is not None
+        }
+        self._smarthost: tuple[Endpoint, list[NextHop]] | None = None
+        if config.smarthost is not None:
+            sh = config.smarthost
+            host, port = sh.host
+            self._smarthost = (
+                Endpoint(
+                    None,
+                    sh.helo or config.smtp.hostname,
+                    sh.starttls,
+                    sh.username,
+                    sh.password(),
+                    sh.verify,
+                    str(sh.ca_file) if sh.ca_file else None,
+                ),
+                [NextHop(host, host, port, None, 0)],
+            )
         self._providers = provider_map(
             {name: (p.mx, p.domains) for name, p in config.providers.items()}
         )
@@ -240,7 +266,8 @@ class Scheduler:
             await self._record(d, out, ip="none", reason="", now=now)
             return
         provider = self._providers.recognise(d.domain, [h.mx for h in hops if h.mx])
-        plan = await self._router.route(len(indices), now, provider)
+        traffic = Traffic(msg.mail_from, d.domain, self._headers(d.queue_id))
+        plan = await self._router.route(len(indices), now, provider, traffic)
         pos = 0
         for part in plan.parts:
             chunk = indices[pos : pos + part.count]
@@ -258,22 +285,38 @@ class Scheduler:
                 held = Delivery(d.queue_id, d.domain, tuple(chunk), d.attempts, d.last)
                 self._later(held, (part.retry_at - now).total_seconds())
             else:
-                await self._send_part(d, part, chunk, hops, now)
+                await self._send_part(d, part, chunk, hops, now, provider)
+
+    def _headers(self, queue_id: str) -> dict[str, str]:
+        """The headers eligibility rules look at (none are parsed if no rule needs them)."""
+        if not self._header_names:
+            return {}
+        try:
+            return header_block(self._data(queue_id), self._header_names)
+        except SpoolError:
+            return {}
 
     async def _send_part(
         self,
         d: Delivery,
-        route: Route,
+        part: Route | Smarthost,
         chunk: Sequence[int],
         hops: Sequence[NextHop],
         now: datetime,
+        provider: str,
     ) -> None:
         msg = self._messages[d.queue_id].message
-        ip = route.address
+        route = part if isinstance(part, Route) else None
+        if route is not None:
+            ip, endpoint = route.address, self._dispatcher.endpoint(route.source)
+        else:
+            assert self._smarthost is not None
+            ip, (endpoint, hops) = "smarthost", self._smarthost
         try:
             data = self._data(d.queue_id)
         except SpoolError as exc:
-            await self._router.release(route, len(chunk))
+            if route is not None:
+                await self._router.release(route, len(chunk))
             log.error("%s: cannot read the spooled message: %s", d.queue_id, exc)
             self._later(
                 Delivery(d.queue_id, d.domain, tuple(chunk), d.attempts, d.last),
@@ -281,8 +324,8 @@ class Scheduler:
             )
             return
         rcpts = [msg.rcpt_tos[i] for i in chunk]
-        result = await self._dispatcher.send(route.source, hops, msg.mail_from, rcpts, data)
-        if result.connected is not Connected.YES:
+        result = await self._dispatcher.send(endpoint, hops, msg.mail_from, rcpts, data)
+        if route is not None and result.connected is not Connected.YES:
             await self._router.release(route, len(chunk))
         if result.connected is Connected.BIND_FAILED:
             until = datetime.fromtimestamp(now.timestamp() + self._delivery.ip_down_s, UTC)
@@ -298,16 +341,54 @@ class Scheduler:
             )
             self._ready.put_nowait(Delivery(d.queue_id, d.domain, tuple(chunk), d.attempts))
             return
-        self._metrics.routed.labels(ip, route.reason.value).inc(len(chunk))
+        self._metrics.routed.labels(ip, part.reason.value).inc(len(chunk))
         out = _Outcomes()
+        throttled: list[int] = []
         for i, reply in zip(chunk, result.replies, strict=True):
             if reply.outcome is Outcome.DELIVERED:
                 out.done.append((i, reply, "delivered"))
             elif reply.outcome is Outcome.BOUNCED:
                 out.failed.append((i, reply, "bounced"))
+            elif (
+                route is not None
+                and route.reason is RouteReason.WARMUP
+                and self._throttle.matches(reply.code, reply.text)
+            ):
+                throttled.append(i)
+                self._log(d.queue_id, msg.rcpt_tos[i], ip, "warmup", "deferred", reply, msg, now)
             else:
                 out.retry.append((i, reply))
-        await self._record(d, out, ip=ip, reason=route.reason.value, now=now)
+        if throttled and route is not None:
+            await self._suspend(d, route, provider, throttled, result.replies[0], now)
+        await self._record(d, out, ip=ip, reason=part.reason.value, now=now)
+
+    async def _suspend(
+        self,
+        d: Delivery,
+        route: Route,
+        provider: str,
+        idx: list[int],
+        reply: Reply,
+        now: datetime,
+    ) -> None:
+        """A provider throttles a warming IP: suspend it there, retry these at once elsewhere."""
+        text = f"{reply.code} {reply.text}".replace("\n", " ")[:200]
+        s = await self._router.throttled(route.source, provider, len(idx), now, text)
+        self._metrics.throttled.labels(route.address, provider).inc(len(idx))
+        self._metrics.deliveries.labels(route.address, "deferred").inc(len(idx))
+        log.warning(
+            "%s: %s throttles %s (%s): suspended for %s until %s (cooldown %.0fs); "
+            "%d recipient(s) retried now from the pool",
+            d.queue_id,
+            provider,
+            route.address,
+            text,
+            provider,
+            s.until.isoformat(),
+            s.cooldown_s,
+            len(idx),
+        )
+        self._ready.put_nowait(Delivery(d.queue_id, d.domain, tuple(idx), d.attempts, reply))
 
     # -- dispositions ---------------------------------------------------------
 

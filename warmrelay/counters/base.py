@@ -47,6 +47,14 @@ class Counters(Protocol):
 
     async def get(self, key: CounterKey) -> int: ...
 
+    async def get_value(self, key: str) -> str | None:
+        """Small persistent state beside the counts (pause flags, warmup progress)."""
+        ...
+
+    async def set_value(self, key: str, value: str | None) -> None:
+        """Store (or with None, delete) a value; survives restarts like the counts."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -12,6 +12,7 @@ class MemoryCounters:
 
     def __init__(self) -> None:
         self._counts: dict[CounterKey, int] = {}
+        self._values: dict[str, str] = {}
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         granted = grantable(
@@ -28,6 +29,15 @@ class MemoryCounters:
 
     async def get(self, key: CounterKey) -> int:
         return self._counts.get(key, 0)
+
+    async def get_value(self, key: str) -> str | None:
+        return self._values.get(key)
+
+    async def set_value(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = value
 
     async def close(self) -> None:
         return None

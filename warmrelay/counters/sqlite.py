@@ -30,7 +30,11 @@ CREATE TABLE IF NOT EXISTS counters (
     key TEXT PRIMARY KEY,
     count INTEGER NOT NULL,
     updated REAL NOT NULL
-)
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 _KEEP_S = 8 * 86400.0  # rows untouched for this long belong to windows long past
 
@@ -53,7 +57,7 @@ class SqliteCounters:
             )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
+            db.executescript(_SCHEMA)
             db.execute("DELETE FROM counters WHERE updated < ?", (time.time() - _KEEP_S,))
             self._db = db
         return self._db
@@ -107,6 +111,26 @@ class SqliteCounters:
     async def get(self, key: CounterKey) -> int:
         encoded = key.encode()
         return await self._run(lambda db: _count(db, encoded))
+
+    async def get_value(self, key: str) -> str | None:
+        def read(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._run(read)
+
+    async def set_value(self, key: str, value: str | None) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            if value is None:
+                db.execute("DELETE FROM state WHERE key = ?", (key,))
+            else:
+                db.execute(
+                    "INSERT INTO state(key, value) VALUES(?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+
+        await self._run(write)
 
     async def close(self) -> None:
         def shut(db: sqlite3.Connection) -> None:
