@@ -228,13 +228,19 @@ async def send(
         return await client.sendmail(sender, rcpts, message)
 
 
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
+async def http(port: int, method: str, path: str, token: str | None = None) -> tuple[int, bytes]:
+    """One HTTP/1.1 request to the admin endpoint: (status code, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{auth}\r\n".encode())
     raw = await reader.read()
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    return await http(port, "GET", path)
 
 
 async def status(relay: Relay) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 from aiosmtpd.smtp import Envelope
-from conftest import Sink, http_get, relay_config, running, send, status
+from conftest import Sink, http, http_get, relay_config, running, send, status
 from dnsserver import LoopbackDNS
 
 
@@ -87,32 +87,21 @@ async def test_only_eligible_mail_uses_the_warming_ip(tmp_path: Path, sink: Sink
 async def test_pause_survives_a_restart_and_resume(tmp_path: Path, sink: Sink) -> None:
     config = relay_config(tmp_path, sink.port)
     async with running(config) as relay:
-        code, body = await http_post(relay.admin.port, "/ips/127.0.0.2/pause")
+        code, body = await http(relay.admin.port, "POST", "/ips/127.0.0.2/pause")
         assert code == 200 and b'"state": "paused"' in body
-        assert (await http_post(relay.admin.port, "/ips/10.9.9.9/pause"))[0] == 404
+        assert (await http(relay.admin.port, "POST", "/ips/10.9.9.9/pause"))[0] == 404
     async with running(config) as relay:
         assert (await status(relay))["ips"][0]["state"] == "paused"
         await send(relay, ["a@example.test"])
         (msg,) = await sink.wait_for(1)
         assert msg.peer == "127.0.0.3"  # paused: sends nothing
-        await http_post(relay.admin.port, "/ips/127.0.0.2/resume")
+        await http(relay.admin.port, "POST", "/ips/127.0.0.2/resume")
         await send(relay, ["b@example.test"])
         got = await sink.wait_for(2)
         assert got[1].peer == "127.0.0.2"
-        await http_post(relay.admin.port, "/ips/127.0.0.2/complete")
+        await http(relay.admin.port, "POST", "/ips/127.0.0.2/complete")
         warming = (await status(relay))["ips"][0]
         assert (warming["state"], warming["cap"]) == ("warm", None)
-
-
-async def http_post(port: int, path: str) -> tuple[int, bytes]:
-    import asyncio
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ pages, not a web framework.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,8 @@ class AdminServer:
     def __init__(self, pages: dict[str, Page], actions: dict[str, Action] | None = None) -> None:
         self._pages = pages
         self._actions = actions or {}
+        self.token: str | None = None  # if set: required for POST and for /status
+        self.private = {"/status"}
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -43,9 +46,13 @@ class AdminServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            method, _, rest = request.decode("latin-1").partition(" ")
+            head = request.decode("latin-1")
+            method, _, rest = head.partition(" ")
             path = rest.partition(" ")[0].partition("?")[0]
-            status, ctype, body = await self._dispatch(method, path)
+            if self._needs_token(method, path) and not self._token_ok(head):
+                status, ctype, body = 401, "text/plain", b"bearer token required\n"
+            else:
+                status, ctype, body = await self._dispatch(method, path)
             reason = {
                 200: "OK",
                 400: "Bad Request",
@@ -62,6 +69,20 @@ class AdminServer:
             pass
         finally:
             writer.close()
+
+    def _needs_token(self, method: str, path: str) -> bool:
+        return self.token is not None and (method != "GET" or path in self.private)
+
+    def _token_ok(self, head: str) -> bool:
+        assert self.token is not None
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "authorization":
+                scheme, _, given = value.strip().partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(
+                    given.strip().encode(), self.token.encode()
+                )
+        return False
 
     async def _dispatch(self, method: str, path: str) -> Response:
         if method == "GET" and path in self._pages:

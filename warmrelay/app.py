@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -25,6 +26,7 @@ from warmrelay.router import Router
 from warmrelay.schedule import WarmupState
 from warmrelay.scheduler import Clock, Scheduler, utc_now
 from warmrelay.spool import Spool
+from warmrelay.tlsfiles import TlsFiles
 
 log = logging.getLogger("warmrelay")
 
@@ -56,6 +58,13 @@ class Relay:
             {"/ips/": self._ip_action},
         )
         self._servers: list[asyncio.Server] = []
+        tls = config.smtp.tls
+        self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
+        token_env = config.admin.token_env
+        self.admin_token = os.environ.get(token_env) if token_env else None
+        if token_env and not self.admin_token:
+            log.warning("admin.token_env: %s is not set; the admin endpoint is open", token_env)
+        self.admin.token = self.admin_token
 
     @property
     def smtp_ports(self) -> list[int]:
@@ -72,8 +81,18 @@ class Relay:
         self.scheduler.start()
         handler = RelayHandler(self.config, self.spool, self.scheduler.accept, self.metrics)
         loop = asyncio.get_running_loop()
-        for host, port in self.config.smtp.listen:
-            server = await loop.create_server(make_protocol(handler, self.config), host, port)
+        tls_ctx = self.tls.context if self.tls is not None else None
+        if self.tls is not None:
+            self.tls.watch()
+        for listener in self.config.smtp.listen:
+            host, port = listener.address
+            implicit = self.config.smtp.listener_tls(listener) == "implicit"
+            server = await loop.create_server(
+                make_protocol(handler, self.config, listener, tls_ctx),
+                host,
+                port,
+                ssl=tls_ctx if implicit else None,
+            )
             self._servers.append(server)
         if self.config.admin.listen is not None:
             await self.admin.start(*self.config.admin.listen)
@@ -81,8 +100,8 @@ class Relay:
             "warmrelay %s ready: smtp %s, admin %s, %d IP(s)",
             __version__,
             ", ".join(
-                f"{h}:{p}"
-                for (h, _), p in zip(self.config.smtp.listen, self.smtp_ports, strict=True)
+                f"{li.address[0]}:{p}"
+                for li, p in zip(self.config.smtp.listen, self.smtp_ports, strict=True)
             ),
             f"{self.config.admin.listen[0]}:{self.admin.port}"
             if self.config.admin.listen
@@ -100,6 +119,8 @@ class Relay:
         await self.spool.close()
         await self.counters.close()
         await self.admin.stop()
+        if self.tls is not None:
+            self.tls.stop()
         log.info("warmrelay stopped; %d message(s) remain spooled", len(self.spool))
 
     async def serve(self, shutdown: asyncio.Event) -> None:
@@ -217,7 +238,10 @@ def run(config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-        await Relay(config).serve(shutdown)
+        relay = Relay(config)
+        if relay.tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
+        await relay.serve(shutdown)
 
     try:
         asyncio.run(main())

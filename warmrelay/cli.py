@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -34,7 +35,10 @@ def _role(ip: IPConfig, config: Config, now: datetime) -> tuple[str, str, str]:
 def summary(config: Config, now: datetime) -> str:
     lines = [
         "listen "
-        + ", ".join(_fmt_hostport(hp) for hp in config.smtp.listen)
+        + ", ".join(
+            _fmt_hostport(li.address) + f" ({config.smtp.listener_tls(li)})"
+            for li in config.smtp.listen
+        )
         + " (relay allowed from "
         + ", ".join(str(n) for n in config.smtp.allow_networks)
         + ")",
@@ -192,10 +196,12 @@ def cmd_ip(args: argparse.Namespace) -> int:
     if config.admin.listen is not None:
         host, port = config.admin.listen
         url = f"http://{_fmt_hostport((host, port))}/ips/{args.address}/{args.action}"
+        request = urllib.request.Request(url, method="POST")
+        token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(url, method="POST"), timeout=10
-            ) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 state = json.loads(r.read())
             print(
                 f"{args.address}: {args.action} done by the running relay; state {state['state']}"
@@ -222,6 +228,27 @@ def cmd_ip(args: argparse.Namespace) -> int:
         f"{args.address}: {args.action} recorded in {config.state.dir} (no relay running); "
         f"state {asyncio.run(offline())}"
     )
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print an argon2id hash for smtp.users.NAME.password_hash (the password is read
+    from standard input or a prompt, never from the command line)."""
+    import getpass
+
+    from warmrelay.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        print("use at least 12 characters", file=sys.stderr)
+        return 1
+    print(hash_password(password))
     return 0
 
 
@@ -258,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--days", type=int, default=None, help="rows to show (default: until warm)")
     p.set_defaults(func=cmd_schedule)
+    p = sub.add_parser("hash-password", help="print a password hash for smtp.users")
+    p.set_defaults(func=cmd_hash_password)
     p = sub.add_parser("ip", help="pause, resume or complete the warmup of a source IP")
     p.add_argument("action", choices=["pause", "resume", "complete"])
     p.add_argument("address")

@@ -99,6 +99,8 @@ def _host_port(value: Any) -> tuple[str, int]:
 
 def _listen(value: Any) -> tuple[str, int]:
     """A listening address; port 0 picks a free port (tests)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        value = f"[{value[0]}]:{value[1]}" if ":" in str(value[0]) else f"{value[0]}:{value[1]}"
     host, port = parse_host_port(str(value), allow_zero=True)
     _ip(host)
     return host, port
@@ -128,17 +130,68 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+def _listener(value: Any) -> Any:
+    """ "host:port" is short for {address: "host:port"}."""
+    return {"address": value} if isinstance(value, str) else value
+
+
+class ListenerConfig(_Frozen):
+    """One listening socket and its security settings."""
+
+    address: Listen
+    tls: Literal["none", "starttls", "implicit"] | None = None  # None: starttls if smtp.tls
+    require_auth: bool = False  # even clients from allow_networks must authenticate
+    auth_without_tls: bool = False  # offer AUTH in clear text (only for loopback setups)
+
+
+class TlsConfig(_Frozen):
+    cert: Path  # PEM certificate chain; reloaded when the file changes or on SIGHUP
+    key: Path
+
+
+class UserConfig(_Frozen):
+    """An application allowed to relay after AUTH, and the senders it may use."""
+
+    password_hash: str  # from `warmrelay hash-password` (argon2id)
+    senders: tuple[str, ...] = ()  # address, *@domain or domain patterns; empty = any
+
+    @field_validator("password_hash")
+    @classmethod
+    def _is_argon2(cls, value: str) -> str:
+        if not value.startswith("$argon2"):
+            raise ValueError("must be an argon2 hash from `warmrelay hash-password`")
+        return value
+
+
 class SmtpConfig(_Frozen):
-    listen: tuple[Listen, ...] = Field(default=(("127.0.0.1", 2525),), min_length=1)
+    listen: tuple[Annotated[ListenerConfig, BeforeValidator(_listener)], ...] = Field(
+        default=(ListenerConfig(address=("127.0.0.1", 2525)),), min_length=1
+    )
     hostname: HostName = Field(default_factory=socket.getfqdn)
     allow_networks: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
     max_message_bytes: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=100, gt=0)
-    timeout_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)  # idle time between commands / data lines
+    data_timeout_s: float = Field(default=600.0, gt=0)  # the whole DATA phase
+    max_connections: int = Field(default=1000, gt=0)
+    max_connections_per_client: int = Field(default=100, gt=0)
+    max_bad_commands: int = Field(default=20, gt=0)  # refused commands before we hang up
+    max_auth_failures: int = Field(default=5, gt=0)  # per client IP, then locked out...
+    auth_lockout_s: float = Field(default=900.0, gt=0)  # ...for this long
+    auth_tarpit_s: float = Field(default=1.0, ge=0)  # reply delay per recent failure (max 5x)
+    bare_newlines: Literal["normalize", "reject"] = "normalize"
+    tls: TlsConfig | None = None
+    users: Mapping[str, UserConfig] = Field(default_factory=dict)
+
+    def listener_tls(self, listener: ListenerConfig) -> str:
+        if listener.tls is not None:
+            return listener.tls
+        return "starttls" if self.tls is not None else "none"
 
 
 class AdminConfig(_Frozen):
     listen: Listen | None = ("127.0.0.1", 9465)
+    token_env: str | None = None  # bearer token (from this variable) for POST and /status
 
 
 class StateConfig(_Frozen):
@@ -435,6 +488,13 @@ def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
             )
         else:
             seen[key] = i
+    smtp = doc.get("smtp")
+    if isinstance(smtp, Mapping) and smtp.get("tls") is None:
+        for i, entry in enumerate(smtp.get("listen") or []):
+            if isinstance(entry, Mapping) and entry.get("tls") in ("starttls", "implicit"):
+                problems.append(
+                    ConfigProblem(f"smtp.listen[{i}].tls", "needs smtp.tls (cert and key)")
+                )
     if doc.get("overflow") == "smarthost" and not isinstance(doc.get("smarthost"), Mapping):
         problems.append(
             ConfigProblem("smarthost", "overflow: smarthost needs a smarthost block (host: ...)")

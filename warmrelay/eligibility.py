@@ -34,7 +34,7 @@ class Eligibility:
         return name.strip().lower(), value.strip()
 
     def admits(self, t: Traffic) -> bool:
-        if self.senders and not any(_sender_matches(t.sender, p) for p in self.senders):
+        if self.senders and not any(sender_matches(t.sender, p) for p in self.senders):
             return False
         if self.header is not None:
             got = t.headers.get(self.header[0])
@@ -45,7 +45,8 @@ class Eligibility:
         )
 
 
-def _sender_matches(sender: str, pattern: str) -> bool:
+def sender_matches(sender: str, pattern: str) -> bool:
+    """ "a@b.c" exactly, "*@b.c" by glob, or "b.c" for the domain and its subdomains."""
     sender, pattern = sender.lower(), pattern.lower()
     if "@" in pattern:
         return fnmatchcase(sender, pattern)

@@ -7,18 +7,21 @@ the spool holds it durably; delivery never runs inside an SMTP session.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from warmrelay.config import Config, IPNetwork
+from warmrelay.auth import Authenticator, AuthGuard
+from warmrelay.config import Config, IPNetwork, ListenerConfig
 from warmrelay.errors import SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.spool import Spool, SpooledMessage
@@ -37,18 +40,81 @@ _ENHANCED = {
     "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long",
 }
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _DOMAIN = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9-]{1,63}$"
     r"|^\[(?:IPv6:)?[0-9A-Fa-f:.]+\]$"
 )
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with enhanced status codes on its built-in replies."""
+class ConnectionLimits:
+    """Open sessions, in total and per client address (shared by all listeners)."""
 
-    def __init__(self, handler: RelayHandler, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total, self.per_client = total, per_client
+        self.open = 0
+        self._by_client: dict[str, int] = {}
+
+    def acquire(self, client: str) -> bool:
+        if self.open >= self.total or self._by_client.get(client, 0) >= self.per_client:
+            return False
+        self.open += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        return True
+
+    def release(self, client: str) -> None:
+        self.open -= 1
+        left = self._by_client.get(client, 1) - 1
+        if left:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol plus our limits: enhanced status codes, connection caps,
+    a budget of refused commands, a deadline for DATA, and AUTH checked off the loop."""
+
+    def __init__(
+        self, handler: RelayHandler, listener: ListenerConfig, tls: str, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, authenticator=self._capture, **kwargs)
+        self.relay = handler
+        self.listener = listener
+        self.tls_mode = tls
         self._metrics = handler.metrics
+        self._client = ""
+        self._admitted = False
+        self._bad = 0
+        self._implicit_tls = False
+
+    @property
+    def encrypted(self) -> bool:
+        return self._implicit_tls or (self.session is not None and self.session.ssl is not None)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection, not the STARTTLS upgrade
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if peer else ""
+            self._implicit_tls = transport.get_extra_info("sslcontext") is not None
+            if not self.relay.limits.acquire(self._client):
+                self._metrics.rejected.labels("421").inc()
+                log.warning("too many connections: refusing %s", self._client)
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._admitted = True
+            self._metrics.smtp_sessions.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self.relay.limits.release(self._client)
+        self._metrics.smtp_sessions.dec()
+        super().connection_lost(error)
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
@@ -56,12 +122,74 @@ class RelaySMTP(SMTP):
         if text[:1] in ("4", "5"):
             self._metrics.rejected.labels(text[:3]).inc()
         await super().push(text)
+        if text[:1] == "5":
+            self._bad += 1
+            if self._bad == self.relay.config.smtp.max_bad_commands:
+                log.warning("%s: too many refused commands, hanging up", self._client)
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                if self.transport is not None:
+                    self.transport.close()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        try:
+            await asyncio.wait_for(super().smtp_DATA(arg), self.relay.config.smtp.data_timeout_s)
+        except TimeoutError:
+            log.warning("%s: DATA took too long, hanging up", self._client)
+            await super().push("421 4.4.2 DATA timeout, closing connection")
+            if self.transport is not None:
+                self.transport.close()
+
+    # AUTH: aiosmtpd parses PLAIN/LOGIN and calls a synchronous authenticator; ours only
+    # captures the credentials, then the real (slow, threaded) check runs here.
+
+    def _capture(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        return AuthResult(success=True, auth_data=data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if not await self._auth_allowed():
+            return AuthResult(success=False, handled=True)
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if not await self._auth_allowed():
+            return AuthResult(success=False, handled=True)
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _auth_allowed(self) -> bool:
+        if self.relay.guard.locked(self._client):
+            await super().push("421 4.7.0 Too many failed authentications, try again later")
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        return True
+
+    async def _verify(self, parsed: AuthResult) -> AuthResult:
+        if not parsed.success or not isinstance(parsed.auth_data, LoginPassword):
+            return parsed  # aiosmtpd already answered (bad base64, cancelled)
+        user = parsed.auth_data.login.decode("utf-8", "replace")
+        password = parsed.auth_data.password.decode("utf-8", "replace")
+        if await self.relay.auth.verify(user, password):
+            self.relay.guard.succeeded(self._client)
+            log.info("%s: authenticated as %s", self._client, user)
+            return AuthResult(success=True, auth_data=parsed.auth_data)
+        delay = self.relay.guard.failed(self._client)
+        log.warning("%s: authentication failed for user %r", self._client, user[:64])
+        await asyncio.sleep(delay)  # tarpit: each failure makes guessing slower
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+        )
 
 
 def valid_mailbox(address: str) -> bool:
     """local@domain with a plausible domain (RFC 5321 syntax, simplified; UTF-8 allowed)."""
     local, at, domain = address.rpartition("@")
     if not at or not local or len(address) > 254:
+        return False
+    try:
+        address.encode("utf-8")  # undecodable bytes arrive as lone surrogates
+    except UnicodeEncodeError:
         return False
     try:
         ascii_domain = domain.encode("idna").decode("ascii") if not domain.isascii() else domain
@@ -85,6 +213,13 @@ class RelayHandler:
         self.submit = submit
         self.metrics = metrics
         self._allowed: Sequence[IPNetwork] = config.smtp.allow_networks
+        self.limits = ConnectionLimits(
+            config.smtp.max_connections, config.smtp.max_connections_per_client
+        )
+        self.auth = Authenticator(config.smtp.users)
+        self.guard = AuthGuard(
+            config.smtp.max_auth_failures, config.smtp.auth_lockout_s, config.smtp.auth_tarpit_s
+        )
 
     def may_relay(self, peer: str) -> bool:
         try:
@@ -104,7 +239,8 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        offered = [r for r in responses[:-1] if not r.startswith("250-AUTH") or self.auth.enabled]
+        return [*offered, "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -117,6 +253,12 @@ class RelayHandler:
         # The null reverse-path stays "<>" in the envelope (aiosmtpd needs it truthy).
         if address != "<>" and not valid_mailbox(address):
             return "501 5.1.7 Bad sender address syntax"
+        if not address.isascii() and "SMTPUTF8" not in (o.upper() for o in mail_options):
+            return "553 5.6.7 Non-ASCII address needs MAIL FROM ... SMTPUTF8"
+        user = _user(session)
+        if user is not None and not self.auth.may_send_as(user, "" if address == "<>" else address):
+            log.warning("user %s may not send as <%s>", user, address)
+            return "553 5.7.1 Sender address not allowed for this user"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -130,11 +272,17 @@ class RelayHandler:
         rcpt_options: list[str],
     ) -> str:
         peer = _peer_ip(session)
-        if not self.may_relay(peer):
+        listener: ListenerConfig | None = getattr(server, "listener", None)
+        by_network = self.may_relay(peer) and not (listener and listener.require_auth)
+        if not (session.authenticated or by_network):
             log.warning("relaying denied for %s to <%s>", peer, address)
+            if listener is not None and listener.require_auth:
+                return "530 5.7.0 Authentication required"
             return "550 5.7.1 Relaying denied"
         if not valid_mailbox(address):
             return "501 5.1.3 Bad recipient address syntax"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return "553 5.6.7 Non-ASCII address needs MAIL FROM ... SMTPUTF8"
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -144,8 +292,17 @@ class RelayHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: bytes = envelope.original_content or b""
         peer = _peer_ip(session)
+        if b"\0" in content:
+            return "554 5.6.0 Message contains NUL characters"
+        if _BARE_NEWLINE.search(content):
+            # A lone CR or LF lets "<LF>.<LF>" end a message early at a receiver that
+            # takes it for a line end (SMTP smuggling): refuse, or make every one CRLF.
+            if self.config.smtp.bare_newlines == "reject":
+                return "554 5.6.11 Message contains bare CR or LF characters"
+            content = _BARE_NEWLINE.sub(b"\r\n", content)
         received_at = time.time()
-        trace = self._received_header(session, peer, envelope, received_at)
+        encrypted = bool(getattr(server, "encrypted", False))
+        trace = self._received_header(session, peer, envelope, received_at, encrypted)
         data = trace + content
         try:
             message = await self.spool.store(
@@ -172,12 +329,12 @@ class RelayHandler:
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
     def _received_header(
-        self, session: Session, peer: str, envelope: Envelope, now: float
+        self, session: Session, peer: str, envelope: Envelope, now: float, encrypted: bool
     ) -> bytes:
         helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
-        proto = "ESMTP" if session.extended_smtp else "SMTP"
-        if envelope.smtp_utf8:
-            proto = "UTF8SMTP"
+        # RFC 3848 protocol names: ESMTP, +S with TLS, +A when authenticated
+        proto = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        proto += ("S" if encrypted else "") + ("A" if session.authenticated else "")
         date = format_datetime(datetime.fromtimestamp(now, UTC))
         header = (
             f"Received: from {helo} ([{peer}])\r\n"
@@ -192,18 +349,37 @@ def _peer_ip(session: Session) -> str:
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
 
-def make_protocol(handler: RelayHandler, config: Config) -> Callable[[], RelaySMTP]:
-    """A protocol factory for ``loop.create_server``."""
+def _user(session: Session) -> str | None:
+    if not session.authenticated or session.login_data is None:
+        return None
+    login = session.login_data
+    return login.decode("utf-8", "replace") if isinstance(login, bytes) else str(login)
+
+
+def make_protocol(
+    handler: RelayHandler,
+    config: Config,
+    listener: ListenerConfig,
+    tls_context: ssl.SSLContext | None,
+) -> Callable[[], RelaySMTP]:
+    """A protocol factory for ``loop.create_server`` for one listener."""
+    tls = config.smtp.listener_tls(listener)
+    in_clear_ok = listener.auth_without_tls or tls == "implicit"
 
     def factory() -> RelaySMTP:
         return RelaySMTP(
             handler,
+            listener,
+            tls,
             hostname=config.smtp.hostname,
             data_size_limit=config.smtp.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=config.smtp.timeout_s,
             ident="warmrelay ESMTP",
+            tls_context=tls_context if tls == "starttls" else None,
+            auth_required=listener.require_auth,
+            auth_require_tls=not in_clear_ok,
         )
 
     return factory

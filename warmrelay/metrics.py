@@ -78,6 +78,9 @@ class Metrics:
             "Messages refused with 451 because the spool failed",
             registry=r,
         )
+        self.smtp_sessions = Gauge(
+            "warmrelay_smtp_sessions", "SMTP client sessions open now", registry=r
+        )
         self.spool_messages = Gauge(
             "warmrelay_spool_messages", "Messages in the spool (not yet finished)", registry=r
         )
