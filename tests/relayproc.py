@@ -15,8 +15,11 @@ READY = re.compile(rb"ready: smtp [0-9.]+:(\d+), admin [0-9.]+:(\d+)")
 class RelayProcess:
     """Starts the relay, waits for its ready line (an event, not a sleep), keeps its log."""
 
-    def __init__(self, config: dict[str, object], workdir: Path) -> None:
-        self.config_path = workdir / "relay.yaml"
+    def __init__(
+        self, config: dict[str, object], workdir: Path, *args: str, name: str = "relay"
+    ) -> None:
+        self.args = args
+        self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.proc: asyncio.subprocess.Process | None = None
         self.smtp_port = 0
@@ -32,6 +35,7 @@ class RelayProcess:
             "serve",
             "-c",
             str(self.config_path),
+            *self.args,
             stderr=asyncio.subprocess.PIPE,
         )
         ready: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()

@@ -8,20 +8,29 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from redisserver import RedisServer
 
 from warmrelay.counters import CounterKey, Counters, Limit, MemoryCounters, SqliteCounters
+from warmrelay.counters.redis import RedisCounters
 
 KEY = CounterKey("127.0.0.2", "2026-11-28")
 WORKER = Path(__file__).with_name("counter_worker.py")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def counters(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Counters]:
-    c: Counters = (
-        MemoryCounters() if request.param == "memory" else SqliteCounters(tmp_path / "c.sqlite3")
-    )
+    server = None
+    if request.param == "redis":
+        server = await RedisServer(tmp_path / "redis").start()
+        c: Counters = RedisCounters(server.url)
+    elif request.param == "sqlite":
+        c = SqliteCounters(tmp_path / "c.sqlite3")
+    else:
+        c = MemoryCounters()
     yield c
     await c.close()
+    if server is not None:
+        await server.stop()
 
 
 async def test_partial_grant_then_nothing(counters: Counters) -> None:
@@ -67,16 +76,22 @@ async def test_sqlite_count_survives_restart(tmp_path: Path) -> None:
     await second.close()
 
 
-async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path) -> None:
-    """200 reservations: 2 OS processes x 70 tasks + 60 tasks here, one SQLite file, cap 50."""
-    db = tmp_path / "shared.sqlite3"
-    local = SqliteCounters(db)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path, backend: str) -> None:
+    """200 reservations: 2 OS processes x 70 tasks + 60 tasks here, one store, cap 50."""
+    server = None
+    if backend == "redis":
+        server = await RedisServer(tmp_path / "redis").start()
+        spec, local = server.url, RedisCounters(server.url)
+    else:
+        db = tmp_path / "shared.sqlite3"
+        spec, local = f"sqlite:{db}", SqliteCounters(db)
     await local.get(KEY)
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             str(WORKER),
-            str(db),
+            spec,
             "70",
             "50",
             stdin=asyncio.subprocess.PIPE,
@@ -99,6 +114,8 @@ async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path) -> None:
     assert granted_here + sum(granted_there) == 50
     assert await local.get(KEY) == 50
     await local.close()
+    if server is not None:
+        await server.stop()
 
 
 async def test_values_persist_and_delete(tmp_path: Path) -> None:

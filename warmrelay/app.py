@@ -12,31 +12,39 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from warmrelay import __version__
 from warmrelay.admin import AdminServer, json_page
-from warmrelay.config import Config
+from warmrelay.config import Config, IPConfig
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
+from warmrelay.errors import CounterError
 from warmrelay.listener import RelayHandler, make_protocol
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
 from warmrelay.router import Router
 from warmrelay.schedule import WarmupState
 from warmrelay.scheduler import Clock, Scheduler, utc_now
-from warmrelay.spool import Spool
+from warmrelay.spool import RecoveredMessage, Spool
 from warmrelay.tlsfiles import TlsFiles
 
 log = logging.getLogger("warmrelay")
 
 
 class Relay:
-    def __init__(self, config: Config, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self, config: Config, *, clock: Clock = utc_now, worker: Worker | None = None
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.worker = worker
         self.metrics = Metrics()
-        self.spool = Spool(config.state.dir / "spool")
+        self.spool = Spool(spool_dir(config.state.dir, worker.index if worker else 0))
         self.counters: Counters = open_counters(config.state.counters, config.state.dir)
         self.router = Router(config, self.counters)
         self.resolver = NextHopResolver(
@@ -74,6 +82,7 @@ class Relay:
         self.config.state.dir.mkdir(parents=True, exist_ok=True)
         await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
         recovered = await self.spool.open()
+        recovered += await self._adopt_orphans()
         for item in recovered:
             self.scheduler.submit(item.message, item.done, item.attempts)
         if recovered:
@@ -84,17 +93,18 @@ class Relay:
         tls_ctx = self.tls.context if self.tls is not None else None
         if self.tls is not None:
             self.tls.watch()
-        for listener in self.config.smtp.listen:
+        for n, listener in enumerate(self.config.smtp.listen):
             host, port = listener.address
             implicit = self.config.smtp.listener_tls(listener) == "implicit"
             server = await loop.create_server(
                 make_protocol(handler, self.config, listener, tls_ctx),
                 host,
-                port,
+                self.worker.ports[n] if self.worker else port,
                 ssl=tls_ctx if implicit else None,
+                reuse_port=self.worker is not None,  # workers share each port (SO_REUSEPORT)
             )
             self._servers.append(server)
-        if self.config.admin.listen is not None:
+        if self.config.admin.listen is not None and self.worker is None:
             await self.admin.start(*self.config.admin.listen)
         log.info(
             "warmrelay %s ready: smtp %s, admin %s, %d IP(s)",
@@ -104,10 +114,37 @@ class Relay:
                 for li, p in zip(self.config.smtp.listen, self.smtp_ports, strict=True)
             ),
             f"{self.config.admin.listen[0]}:{self.admin.port}"
-            if self.config.admin.listen
+            if self.config.admin.listen and self.worker is None
+            else "supervisor"
+            if self.worker
             else "off",
             len(self.config.ips),
         )
+
+    async def _adopt_orphans(self) -> list[RecoveredMessage]:
+        """Spools of workers that no longer exist (fewer --workers than before): move their
+        messages into ours (stored durably first, then removed there)."""
+        count = self.worker.count if self.worker else 1
+        index = self.worker.index if self.worker else 0
+        adopted: list[RecoveredMessage] = []
+        for path in sorted(self.config.state.dir.glob("spool-*")):
+            suffix = path.name.removeprefix("spool-")
+            if not suffix.isdigit() or int(suffix) < count or int(suffix) % count != index:
+                continue
+            orphan = Spool(path)
+            for item in await orphan.open():
+                m = item.message
+                data = orphan.read_data(m.queue_id)
+                pending = [r for i, r in enumerate(m.rcpt_tos) if i not in item.done]
+                if pending:
+                    moved = await self.spool.store(
+                        m.mail_from, pending, data, meta=m.meta, received_at=m.received_at
+                    )
+                    adopted.append(RecoveredMessage(moved, {}, item.attempts))
+                orphan.remove(m.queue_id)
+            await orphan.close()
+            log.info("adopted the spool of a former worker: %s", path)
+        return adopted
 
     async def stop(self) -> None:
         """Stop accepting, drain deliveries in progress, close stores; the rest stays spooled."""
@@ -132,6 +169,22 @@ class Relay:
 
     # -- admin pages ------------------------------------------------------------
 
+    async def _count(self, key: CounterKey) -> int | None:
+        try:
+            return await self.counters.get(key)
+        except CounterError:
+            return None
+
+    async def _sent(self, ip: IPConfig, now: datetime) -> int | None:
+        return await self._count(self.router.counter_key(ip, now))
+
+    def spool_size(self) -> int:
+        return len(self.spool)
+
+    @property
+    def counters_up(self) -> bool:
+        return bool(getattr(self.counters, "healthy", True))
+
     async def status(self) -> dict[str, Any]:
         now = self.clock()
         ips = []
@@ -144,7 +197,7 @@ class Relay:
                 "state": st.state.value,
                 "warmup_day": st.day if ip.warmup is not None else None,
                 "cap": st.cap,
-                "sent": await self.router.sent(ip, now) if ip.warmup is not None else None,
+                "sent": await self._sent(ip, now) if ip.warmup is not None else None,
                 "up": not self.router.is_down(address, now),
             }
             control = self.router.control(address)
@@ -174,8 +227,9 @@ class Relay:
             "version": __version__,
             "time": now.isoformat(),
             "ips": ips,
+            "counters": {"backend": _redact(self.config.state.counters), "up": self.counters_up},
             "spool": {
-                "messages": len(self.spool),
+                "messages": self.spool_size(),
                 "ready": self.scheduler.ready,
                 "deferred": self.scheduler.deferred,
             },
@@ -207,26 +261,57 @@ class Relay:
         return json_page(await self.status())
 
     async def _health_page(self) -> tuple[int, str, bytes]:
+        if not self.counters_up:  # still delivering (via the pool): degraded, not down
+            return 200, "text/plain", b"degraded: counters store unreachable\n"
         return 200, "text/plain", b"ok\n"
 
     async def _metrics_page(self) -> tuple[int, str, bytes]:
+        await self.update_gauges()
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
+
+    async def update_gauges(self) -> None:
+        """Gauges that mirror counters and state are set just before a scrape."""
         m = self.metrics
-        for ip in (await self.status())["ips"]:
+        status = await self.status()
+        for ip in status["ips"]:
             a = ip["address"]
             if ip["warmup_day"] is not None:
                 day = ip["warmup_day"] if ip["state"] != WarmupState.NOT_STARTED.value else 0
                 m.warmup_day.labels(a).set(day)
                 m.warmup_cap.labels(a).set(-1 if ip["cap"] is None else ip["cap"])
-                m.warmup_sent.labels(a).set(ip["sent"])
+                if ip["sent"] is not None:
+                    m.warmup_sent.labels(a).set(ip["sent"])
             m.ip_up.labels(a).set(1 if ip["up"] else 0)
             for provider in self.router.control(a).suspended:
                 m.suspended.labels(a, provider).set(1 if provider in ip["suspended"] else 0)
-        m.spool_messages.set(len(self.spool))
-        return 200, "text/plain; version=0.0.4; charset=utf-8", m.render()
+        m.spool_messages.set(status["spool"]["messages"])
+        m.counters_up.set(1 if self.counters_up else 0)
 
 
-def run(config: Config) -> int:
-    """The ``serve`` command: run until SIGTERM or SIGINT."""
+@dataclass(frozen=True)
+class Worker:
+    """This process is worker ``index`` of ``count`` (``serve --workers``)."""
+
+    index: int
+    count: int
+    ports: tuple[int, ...]  # the listeners' ports, resolved by the supervisor
+
+
+def spool_dir(state_dir: Path, index: int) -> Path:
+    """Worker 0 (and a single process) uses state.dir/spool; worker i, spool-i."""
+    return state_dir / ("spool" if index == 0 else f"spool-{index}")
+
+
+def _redact(url: str) -> str:
+    """A counters URL without its password (it may carry one)."""
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+def run(config: Config, worker: Worker | None = None) -> int:
+    """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
@@ -238,9 +323,10 @@ def run(config: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
-        relay = Relay(config)
+        relay = Relay(config, worker=worker)
         if relay.tls is not None:
             loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
+        loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)
         await relay.serve(shutdown)
 
     try:

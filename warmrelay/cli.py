@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -253,9 +254,24 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from warmrelay.app import run  # imported late: check-config needs none of the I/O stack
+    # imported late: check-config needs none of the I/O stack
+    from warmrelay.supervisor import supervise, worker_from_env
 
     config = _load_or_exit(args.config)
+    worker = worker_from_env()
+    if worker is not None:  # started by a supervisor
+        from warmrelay.app import Worker, run
+
+        return run(config, Worker(*worker))
+    if args.workers > 1:
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return supervise(config, args.config, args.workers)
+    from warmrelay.app import run
+
     return run(config)
 
 
@@ -277,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("serve", help="run the relay")
     p.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="relay processes sharing the listening ports (default 1; one per core)",
+    )
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("-c", "--config", required=True)

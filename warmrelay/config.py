@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -142,6 +143,7 @@ class ListenerConfig(_Frozen):
     tls: Literal["none", "starttls", "implicit"] | None = None  # None: starttls if smtp.tls
     require_auth: bool = False  # even clients from allow_networks must authenticate
     auth_without_tls: bool = False  # offer AUTH in clear text (only for loopback setups)
+    proxy_protocol: bool = False  # behind a TCP load balancer: PROXY v1/v2 header required
 
 
 class TlsConfig(_Frozen):
@@ -203,9 +205,12 @@ class StateConfig(_Frozen):
     def _known_backend(cls, value: str) -> str:
         if value in ("sqlite", "memory"):
             return value
-        if value.startswith(("redis://", "rediss://")):
-            raise ValueError("the redis backend is not available in this version; use sqlite")
-        raise ValueError(f"{value!r} is not a counters backend (sqlite or memory)")
+        if value.startswith(("redis://", "rediss://", "unix://")):
+            parsed = urlparse(value)
+            if value.startswith("unix://") or parsed.hostname:
+                return value
+            raise ValueError(f"{value!r}: a redis URL needs a host (redis://host:6379/0)")
+        raise ValueError(f"{value!r} is not a counters backend (sqlite, memory or redis://...)")
 
 
 class DnsConfig(_Frozen):

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, AnyStr
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from warmrelay.auth import Authenticator, AuthGuard
@@ -27,6 +28,8 @@ from warmrelay.metrics import Metrics
 from warmrelay.spool import Spool, SpooledMessage
 
 log = logging.getLogger("warmrelay.listener")
+
+PROXY_TIMEOUT_S = 10.0  # a load balancer sends its PROXY header at once
 
 # aiosmtpd answers some errors itself, without enhanced status codes (RFC 3463).
 _ENHANCED = {
@@ -230,6 +233,15 @@ class RelayHandler:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._allowed)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
+    ) -> bool:
+        """A well-formed PROXY header (v1 or v2): the real client is its source address."""
+        if proxy.src_addr is None:  # PROXY "LOCAL"/UNKNOWN: the balancer's own health check
+            return proxy.valid
+        log.debug("PROXY: client %s via %s", proxy.src_addr, session.peer)
+        return proxy.valid
+
     async def handle_EHLO(
         self,
         server: SMTP,
@@ -345,6 +357,11 @@ class RelayHandler:
 
 
 def _peer_ip(session: Session) -> str:
+    """The client's address: from the PROXY header behind a load balancer, else the socket."""
+    proxy = session.proxy_data
+    if proxy is not None and proxy.src_addr is not None:
+        src = proxy.src_addr
+        return src.decode() if isinstance(src, bytes) else str(src)
     peer = session.peer
     return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
 
@@ -380,6 +397,7 @@ def make_protocol(
             tls_context=tls_context if tls == "starttls" else None,
             auth_required=listener.require_auth,
             auth_require_tls=not in_clear_ok,
+            proxy_protocol_timeout=PROXY_TIMEOUT_S if listener.proxy_protocol else None,
         )
 
     return factory

@@ -1,5 +1,9 @@
 """Prometheus collectors, all in one place, on a registry of the relay's own.
 
+With ``serve --workers`` every process writes its values to files under
+PROMETHEUS_MULTIPROC_DIR and the supervisor serves their sum (``livesum``)
+or the latest value (``mostrecent``) per gauge.
+
 A registry per relay (not the global default) keeps several relays in one
 test process apart. Gauges that mirror counters (warmup day, cap, sent) are
 set just before each scrape, from the same code that routes.
@@ -7,7 +11,7 @@ set just before each scrape, from the same code that routes.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
 
 
 class Metrics:
@@ -18,24 +22,28 @@ class Metrics:
             "warmrelay_warmup_day",
             "Warmup day of the IP (1 = start date; 0 = not started)",
             ["ip"],
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.warmup_cap = Gauge(
             "warmrelay_warmup_cap",
             "Recipients the warming IP may send today (-1 = no cap)",
             ["ip"],
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.warmup_sent = Gauge(
             "warmrelay_warmup_sent",
             "Recipients counted against the IP's cap today",
             ["ip"],
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.ip_up = Gauge(
             "warmrelay_ip_up",
             "1 if the source IP can be used, 0 if marked down",
             ["ip"],
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.routed = Counter(
@@ -54,6 +62,7 @@ class Metrics:
             "warmrelay_suspended",
             "1 while a warming IP is suspended for a provider after throttling",
             ["ip", "provider"],
+            multiprocess_mode="mostrecent",
             registry=r,
         )
         self.held = Counter(
@@ -78,11 +87,23 @@ class Metrics:
             "Messages refused with 451 because the spool failed",
             registry=r,
         )
+        self.counters_up = Gauge(
+            "warmrelay_counters_up",
+            "1 if the counters store answers; 0: warming IPs pause, mail goes via the pool",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
         self.smtp_sessions = Gauge(
-            "warmrelay_smtp_sessions", "SMTP client sessions open now", registry=r
+            "warmrelay_smtp_sessions",
+            "SMTP client sessions open now",
+            multiprocess_mode="livesum",
+            registry=r,
         )
         self.spool_messages = Gauge(
-            "warmrelay_spool_messages", "Messages in the spool (not yet finished)", registry=r
+            "warmrelay_spool_messages",
+            "Messages in the spool (not yet finished)",
+            multiprocess_mode="mostrecent",
+            registry=r,
         )
         self.dsn_sent = Counter(
             "warmrelay_dsn", "Delivery status notifications generated", registry=r
@@ -90,3 +111,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def render_all_processes(directory: str) -> bytes:
+    """The metrics of every worker process, merged (the supervisor's /metrics)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

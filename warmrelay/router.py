@@ -12,8 +12,10 @@ persisted through the counters' value store, which is its only I/O.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from warmrelay.config import Config, IPConfig
 from warmrelay.control import IPControl, Suspension, advances, next_cooldown
 from warmrelay.counters import CounterKey, Counters, Limit
 from warmrelay.eligibility import Eligibility, Traffic
+from warmrelay.errors import CounterError
 from warmrelay.schedule import (
     Caps,
     WarmupPlan,
@@ -32,6 +35,8 @@ from warmrelay.schedule import (
     next_window_start,
     status_for_day,
 )
+
+log = logging.getLogger("warmrelay.router")
 
 
 class RouteReason(enum.Enum):
@@ -88,6 +93,7 @@ class RoutePlan:
 
 
 NO_POOL_RETRY = timedelta(minutes=1)
+STORE_RETRY = timedelta(seconds=30)  # held mail retried this soon while the store is down
 CONTROL_RELOAD_S = 30.0  # re-read pause/progress state so a fleet converges
 
 
@@ -171,17 +177,24 @@ class Router:
 
     # -- state kept in the store ---------------------------------------------------
 
+    def reload_soon(self) -> None:
+        """Re-read control state at the next routing (a supervisor changed it: SIGUSR1)."""
+        self._loaded_at = float("-inf")
+
     async def refresh(self, now: datetime) -> None:
         """Reload control state now and then, and advance ``progress: results`` IPs."""
-        if time.monotonic() - self._loaded_at >= CONTROL_RELOAD_S:
-            for address in self._control:
-                text = await self._counters.get_value(f"ip:{address}")
-                self._control[address] = IPControl.loads(text)
-            self._loaded_at = time.monotonic()
-        today = now.astimezone(self._zone).date()
-        for ip in self.ips:
-            if ip.warmup is not None and ip.warmup.progress == "results":
-                await self._advance(ip, today)
+        try:
+            if time.monotonic() - self._loaded_at >= CONTROL_RELOAD_S:
+                for address in self._control:
+                    text = await self._counters.get_value(f"ip:{address}")
+                    self._control[address] = IPControl.loads(text)
+                self._loaded_at = time.monotonic()
+            today = now.astimezone(self._zone).date()
+            for ip in self.ips:
+                if ip.warmup is not None and ip.warmup.progress == "results":
+                    await self._advance(ip, today)
+        except CounterError:
+            pass  # the store is down: keep the state we have; warming IPs pause anyway
 
     async def _advance(self, ip: IPConfig, today: date) -> None:
         """Judge each finished day: the next warmup day begins only after a day that used
@@ -214,7 +227,10 @@ class Router:
             await self._save(address)
 
     async def _save(self, address: str) -> None:
-        await self._counters.set_value(f"ip:{address}", self._control[address].dumps())
+        try:
+            await self._counters.set_value(f"ip:{address}", self._control[address].dumps())
+        except CounterError as exc:  # kept in memory; written again with the next change
+            log.error("cannot persist the state of %s: %s", address, exc)
 
     async def pause(self, address: str, now: datetime) -> None:
         self._control[address].pause(now.astimezone(self._zone).date())
@@ -238,7 +254,8 @@ class Router:
         cooldown = next_cooldown(c.suspended.get(key), now, base_s, max_s)
         c.suspended[key] = Suspension(now + timedelta(seconds=cooldown), cooldown, reason)
         throttle_key = self.counter_key(ip, now, "throttled")
-        await self._counters.reserve([Limit(throttle_key, 2**62)], n)
+        with contextlib.suppress(CounterError):  # progress may miss it; the suspension holds
+            await self._counters.reserve([Limit(throttle_key, 2**62)], n)
         await self._save(address)
         return c.suspended[key]
 
@@ -274,7 +291,11 @@ class Router:
                     Limit(CounterKey(address, lim.window, lim.scope), lim.cap)
                     for lim in caps.limits
                 ]
-                granted = await self._counters.reserve(limits, remaining)
+                try:
+                    granted = await self._counters.reserve(limits, remaining)
+                except CounterError:  # no count, no send: never over a cap
+                    more_room_at = min(more_room_at, now + STORE_RETRY)
+                    continue
                 if granted:
                     keys = tuple(lim.key for lim in limits)
                     parts.append(Route(ip, granted, RouteReason.WARMUP, keys))
@@ -290,7 +311,10 @@ class Router:
     async def release(self, route: Route, n: int) -> None:
         """Give back reservations for recipients whose connection never opened."""
         if route.reserved and n:
-            await self._counters.release(route.reserved, n)
+            try:
+                await self._counters.release(route.reserved, n)
+            except CounterError as exc:  # the count stays high: safe, never over the cap
+                log.error("cannot release %d reserved for %s: %s", n, route.address, exc)
 
     def _overflow(
         self, n: int, now: datetime, warming_in_play: bool, more_room_at: datetime

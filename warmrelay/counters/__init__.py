@@ -2,7 +2,8 @@
 
 One interface, several backends: memory (tests, simulation), SQLite (the
 embedded default; survives restarts and is shared by the relay processes of
-one host). Use ``open_counters`` to get the one the configuration names.
+one host), Redis (a fleet of relays sharing one budget). Use ``open_counters``
+to get the one the configuration names.
 """
 
 from __future__ import annotations
@@ -22,4 +23,8 @@ def open_counters(backend: str, state_dir: Path) -> Counters:
         return MemoryCounters()
     if backend == "sqlite":
         return SqliteCounters(state_dir / "counters.sqlite3")
+    if backend.startswith(("redis://", "rediss://", "unix://")):
+        from warmrelay.counters.redis import RedisCounters  # only fleets need redis-py
+
+        return RedisCounters(backend)
     raise ValueError(f"unknown counters backend {backend!r}")
