@@ -82,6 +82,7 @@ async def test_sigterm_drains_and_keeps_the_rest_spooled(tmp_path: Path) -> None
     assert len(acked) == 40
     await sink.wait_for(1)
     assert await relay.terminate() == 0  # SIGTERM: graceful
+    assert not any(" INFO mail.log" in line for line in relay.log)  # no per-command lines
     stopped = [line for line in relay.log if "remain spooled" in line]
     assert stopped, relay.log[-5:]
     remaining = int(re.search(r"; (\d+) message", stopped[0]).group(1))  # type: ignore[union-attr]

@@ -166,3 +166,24 @@ async def test_proxy_protocol_v2_decides_with_the_real_client(tmp_path: Path, si
                 hostname="127.0.0.1", port=relay.smtp_ports[0], timeout=15
             ).connect()  # no header: refused
         lb.close()
+
+
+async def test_spools_of_former_workers_are_recovered(tmp_path: Path, sink: Sink) -> None:
+    """Mail spooled by 3 workers is delivered by a single process started afterwards."""
+    dead = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    dead_port = dead.sockets[0].getsockname()[1]
+    state = {"dir": str(tmp_path / "state")}
+    doc = relay_doc(tmp_path, dead_port, state=state, delivery={"retry_first_s": 3600})
+    workers = await RelayProcess(doc, tmp_path, "--workers", "3", name="three").start()
+    await blast([workers.smtp_port], 30, sessions_per_port=15)
+    assert await workers.terminate() == 0
+    dead.close()
+    spools = sorted(p.name for p in (tmp_path / "state").glob("spool*"))
+    assert spools == ["spool", "spool-1", "spool-2"]
+    single = await RelayProcess(
+        relay_doc(tmp_path, sink.port, state=state), tmp_path, name="one"
+    ).start()
+    await sink.wait_for(30)
+    assert await single.terminate() == 0
+    assert len({m.rcpts[0] for m in sink.messages}) == 30
+    assert any("adopted the spool" in line for line in single.log)

@@ -199,18 +199,27 @@ async def test_require_auth_listener_refuses_allowed_networks(
 
 
 async def test_connection_limit_per_client(tmp_path: Path, sink: Sink) -> None:
-    config = relay_config(tmp_path, sink.port, smtp={"max_connections_per_client": 2})
+    config = relay_config(
+        tmp_path,
+        sink.port,
+        smtp={"max_connections_per_client": 2, "allow_networks": ["127.0.0.1/32"]},
+    )
     async with running(config) as relay:
         port = relay.smtp_ports[0]
-        held = [aiosmtplib.SMTP(hostname="127.0.0.1", port=port) for _ in range(2)]
+
+        def from_(ip: str) -> aiosmtplib.SMTP:
+            return aiosmtplib.SMTP(hostname="127.0.0.1", port=port, source_address=(ip, 0))
+
+        held = [from_("127.0.0.9") for _ in range(2)]
         for c in held:
             await c.connect()
         with pytest.raises(aiosmtplib.SMTPConnectResponseError) as refused:
-            await aiosmtplib.SMTP(hostname="127.0.0.1", port=port).connect()
+            await from_("127.0.0.9").connect()
         assert refused.value.code == 421
-        other = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, source_address=("127.0.0.5", 0))
-        await other.connect()  # another client still gets in
-        for c in [*held, other]:
+        others = [from_("127.0.0.5"), *(from_("127.0.0.1") for _ in range(4))]
+        for c in others:  # another client still gets in; allowed networks are exempt
+            await c.connect()
+        for c in [*held, *others]:
             await c.quit()
 
 

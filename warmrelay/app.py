@@ -88,7 +88,9 @@ class Relay:
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start()
-        handler = RelayHandler(self.config, self.spool, self.scheduler.accept, self.metrics)
+        handler = RelayHandler(
+            self.config, self.spool, self.scheduler.accept, self.metrics, self.scheduler.admit
+        )
         loop = asyncio.get_running_loop()
         tls_ctx = self.tls.context if self.tls is not None else None
         if self.tls is not None:
@@ -310,13 +312,23 @@ def _redact(url: str) -> str:
     return url
 
 
-def run(config: Config, worker: Worker | None = None) -> int:
-    """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
+def setup_logging() -> None:
+    """One line per event on stderr. aiosmtpd logs every command at INFO ("mail.log"): that
+    is a debugging aid costing a fifth of the CPU under load, so only its warnings pass."""
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.logThreads = False  # fields our format does not show: skip collecting them
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+
+
+def run(config: Config, worker: Worker | None = None) -> int:
+    """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
+    setup_logging()
 
     async def main() -> None:
         shutdown = asyncio.Event()

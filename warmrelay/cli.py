@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -264,11 +263,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run(config, Worker(*worker))
     if args.workers > 1:
-        logging.basicConfig(
-            level=logging.INFO,
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        from warmrelay.app import setup_logging
+
+        setup_logging()
         return supervise(config, args.config, args.workers)
     from warmrelay.app import run
 

@@ -13,6 +13,7 @@ original's recipients are marked done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,9 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
+        self._room = asyncio.Event()  # set while the ready queue is short enough to take more
+        self._room.set()
+        self._backlog_limit = config.delivery.concurrency
 
     # -- intake ---------------------------------------------------------------
 
@@ -166,6 +170,16 @@ class Scheduler:
             self._ready.put_nowait(Delivery(message.queue_id, domain, tuple(indices), attempts))
         self._metrics.spool_messages.set(len(self._messages))
 
+    async def admit(self, max_wait_s: float = 1.0) -> None:
+        """Inflow control (as Postfix's in_flow_delay): while more deliveries wait than the
+        workers can start, a new message waits up to ``max_wait_s`` before it is accepted,
+        so intake cannot outrun delivery and time from 250 to delivery stays short."""
+        if self._ready.qsize() <= self._backlog_limit:
+            return
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), max_wait_s)
+
     @property
     def messages(self) -> int:
         return len(self._messages)
@@ -205,6 +219,8 @@ class Scheduler:
             delivery = await self._ready.get()
             if self._stopping:
                 return
+            if not self._room.is_set() and self._ready.qsize() <= self._backlog_limit:
+                self._room.set()
             self._busy += 1
             self._idle.clear()
             try:

@@ -362,12 +362,20 @@ class Spool:
         self._discard(queue_id)
 
     def _discard(self, queue_id: str) -> None:
+        """Unlink on the spool's threads, off the event loop: nothing waits for a delete, and
+        one that a crash undoes only means a duplicate delivery, never a loss."""
         self._messages.pop(queue_id, None)
-        try:
-            for ext in ("msg", "state"):
+        if self._pool is not None and not self._closed:
+            self._pool.submit(self._unlink, queue_id)
+        else:
+            self._unlink(queue_id)
+
+    def _unlink(self, queue_id: str) -> None:
+        for ext in ("msg", "state"):
+            try:
                 (self.queue / f"{queue_id}.{ext}").unlink(missing_ok=True)
-        except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot remove {queue_id}: {exc.strerror}") from exc
+            except OSError as exc:
+                log.error("cannot remove %s.%s from the spool: %s", queue_id, ext, exc)
 
     def _known(self, queue_id: str) -> SpooledMessage:
         if queue_id not in self._messages:
