@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.errors import CounterError
 from warmrelay.listener import RelayHandler, make_protocol
+from warmrelay.logs import setup_logging
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
 from warmrelay.router import Router
@@ -310,20 +310,6 @@ def _redact(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
-
-
-def setup_logging() -> None:
-    """One line per event on stderr. aiosmtpd logs every command at INFO ("mail.log"): that
-    is a debugging aid costing a fifth of the CPU under load, so only its warnings pass."""
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.logThreads = False  # fields our format does not show: skip collecting them
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
 
 
 def run(config: Config, worker: Worker | None = None) -> int:

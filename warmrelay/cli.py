@@ -263,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run(config, Worker(*worker))
     if args.workers > 1:
-        from warmrelay.app import setup_logging
+        from warmrelay.logs import setup_logging
 
         setup_logging()
         return supervise(config, args.config, args.workers)

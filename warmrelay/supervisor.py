@@ -52,6 +52,8 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
     metrics_dir = config.state.dir / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before the supervisor set it up")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
     from warmrelay.app import Relay
