@@ -202,6 +202,13 @@ def box_cpu() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
+def other_cpu_pct(
+    box0: tuple[int, int], box1: tuple[int, int], wall_s: float, ours_s: list[float]
+) -> float:
+    busy_s = (box1[0] - box0[0]) / CLK_TCK
+    return round(100.0 * max(0.0, busy_s - sum(ours_s)) / max(1e-9, wall_s), 1)
+
+
 def pct(sorted_vals: list[int], p: float) -> int | None:
     if not sorted_vals:
         return None
@@ -450,6 +457,7 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
             await sink.cmd("RESET")
         tok = f"m{secrets.token_hex(3)}"
         cpu0, box0, sink0 = tree_cpu_s(relay.pid), box_cpu(), sink.cpu_s()
+        self0, wall0 = sum(os.times()[:2]), time.monotonic()
         if a.on_load_start:
             hook = await asyncio.create_subprocess_shell(
                 a.on_load_start.replace("{pid}", str(relay.pid))
@@ -462,6 +470,7 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
         finally:
             sampler.cancel()
         cpu1, box1, sink1 = tree_cpu_s(relay.pid), box_cpu(), sink.cpu_s()
+        self1, wall1 = sum(os.times()[:2]), time.monotonic()
         nprocs = len(tree_pids(relay.pid))
         hwm_kb = tree_status_kb(relay.pid, "VmHWM")  # sum of per-process peaks
         rss_kb = tree_status_kb(relay.pid, "VmRSS")
@@ -534,6 +543,19 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
         "workers": a.workers,
         "box_busy_pct": round(100.0 * (box1[0] - box0[0]) / max(1, box1[1] - box0[1]), 1),
         "loadgen_cpu_s": load["loadgen_cpu_s"],
+        # CPU used by everything else on the machine (other tests, builds...) during the run,
+        # in % of one core: if it is large, the run was disturbed
+        "other_cpu_pct_of_core": other_cpu_pct(
+            box0,
+            box1,
+            wall1 - wall0,
+            [
+                (cpu1 or 0) - (cpu0 or 0),
+                (sink1 or 0) - (sink0 or 0),
+                load["loadgen_cpu_s"],
+                self1 - self0,
+            ],
+        ),
         "sink_cpu_s": round(sink1 - sink0, 2) if sink0 is not None and sink1 is not None else None,
         "config": {k: cfg[k] for k in ("ips",)} | {"delivery": cfg.get("delivery", {})},
         "relay_log": str(log_path),
@@ -567,8 +589,10 @@ def print_run(r: dict[str, Any]) -> None:
         f"{r['relay_rss_peak_load_mb']} MB), CPU {r['relay_cpu_s']} s "
         f"({r['relay_cpu_ms_per_msg']} ms/msg), exit {r['relay_exit']}; box busy "
         f"{r['box_busy_pct']}%, loadgen CPU {r['loadgen_cpu_s']} s, sink CPU "
-        f"{r['sink_cpu_s']} s"
+        f"{r['sink_cpu_s']} s; others on the box {r['other_cpu_pct_of_core']}% of a core"
     )
+    if r["other_cpu_pct_of_core"] > 15:
+        print("   WARNING: other processes used the CPU during this run: it is disturbed")
     if r["failed_sample"]:
         print(f"   failures (sample): {r['failed_sample']}")
     if r["failed"] or r["missing"] or r["duplicates"]:
@@ -588,8 +612,8 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     lines = [
         "| sessions | runs | accepted msg/s | delivered msg/s | 250→sink p50 ms | "
         "250→sink p99 ms | received/expected | dups | source IPs | VmHWM MB | RSS load MB | "
-        "relay CPU ms/msg | box busy % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "relay CPU ms/msg | box busy % | others % of a core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by: dict[int, list[dict[str, Any]]] = {}
     for r in runs:
@@ -602,7 +626,8 @@ def summarize(runs: list[dict[str, Any]]) -> str:
             f"{sum(r['received'] for r in rs)}/{sum(r['expected'] for r in rs)} | "
             f"{sum(r['duplicates'] for r in rs)} | {', '.join(ips)} | {mr('relay_vmhwm_mb', rs)} | "
             f"{mr('relay_rss_peak_load_mb', rs)} | "
-            f"{mr('relay_cpu_ms_per_msg', rs)} | {mr('box_busy_pct', rs)} |"
+            f"{mr('relay_cpu_ms_per_msg', rs)} | {mr('box_busy_pct', rs)} | "
+            f"{mr('other_cpu_pct_of_core', rs)} |"
         )
     return "\n".join(lines)
 
