@@ -386,3 +386,21 @@ async def test_invalid_utf8_address_and_8bit_without_8bitmime(tmp_path: Path, si
         writer.close()
         (msg,) = await sink.wait_for(1)
     assert msg.data.endswith(b"na\xc3\xafve\r\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "bare"),
+    [
+        (b"a\r\nb\r\n", False),
+        (b"", False),
+        (b"a\nb\r\n", True),
+        (b"a\rb\r\n", True),
+        (b"a\r\r\n", True),
+        (b"a\r\n\n", True),
+        (b"\r\n.\r\n", False),
+    ],
+)
+def test_bare_newline_detection(content: bytes, bare: bool) -> None:
+    from warmrelay.listener import _has_bare_newline
+
+    assert _has_bare_newline(content) is bare

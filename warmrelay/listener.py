@@ -341,7 +341,7 @@ class RelayHandler:
         peer = _peer_ip(session)
         if b"\0" in content:
             return "554 5.6.0 Message contains NUL characters"
-        if _BARE_NEWLINE.search(content):
+        if _has_bare_newline(content):
             # A lone CR or LF lets "<LF>.<LF>" end a message early at a receiver that
             # takes it for a line end (SMTP smuggling): refuse, or make every one CRLF.
             if self.config.smtp.bare_newlines == "reject":
@@ -391,6 +391,15 @@ class RelayHandler:
             f"\t{date}\r\n"
         )
         return header.encode("utf-8", "surrogateescape")
+
+
+def _has_bare_newline(content: bytes) -> bool:
+    """A CR or LF not part of a CRLF pair. Counting in C is ~10x faster than the regex on
+    clean mail; the regex only confirms when the counts disagree."""
+    pairs = content.count(b"\r\n")
+    if content.count(b"\n") == pairs and content.count(b"\r") == pairs:
+        return False
+    return _BARE_NEWLINE.search(content) is not None
 
 
 def _peer_ip(session: Session) -> str:
