@@ -25,6 +25,7 @@ class RelayProcess:
         self.smtp_port = 0
         self.admin_port = 0
         self.log: list[str] = []
+        self._new_line = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 30.0) -> RelayProcess:
@@ -47,11 +48,27 @@ class RelayProcess:
         assert self.proc is not None and self.proc.stderr is not None
         async for line in self.proc.stderr:
             self.log.append(line.decode(errors="replace"))
+            self._new_line.set()
             m = READY.search(line)
             if m and not ready.done():
                 ready.set_result((int(m.group(1)), int(m.group(2))))
         if not ready.done():
             ready.set_exception(RuntimeError("relay exited:\n" + "".join(self.log[-20:])))
+
+    async def wait_for_line(self, text: str, timeout_s: float = 30.0) -> str:
+        """Wait (event-driven) until the relay logs a line containing ``text``."""
+
+        async def until() -> str:
+            seen = 0
+            while True:
+                for line in self.log[seen:]:
+                    if text in line:
+                        return line
+                seen = len(self.log)
+                self._new_line.clear()
+                await self._new_line.wait()
+
+        return await asyncio.wait_for(until(), timeout_s)
 
     async def kill(self) -> None:
         assert self.proc is not None

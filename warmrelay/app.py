@@ -19,10 +19,10 @@ from urllib.parse import urlparse
 
 from warmrelay import __version__
 from warmrelay.admin import AdminServer, json_page
-from warmrelay.config import Config, IPConfig
+from warmrelay.config import Config, IPConfig, load_config
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
-from warmrelay.errors import CounterError
+from warmrelay.errors import ConfigError, CounterError
 from warmrelay.listener import RelayHandler, make_protocol
 from warmrelay.logs import setup_logging
 from warmrelay.metrics import Metrics
@@ -66,6 +66,7 @@ class Relay:
             {"/ips/": self._ip_action},
         )
         self._servers: list[asyncio.Server] = []
+        self.handler: RelayHandler | None = None
         tls = config.smtp.tls
         self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
         token_env = config.admin.token_env
@@ -88,7 +89,7 @@ class Relay:
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start()
-        handler = RelayHandler(
+        handler = self.handler = RelayHandler(
             self.config, self.spool, self.scheduler.accept, self.metrics, self.scheduler.admit
         )
         loop = asyncio.get_running_loop()
@@ -122,6 +123,58 @@ class Relay:
             else "off",
             len(self.config.ips),
         )
+
+    async def reload(self, path: str | Path) -> bool:
+        """SIGHUP: read the configuration file again. A file with errors changes nothing
+        (each error is logged); a good one applies at once, except the parts that need a
+        restart (listeners, admin, state, TLS files, delivery.concurrency): those keep
+        running as they are, with a log line saying so."""
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            log.error(
+                "reload: %s has %d error(s); the running configuration stays",
+                path,
+                len(exc.problems),
+            )
+            for problem in exc.problems:
+                log.error("reload:   %s", problem)
+            return False
+        old = self.config
+        fixed = {
+            "smtp.listen": new.smtp.listen == old.smtp.listen,
+            "smtp.tls": new.smtp.tls == old.smtp.tls,
+            "admin": new.admin == old.admin,
+            "state": new.state == old.state,
+            "delivery.concurrency": new.delivery.concurrency == old.delivery.concurrency,
+        }
+        if not all(fixed.values()):
+            log.warning(
+                "reload: %s change only with a restart; running as before",
+                ", ".join(k for k, same in fixed.items() if not same),
+            )
+        delivery = new.delivery.model_copy(update={"concurrency": old.delivery.concurrency})
+        smtp = new.smtp.model_copy(update={"listen": old.smtp.listen, "tls": old.smtp.tls})
+        applied = new.model_copy(
+            update={"smtp": smtp, "admin": old.admin, "state": old.state, "delivery": delivery}
+        )
+        router = Router(applied, self.counters)
+        router.carry_over(self.router)
+        self.resolver = NextHopResolver(
+            routes=applied.routes,
+            nameservers=applied.dns.nameservers,
+            timeout_s=applied.dns.timeout_s,
+            mx_port=applied.delivery.mx_port,
+        )
+        self.router, self.config = router, applied
+        self.dispatcher.configure(applied.delivery)
+        self.scheduler.configure(applied, router, self.resolver)
+        if self.handler is not None:
+            self.handler.configure(applied)
+        if self.tls is not None:
+            self.tls.reload()
+        log.info("reload: %s applied (%d IPs)", path, len(applied.ips))
+        return True
 
     async def _adopt_orphans(self) -> list[RecoveredMessage]:
         """Spools of workers that no longer exist (fewer --workers than before): move their
@@ -312,7 +365,7 @@ def _redact(url: str) -> str:
     return url
 
 
-def run(config: Config, worker: Worker | None = None) -> int:
+def run(config: Config, worker: Worker | None = None, path: str | None = None) -> int:
     """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
     setup_logging()
 
@@ -322,7 +375,12 @@ def run(config: Config, worker: Worker | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
         relay = Relay(config, worker=worker)
-        if relay.tls is not None:
+        reloads: set[asyncio.Task[bool]] = set()
+        if path is not None:  # SIGHUP: reload the configuration (and the TLS certificate)
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: reloads.add(loop.create_task(relay.reload(path)))
+            )
+        elif relay.tls is not None:
             loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
         loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)
         await relay.serve(shutdown)

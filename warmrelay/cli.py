@@ -261,7 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if worker is not None:  # started by a supervisor
         from warmrelay.app import Worker, run
 
-        return run(config, Worker(*worker))
+        return run(config, Worker(*worker), args.config)
     if args.workers > 1:
         from warmrelay.logs import setup_logging
 
@@ -269,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return supervise(config, args.config, args.workers)
     from warmrelay.app import run
 
-    return run(config)
+    return run(config, path=args.config)
 
 
 def _load_or_exit(path: str) -> Config:

@@ -116,6 +116,10 @@ class Dispatcher:
             self._pools[key] = pool
         return pool
 
+    def configure(self, config: DeliveryConfig) -> None:
+        """A reloaded configuration: timeouts and TLS policy apply to new connections."""
+        self._config = config
+
     def endpoint(self, source: IPConfig) -> Endpoint:
         """Deliver from a source IP of ours, greeting with its helo."""
         return Endpoint(str(source.address), source.helo, self._config.starttls)

@@ -245,19 +245,23 @@ class RelayHandler:
         metrics: Metrics,
         admit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self.config = config
         self.spool = spool
         self.submit = submit
         self.metrics = metrics
         self.admit = admit
-        self._allowed: Sequence[IPNetwork] = config.smtp.allow_networks
+        self.configure(config)
         self.limits = ConnectionLimits(
             config.smtp.max_connections, config.smtp.max_connections_per_client
         )
-        self.auth = Authenticator(config.smtp.users)
         self.guard = AuthGuard(
             config.smtp.max_auth_failures, config.smtp.auth_lockout_s, config.smtp.auth_tarpit_s
         )
+
+    def configure(self, config: Config) -> None:
+        """Take a (re)loaded configuration: relay networks, users, limits, names."""
+        self.config = config
+        self._allowed: Sequence[IPNetwork] = config.smtp.allow_networks
+        self.auth = Authenticator(config.smtp.users)
 
     def may_relay(self, peer: str) -> bool:
         try:
@@ -434,11 +438,11 @@ def make_protocol(
             handler,
             listener,
             tls,
-            hostname=config.smtp.hostname,
-            data_size_limit=config.smtp.max_message_bytes,
+            hostname=handler.config.smtp.hostname,  # the handler's: follows reloads
+            data_size_limit=handler.config.smtp.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=config.smtp.timeout_s,
+            timeout=handler.config.smtp.timeout_s,
             ident="warmrelay ESMTP",
             tls_context=tls_context if tls == "starttls" else None,
             auth_required=listener.require_auth,

@@ -177,6 +177,11 @@ class Router:
 
     # -- state kept in the store ---------------------------------------------------
 
+    def carry_over(self, old: Router) -> None:
+        """After a configuration reload: keep what the old router learned at run time."""
+        self._down_until = dict(old._down_until)
+        self._rr_weights = dict(old._rr_weights)
+
     def reload_soon(self) -> None:
         """Re-read control state at the next routing (a supervisor changed it: SIGUSR1)."""
         self._loaded_at = float("-inf")

@@ -82,14 +82,31 @@ class Scheduler:
         metrics: Metrics,
         clock: Clock = utc_now,
     ) -> None:
-        self._config = config
-        self._delivery = config.delivery
         self._spool = spool
-        self._router = router
-        self._resolver = resolver
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._clock = clock
+        self.configure(config, router, resolver)
+        self._messages: dict[str, _Message] = {}
+        self._cache: dict[str, bytes] = {}  # bytes of fresh messages: no re-read from disk
+        self._cache_bytes = 0
+        self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._room = asyncio.Event()  # set while the ready queue is short enough to take more
+        self._room.set()
+
+    def configure(self, config: Config, router: Router, resolver: NextHopResolver) -> None:
+        """Take a (re)loaded configuration: everything derived from it is rebuilt here.
+        Messages, queues and timers are kept; ``delivery.concurrency`` needs a restart."""
+        self._config = config
+        self._delivery = config.delivery
+        self._router = router
+        self._resolver = resolver
         self._throttle = ThrottleRules(config.throttle.patterns)
         self._header_names = {
             ip.warmup.eligible.header[0]
@@ -117,18 +134,6 @@ class Scheduler:
         self._providers = provider_map(
             {name: (p.mx, p.domains) for name, p in config.providers.items()}
         )
-        self._messages: dict[str, _Message] = {}
-        self._cache: dict[str, bytes] = {}  # bytes of fresh messages: no re-read from disk
-        self._cache_bytes = 0
-        self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
-        self._timers: set[asyncio.TimerHandle] = set()
-        self._workers: list[asyncio.Task[None]] = []
-        self._busy = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._stopping = False
-        self._room = asyncio.Event()  # set while the ready queue is short enough to take more
-        self._room.set()
         self._backlog_limit = config.delivery.concurrency
 
     # -- intake ---------------------------------------------------------------

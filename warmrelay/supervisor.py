@@ -106,6 +106,15 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def reload() -> None:  # SIGHUP: every worker re-reads the file, and so do we
+            for proc in procs.values():
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGHUP)
+            reloads.add(loop.create_task(relay.reload(config_path)))
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
         await relay.router.refresh(relay.clock())
         original = relay.ip_action
 
