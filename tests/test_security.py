@@ -404,3 +404,41 @@ def test_bare_newline_detection(content: bytes, bare: bool) -> None:
     from warmrelay.listener import _has_bare_newline
 
     assert _has_bare_newline(content) is bare
+
+
+ADDRESS_ARGS = [
+    "<a@b.c>",
+    "<a@b.c> SIZE=10 BODY=8BITMIME",
+    "<a.b+c@ex-ample.com>",
+    " <x@y.z>",
+    "<>",
+    "a@b.c",
+    "<a@b.c",
+    '<"q q"@b.c>',
+    "<@r.test:v@e.test>",
+    "<a@[127.0.0.1]>",
+    "<a..b@c.d>",
+    "<.a@c.d>",
+    "<a@b.c>junk",
+    "<é@b.c>",
+    "<a@-b.c>",
+    "<a@b.c.>",
+    "<a@b.c> ",
+    "<a b@c.d>",
+    "<a@b.c>\r",
+    "<a@b.c>\t SIZE=1",
+    "<" + "x" * 70 + "@b.c>",
+    "<a@b.c>>",
+    "<<a@b.c>",
+]
+
+
+@pytest.mark.parametrize("arg", ADDRESS_ARGS)
+def test_fast_address_parsing_agrees_with_aiosmtpd(arg: str) -> None:
+    from aiosmtpd.smtp import SMTP
+
+    from warmrelay.listener import RelaySMTP
+
+    fast, slow = RelaySMTP.__new__(RelaySMTP), RelaySMTP.__new__(RelaySMTP)
+    fast.local_part_limit = slow.local_part_limit = 0
+    assert RelaySMTP._getaddr(fast, arg) == SMTP._getaddr(slow, arg)
