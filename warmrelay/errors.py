@@ -44,9 +44,11 @@ class NextHopError(WarmrelayError):
     """The next hop of a domain could not be found.
 
     ``permanent`` is true when retrying cannot help (null MX, no such domain),
-    so the recipients bounce instead of waiting.
+    so the recipients bounce instead of waiting; ``status`` is the enhanced
+    status code (RFC 3463) the recipients get.
     """
 
-    def __init__(self, message: str, *, permanent: bool) -> None:
+    def __init__(self, message: str, *, permanent: bool, status: str | None = None) -> None:
         super().__init__(message)
         self.permanent = permanent
+        self.status = status or ("5.1.2" if permanent else "4.4.3")

@@ -138,7 +138,9 @@ class NextHopResolver:
         records: list[MX] = list(answer.rrset)
         mxs = sorted({(r.preference, r.exchange) for r in records if r.exchange != dns.name.root})
         if not mxs:
-            raise NextHopError(f"{name}: null MX: domain accepts no mail", permanent=True)
+            raise NextHopError(
+                f"{name}: null MX: domain accepts no mail", permanent=True, status="5.1.10"
+            )
         hosts = [(pref, exchange.to_text(omit_final_dot=True).lower()) for pref, exchange in mxs]
         results = await asyncio.gather(
             *(self._addresses(h) for _, h in hosts), return_exceptions=True

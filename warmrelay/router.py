@@ -273,10 +273,11 @@ class Router:
         await self.refresh(now)
         parts: list[Part] = []
         remaining = n
+        states = [self.status(ip, now).state for ip in self.ips]  # once per delivery
         warming = [
             ip
-            for ip in self.ips
-            if self.status(ip, now).state is WarmupState.WARMING and self._admits(ip, traffic)
+            for ip, state in zip(self.ips, states, strict=True)
+            if state is WarmupState.WARMING and self._admits(ip, traffic)
         ]
         more_room_at = next_window_start(now, self._zone)
         if warming:
@@ -306,7 +307,7 @@ class Router:
                     parts.append(Route(ip, granted, RouteReason.WARMUP, keys))
                     remaining -= granted
         if remaining:
-            parts.append(self._overflow(remaining, now, bool(warming), more_room_at))
+            parts.append(self._overflow(remaining, now, bool(warming), more_room_at, states))
         return RoutePlan(tuple(parts))
 
     def _admits(self, ip: IPConfig, traffic: Traffic | None) -> bool:
@@ -322,23 +323,24 @@ class Router:
                 log.error("cannot release %d reserved for %s: %s", n, route.address, exc)
 
     def _overflow(
-        self, n: int, now: datetime, warming_in_play: bool, more_room_at: datetime
+        self,
+        n: int,
+        now: datetime,
+        warming_in_play: bool,
+        more_room_at: datetime,
+        states: Sequence[WarmupState],
     ) -> Part:
         policy = self._config.overflow
         if warming_in_play and policy == "hold":
             return Hold(n, more_room_at, "warming IPs are at their cap")
         if warming_in_play and policy == "smarthost":
             return Smarthost(n)
-        pool = [
-            ip
-            for ip in self.ips
-            if self.status(ip, now).state is WarmupState.WARM
-            and not self.is_down(str(ip.address), now)
-        ]
+        warm = [ip for ip, st in zip(self.ips, states, strict=True) if st is WarmupState.WARM]
+        pool = [ip for ip in warm if not self.is_down(str(ip.address), now)]
         if not pool:
             if policy == "smarthost":
                 return Smarthost(n, RouteReason.POOL)
-            if not any(self.status(ip, now).state is WarmupState.WARM for ip in self.ips):
+            if not warm:
                 return Hold(n, next_window_start(now, self._zone), "no IP may send yet")
             return Hold(n, now + NO_POOL_RETRY, "every pool IP is down")
         reason = RouteReason.OVERFLOW if warming_in_play else RouteReason.POOL

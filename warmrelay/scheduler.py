@@ -64,7 +64,8 @@ class _Outcomes:
 
     done: list[tuple[int, Reply, str]] = field(default_factory=list)  # delivered
     failed: list[tuple[int, Reply, str]] = field(default_factory=list)  # bounced/expired
-    retry: list[tuple[int, Reply]] = field(default_factory=list)
+    retry: list[tuple[int, Reply]] = field(default_factory=list)  # deferred: backoff
+    reroute: list[tuple[int, Reply]] = field(default_factory=list)  # deferred: again now
 
 
 def domain_of(address: str) -> str:
@@ -271,18 +272,12 @@ class Scheduler:
         try:
             hops = await self._resolver.resolve(d.domain)
         except NextHopError as exc:
-            code, status = (550, "5.1.2") if exc.permanent else (451, "4.4.3")
-            reply = Reply(
-                Outcome.BOUNCED if exc.permanent else Outcome.DEFERRED,
-                code,
-                f"{status} {d.domain}: {exc}",
-                "",
-            )
-            if exc.permanent:
-                if "null MX" in str(exc):
-                    reply = Reply(Outcome.BOUNCED, 556, f"5.1.10 {d.domain}: {exc}", "")
+            if exc.permanent:  # RFC 7505: 556 for a null MX, else 550
+                code = 556 if exc.status == "5.1.10" else 550
+                reply = Reply(Outcome.BOUNCED, code, f"{exc.status} {d.domain}: {exc}", "")
                 out.failed = [(i, reply, "bounced") for i in indices]
             else:
+                reply = Reply(Outcome.DEFERRED, 451, f"{exc.status} {d.domain}: {exc}", "")
                 out.retry = [(i, reply) for i in indices]
             await self._record(d, out, ip="none", reason="", now=now)
             return
@@ -364,7 +359,6 @@ class Scheduler:
             return
         self._metrics.routed.labels(ip, part.reason.value).inc(len(chunk))
         out = _Outcomes()
-        throttled: list[int] = []
         for i, reply in zip(chunk, result.replies, strict=True):
             if reply.outcome is Outcome.DELIVERED:
                 out.done.append((i, reply, "delivered"))
@@ -375,41 +369,38 @@ class Scheduler:
                 and route.reason is RouteReason.WARMUP
                 and self._throttle.matches(reply.code, reply.text)
             ):
-                throttled.append(i)
-                self._log(d.queue_id, msg.rcpt_tos[i], ip, "warmup", "deferred", reply, msg, now)
+                out.reroute.append((i, reply))  # the router now avoids this IP for them
             else:
                 out.retry.append((i, reply))
-        if throttled and route is not None:
-            await self._suspend(d, route, provider, throttled, result.replies[0], now)
+        if out.reroute and route is not None:
+            await self._suspend(d.queue_id, route, provider, out.reroute, now)
         await self._record(d, out, ip=ip, reason=part.reason.value, now=now)
 
     async def _suspend(
         self,
-        d: Delivery,
+        queue_id: str,
         route: Route,
         provider: str,
-        idx: list[int],
-        reply: Reply,
+        throttled: Sequence[tuple[int, Reply]],
         now: datetime,
     ) -> None:
-        """A provider throttles a warming IP: suspend it there, retry these at once elsewhere."""
+        """A provider throttles a warming IP: suspend the IP for that provider."""
+        reply = throttled[0][1]
         text = f"{reply.code} {reply.text}".replace("\n", " ")[:200]
-        s = await self._router.throttled(route.source, provider, len(idx), now, text)
-        self._metrics.throttled.labels(route.address, provider).inc(len(idx))
-        self._metrics.deliveries.labels(route.address, "deferred").inc(len(idx))
+        s = await self._router.throttled(route.source, provider, len(throttled), now, text)
+        self._metrics.throttled.labels(route.address, provider).inc(len(throttled))
         log.warning(
             "%s: %s throttles %s (%s): suspended for %s until %s (cooldown %.0fs); "
             "%d recipient(s) retried now from the pool",
-            d.queue_id,
+            queue_id,
             provider,
             route.address,
             text,
             provider,
             s.until.isoformat(),
             s.cooldown_s,
-            len(idx),
+            len(throttled),
         )
-        self._ready.put_nowait(Delivery(d.queue_id, d.domain, tuple(idx), d.attempts, reply))
 
     # -- dispositions ---------------------------------------------------------
 
@@ -420,7 +411,7 @@ class Scheduler:
         msg = state.message
         for i, reply, disposition in (*out.done, *out.failed):
             self._log(d.queue_id, msg.rcpt_tos[i], ip, reason, disposition, reply, msg, now)
-        for i, reply in out.retry:
+        for i, reply in (*out.retry, *out.reroute):
             self._log(d.queue_id, msg.rcpt_tos[i], ip, reason, "deferred", reply, msg, now)
         if out.failed and not await self._notify(state, out.failed, now):
             out.retry += [(i, reply) for i, reply, _ in out.failed]  # DSN not stored: try later
@@ -433,6 +424,12 @@ class Scheduler:
                 self._spool.mark_done(d.queue_id, idx, disposition)
             state.pending.difference_update(idx)
             self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
+        if out.reroute:  # no backoff: routed afresh now, the router avoids what failed
+            self._metrics.deliveries.labels(ip, "deferred").inc(len(out.reroute))
+            again = tuple(i for i, _ in out.reroute)
+            self._ready.put_nowait(
+                Delivery(d.queue_id, d.domain, again, d.attempts, out.reroute[-1][1])
+            )
         if out.retry:
             self._metrics.deliveries.labels(ip, "deferred").inc(len(out.retry))
             attempts = d.attempts + 1

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from warmrelay import __version__
 from warmrelay.config import Config
@@ -60,17 +61,32 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
     from warmrelay.metrics import render_all_processes
 
     holders, ports = reserve_ports(config)
-    relay = Relay(config)  # not started: its router, counters and admin pages serve here
-    relay.spool_size = lambda: spool_files(config.state.dir)  # type: ignore[method-assign]
-
-    async def metrics_page() -> tuple[int, str, bytes]:
-        await relay.update_gauges()
-        body = render_all_processes(str(metrics_dir))
-        return 200, "text/plain; version=0.0.4; charset=utf-8", body
-
-    relay.admin._pages["/metrics"] = metrics_page
     procs: dict[int, asyncio.subprocess.Process] = {}
     stopping = asyncio.Event()
+
+    def signal_workers(sig: signal.Signals) -> None:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.send_signal(sig)
+
+    class SupervisorRelay(Relay):
+        """The supervisor's relay is never started: its router, counters and admin pages
+        serve the whole host (spool files of every worker, metrics merged from all)."""
+
+        def spool_size(self) -> int:
+            return spool_files(config.state.dir)
+
+        async def _metrics_page(self) -> tuple[int, str, bytes]:
+            await self.update_gauges()
+            body = render_all_processes(str(metrics_dir))
+            return 200, "text/plain; version=0.0.4; charset=utf-8", body
+
+        async def ip_action(self, address: str, action: str) -> dict[str, Any]:
+            result = await super().ip_action(address, action)
+            signal_workers(signal.SIGUSR1)  # workers re-read the state now, not in 30 s
+            return result
+
+    relay = SupervisorRelay(config)
 
     async def run_worker(index: int, ready: asyncio.Event) -> None:
         env = dict(os.environ)
@@ -109,23 +125,11 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
         reloads: set[asyncio.Task[bool]] = set()
 
         def reload() -> None:  # SIGHUP: every worker re-reads the file, and so do we
-            for proc in procs.values():
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGHUP)
+            signal_workers(signal.SIGHUP)
             reloads.add(loop.create_task(relay.reload(config_path)))
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         await relay.router.refresh(relay.clock())
-        original = relay.ip_action
-
-        async def ip_action_everywhere(address: str, action: str) -> dict[str, object]:
-            result = await original(address, action)
-            for proc in procs.values():  # workers re-read the state now, not in 30 s
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGUSR1)
-            return result
-
-        relay.ip_action = ip_action_everywhere  # type: ignore[method-assign]
         if config.admin.listen is not None:
             await relay.admin.start(*config.admin.listen)
         readies = [asyncio.Event() for _ in range(workers)]
@@ -151,9 +155,7 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
             )
         await stopping.wait()
         log.info("stopping %d workers", workers)
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
+        signal_workers(signal.SIGTERM)
         await asyncio.gather(*tasks, return_exceptions=True)
         await relay.admin.stop()
         await relay.counters.close()
