@@ -15,7 +15,7 @@ from warmrelay.config import parse_config
 from warmrelay.control import IPControl, next_cooldown
 from warmrelay.counters import MemoryCounters, SqliteCounters
 from warmrelay.router import Router, RouteReason
-from warmrelay.schedule import WarmupState
+from warmrelay.warmup import WarmupState
 from warmrelay.throttle import ThrottleRules
 
 UTC = ZoneInfo("UTC")

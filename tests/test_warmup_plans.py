@@ -13,7 +13,7 @@ from warmrelay.config import parse_config
 from warmrelay.counters import MemoryCounters
 from warmrelay.providers import ProviderMap, ProviderRule
 from warmrelay.router import Router, RouteReason
-from warmrelay.schedule import PRESETS, SendingHours, extend_to_target, ramp
+from warmrelay.warmup import PRESETS, SendingHours, extend_to_target, ramp
 
 UTC = ZoneInfo("UTC")
 

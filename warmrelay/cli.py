@@ -11,7 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 from warmrelay import __version__
 from warmrelay.config import Config, IPConfig, load_config
 from warmrelay.errors import ConfigError
-from warmrelay.schedule import WarmupState, local_date, plan, status_on
+from warmrelay.warmup import WarmupState, local_date, plan, status_on
 
 
 def _fmt_hostport(hp: tuple[str, int]) -> str:

@@ -35,7 +35,7 @@ from pydantic import (
 from warmrelay.eligibility import Eligibility
 from warmrelay.errors import ConfigError, ConfigProblem
 from warmrelay.providers import BUILTIN
-from warmrelay.schedule import (
+from warmrelay.warmup import (
     PRESETS,
     ProviderCap,
     Schedule,

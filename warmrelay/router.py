@@ -26,7 +26,7 @@ from warmrelay.control import IPControl, Suspension, advances, next_cooldown
 from warmrelay.counters import CounterKey, Counters, Limit
 from warmrelay.eligibility import Eligibility, Traffic
 from warmrelay.errors import CounterError
-from warmrelay.schedule import (
+from warmrelay.warmup import (
     Caps,
     WarmupPlan,
     WarmupState,

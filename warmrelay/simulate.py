@@ -16,7 +16,7 @@ from datetime import date, datetime, time, timedelta
 from warmrelay.config import Config
 from warmrelay.counters import MemoryCounters
 from warmrelay.router import Hold, Router, RouteReason
-from warmrelay.schedule import WarmupState
+from warmrelay.warmup import WarmupState
 
 OTHER = "other"  # the share of the mix no named provider takes
 

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from warmrelay.schedule import (
+from warmrelay.warmup import (
     PRESETS,
     Schedule,
     WarmupState,
