@@ -15,8 +15,8 @@ from warmrelay.config import parse_config
 from warmrelay.control import IPControl, next_cooldown
 from warmrelay.counters import MemoryCounters, SqliteCounters
 from warmrelay.router import Router, RouteReason
-from warmrelay.warmup import WarmupState
 from warmrelay.throttle import ThrottleRules
+from warmrelay.warmup import WarmupState
 
 UTC = ZoneInfo("UTC")
 DAY1 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -28,10 +28,10 @@ from warmrelay.logs import setup_logging
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
 from warmrelay.router import Router
-from warmrelay.warmup import WarmupState
 from warmrelay.scheduler import Clock, Scheduler, utc_now
 from warmrelay.spool import RecoveredMessage, Spool
 from warmrelay.tlsfiles import TlsFiles
+from warmrelay.warmup import WarmupState
 
 log = logging.getLogger("warmrelay")
 
