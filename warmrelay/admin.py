@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 log = logging.getLogger("warmrelay.admin")
@@ -18,6 +19,17 @@ log = logging.getLogger("warmrelay.admin")
 Response = tuple[int, str, bytes]
 Page = Callable[[], Awaitable[Response]]
 Action = Callable[[str], Awaitable[Response]]  # gets the path, e.g. /ips/10.0.0.7/pause
+
+# RFC 6750: a 401 names the scheme the client must use, so tools know to send a bearer token.
+CHALLENGE = 'Bearer realm="warmrelay"'
+
+
+def reason_phrase(status: int) -> str:
+    """The standard phrase of a status code (a client shows it; a wrong one misleads)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
 
 
 class AdminServer:
@@ -53,15 +65,10 @@ class AdminServer:
                 status, ctype, body = 401, "text/plain", b"bearer token required\n"
             else:
                 status, ctype, body = await self._dispatch(method, path)
-            reason = {
-                200: "OK",
-                400: "Bad Request",
-                404: "Not Found",
-                405: "Method Not Allowed",
-            }.get(status, "Service Unavailable")
+            extra = f"WWW-Authenticate: {CHALLENGE}\r\n" if status == 401 else ""
             writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n".encode()
                 + body
             )
             await writer.drain()

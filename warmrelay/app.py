@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from warmrelay import __version__
 from warmrelay.admin import AdminServer, json_page
-from warmrelay.config import Config, IPConfig, load_config
+from warmrelay.config import (
+    Config,
+    IPConfig,
+    admin_token,
+    bind_error,
+    config_warnings,
+    load_config,
+)
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.errors import ConfigError, CounterError
@@ -43,6 +49,8 @@ class Relay:
         self.config = config
         self.clock = clock
         self.worker = worker
+        # fails closed, before anything is opened: a missing secret refuses to start
+        self.admin_token = admin_token(config.admin)
         self.metrics = Metrics()
         self.spool = Spool(spool_dir(config.state.dir, worker.index if worker else 0))
         self.counters: Counters = open_counters(config.state.counters, config.state.dir)
@@ -69,10 +77,6 @@ class Relay:
         self.handler: RelayHandler | None = None
         tls = config.smtp.tls
         self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
-        token_env = config.admin.token_env
-        self.admin_token = os.environ.get(token_env) if token_env else None
-        if token_env and not self.admin_token:
-            log.warning("admin.token_env: %s is not set; the admin endpoint is open", token_env)
         self.admin.token = self.admin_token
 
     @property
@@ -81,7 +85,24 @@ class Relay:
 
     async def start(self) -> None:
         self.config.state.dir.mkdir(parents=True, exist_ok=True)
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
+        now = self.clock()
+        for ip in self.config.ips:  # not on this host: down from the start, not at first use
+            unbound = bind_error(ip.address)
+            if unbound is not None:
+                address = str(ip.address)
+                until = now + timedelta(seconds=self.config.delivery.ip_down_s)
+                self.router.mark_down(address, until)
+                self.metrics.ip_up.labels(address).set(0)
+                log.error(
+                    "source IP %s cannot be bound on this host (%s): marked down until %s "
+                    "(then tried again); its mail leaves from the other IPs",
+                    address,
+                    unbound.strerror,
+                    until.isoformat(),
+                )
         recovered = await self.spool.open()
         recovered += await self._adopt_orphans()
         for item in recovered:
@@ -316,8 +337,18 @@ class Relay:
         return json_page(await self.status())
 
     async def _health_page(self) -> tuple[int, str, bytes]:
-        if not self.counters_up:  # still delivering (via the pool): degraded, not down
-            return 200, "text/plain", b"degraded: counters store unreachable\n"
+        """200 while the relay accepts and delivers mail; "degraded: ..." names what is
+        wrong (it still delivers, via the pool or other IPs), so alerts can say why."""
+        reasons = []
+        if not self.counters_up:
+            reasons.append("counters store unreachable")
+        now = self.clock()
+        addresses = [str(ip.address) for ip in self.config.ips]
+        down = [a for a in addresses if self.router.is_down(a, now)]
+        if down:
+            reasons.append(f"source IP{'s' if len(down) > 1 else ''} down: {', '.join(down)}")
+        if reasons:
+            return 200, "text/plain", f"degraded: {'; '.join(reasons)}\n".encode()
         return 200, "text/plain", b"ok\n"
 
     async def _metrics_page(self) -> tuple[int, str, bytes]:
@@ -365,6 +396,21 @@ def _redact(url: str) -> str:
     return url
 
 
+def log_failed_reload(task: asyncio.Task[bool]) -> None:
+    """Done-callback of a SIGHUP reload. Nobody awaits that task, so without this an
+    exception in it vanishes: the operator would believe the new file is in force."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error(
+            "reload: failed (%s: %s); the running configuration stays",
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+
+
 def run(config: Config, worker: Worker | None = None, path: str | None = None) -> int:
     """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
     setup_logging()
@@ -375,11 +421,19 @@ def run(config: Config, worker: Worker | None = None, path: str | None = None) -
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, shutdown.set)
         relay = Relay(config, worker=worker)
-        reloads: set[asyncio.Task[bool]] = set()
+        reloads: set[asyncio.Task[bool]] = set()  # held so a running reload is not collected
+
+        def reloaded(task: asyncio.Task[bool]) -> None:
+            reloads.discard(task)
+            log_failed_reload(task)
+
+        def reload(path: str) -> None:
+            task = loop.create_task(relay.reload(path))
+            reloads.add(task)
+            task.add_done_callback(reloaded)
+
         if path is not None:  # SIGHUP: reload the configuration (and the TLS certificate)
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: reloads.add(loop.create_task(relay.reload(path)))
-            )
+            loop.add_signal_handler(signal.SIGHUP, reload, path)
         elif relay.tls is not None:
             loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
         loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
 from warmrelay import __version__
-from warmrelay.config import Config, IPConfig, load_config
-from warmrelay.errors import ConfigError
+from warmrelay.config import (
+    Config,
+    IPConfig,
+    admin_token,
+    config_warnings,
+    host_warnings,
+    load_config,
+)
+from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
 from warmrelay.warmup import WarmupState, local_date, plan, status_on
 
 
@@ -56,14 +62,23 @@ def summary(config: Config, now: datetime) -> str:
     return "\n".join(lines)
 
 
+def _print_problems(path: str, kind: str, problems: Sequence[ConfigProblem]) -> None:
+    print(f"{path}: {len(problems)} {kind}(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Exit 1 on errors. Warnings (likely mistakes, and what does not hold on this host)
+    go to stderr but exit 0: the file is valid and may be meant for another host."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"{args.config}: {len(exc.problems)} error(s)", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _print_problems(args.config, "error", exc.problems)
         return 1
+    warnings = config_warnings(config) + host_warnings(config)
+    if warnings:
+        _print_problems(args.config, "warning", warnings)
     print(f"{args.config}: OK")
     print(summary(config, datetime.now(UTC)))
     return 0
@@ -197,7 +212,7 @@ def cmd_ip(args: argparse.Namespace) -> int:
         host, port = config.admin.listen
         url = f"http://{_fmt_hostport((host, port))}/ips/{args.address}/{args.action}"
         request = urllib.request.Request(url, method="POST")
-        token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
+        token = admin_token(config.admin)  # unset although configured: one clear error
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         try:
@@ -257,6 +272,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from warmrelay.supervisor import supervise, worker_from_env
 
     config = _load_or_exit(args.config)
+    try:
+        admin_token(config.admin)  # refuse before anything starts (supervisor, workers)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{args.config}: cannot start: {problem}", file=sys.stderr)
+        return 1
     worker = worker_from_env()
     if worker is not None:  # started by a supervisor
         from warmrelay.app import Worker, run
@@ -333,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except BrokenPipeError:  # output piped into head & co.
         return 0
+    except WarmrelayError as exc:  # our own, deliberate failures: their message, no traceback
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"warmrelay: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ are wrong too.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -33,7 +34,7 @@ from pydantic import (
 )
 
 from warmrelay.eligibility import Eligibility
-from warmrelay.errors import ConfigError, ConfigProblem
+from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
 from warmrelay.providers import BUILTIN
 from warmrelay.warmup import (
     PRESETS,
@@ -49,6 +50,23 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9-_]{0,61}[A-Za-z0-9_])?\.?)+$")
+
+
+def _kind(value: Any) -> str:
+    """What a YAML value is, in the words of someone editing YAML (for error messages)."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
 
 
 def _ip(value: Any) -> IPAddress:
@@ -83,8 +101,10 @@ def parse_host_port(
         if default_port is None:
             raise ValueError(f"{value!r} needs a port (host:port)")
         port = default_port
-    else:
+    elif port_text.isdigit():
         port = int(port_text)
+    else:
+        raise ValueError(f"{value!r}: the port must be a number (host:port)")
     if not host:
         raise ValueError(f"{value!r} has no host")
     if not (0 if allow_zero else 1) <= port < 65536:
@@ -92,23 +112,32 @@ def parse_host_port(
     return host, port
 
 
-def _host_port(value: Any) -> tuple[str, int]:
+def _address_text(value: Any) -> str:
+    """The "host:port" text of a string or a [host, port] pair; any other shape is a
+    ValueError (pydantic reports it with its key path), never a TypeError (a crash)."""
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        return str(value[0]), int(value[1])
-    return parse_host_port(str(value))
+        host, port = value
+        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+            raise ValueError(f'{value!r}: give "host:port" or [host, port number]')
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if not isinstance(value, str):
+        raise ValueError(f'must be "host:port" (e.g. "127.0.0.1:25"), not {_kind(value)}')
+    return value
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    return parse_host_port(_address_text(value))
 
 
 def _listen(value: Any) -> tuple[str, int]:
     """A listening address; port 0 picks a free port (tests)."""
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        value = f"[{value[0]}]:{value[1]}" if ":" in str(value[0]) else f"{value[0]}:{value[1]}"
-    host, port = parse_host_port(str(value), allow_zero=True)
+    host, port = parse_host_port(_address_text(value), allow_zero=True)
     _ip(host)
     return host, port
 
 
 def _dns_server(value: Any) -> tuple[str, int]:
-    host, port = parse_host_port(str(value), default_port=53)
+    host, port = parse_host_port(_address_text(value), default_port=53)
     _ip(host)
     return host, port
 
@@ -119,11 +148,61 @@ def _hostname(value: str) -> str:
     return value
 
 
+# Shortest prefixes smtp.allow_networks accepts: anything wider lets a large part of the
+# Internet relay without AUTH, which is an open relay whatever the intent was.
+MIN_RELAY_PREFIX = {4: 8, 6: 16}
+
+# Networks that are not on the public Internet: relay permission for them is the normal case.
+_NON_PUBLIC = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local
+        "100.64.0.0/10",  # carrier-grade NAT (RFC 6598)
+        "::1/128",
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+    )
+)
+
+
+def is_public_network(net: IPNetwork) -> bool:
+    """True unless the whole network is private, loopback, link-local or CGNAT space."""
+    return not any(
+        net.version == n.version and net.subnet_of(n)  # type: ignore[arg-type]
+        for n in _NON_PUBLIC
+    )
+
+
+def _not_open_relay(net: IPNetwork) -> IPNetwork:
+    """Refuse relay networks so wide that the relay would be open to (part of) the Internet.
+    A wide network of private space only (fd00::/8) opens nothing to the Internet: allowed."""
+    shortest = MIN_RELAY_PREFIX[net.version]
+    if net.prefixlen >= shortest or not is_public_network(net):
+        return net
+    if net.prefixlen == 0:
+        what = f"covers every IPv{net.version} address"
+    elif net.version == 4:
+        what = f"is wider than /{shortest} ({net.num_addresses:,} addresses)"
+    else:
+        what = f"is wider than /{shortest}"
+    raise ValueError(
+        f"{net} {what}: anyone there could relay mail through this host without "
+        f"AUTH (an open relay, blocklisted within hours); list only the networks of your "
+        f"applications (IPv4 /{MIN_RELAY_PREFIX[4]} or narrower, IPv6 /{MIN_RELAY_PREFIX[6]} "
+        f"or narrower) and let other clients authenticate (smtp.users)"
+    )
+
+
 HostPort = Annotated[tuple[str, int], BeforeValidator(_host_port)]
 Listen = Annotated[tuple[str, int], BeforeValidator(_listen)]
 DnsServer = Annotated[tuple[str, int], BeforeValidator(_dns_server)]
 Address = Annotated[IPAddress, BeforeValidator(_ip)]
 Network = Annotated[IPNetwork, BeforeValidator(_network)]
+RelayNetwork = Annotated[IPNetwork, BeforeValidator(_network), AfterValidator(_not_open_relay)]
 HostName = Annotated[str, AfterValidator(_hostname)]
 
 
@@ -133,7 +212,14 @@ class _Frozen(BaseModel):
 
 def _listener(value: Any) -> Any:
     """ "host:port" is short for {address: "host:port"}."""
-    return {"address": value} if isinstance(value, str) else value
+    if isinstance(value, str):
+        return {"address": value}
+    if not isinstance(value, (Mapping, BaseModel)):
+        raise ValueError(
+            f'must be "host:port" (e.g. "127.0.0.1:2525") or a mapping with an address, '
+            f"not {_kind(value)}"
+        )
+    return value
 
 
 class ListenerConfig(_Frozen):
@@ -170,7 +256,7 @@ class SmtpConfig(_Frozen):
         default=(ListenerConfig(address=("127.0.0.1", 2525)),), min_length=1
     )
     hostname: HostName = Field(default_factory=socket.getfqdn)
-    allow_networks: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
+    allow_networks: tuple[RelayNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),)
     max_message_bytes: int = Field(default=26_214_400, gt=0)
     max_recipients: int = Field(default=100, gt=0)
     timeout_s: float = Field(default=300.0, gt=0)  # idle time between commands / data lines
@@ -194,6 +280,13 @@ class SmtpConfig(_Frozen):
 class AdminConfig(_Frozen):
     listen: Listen | None = ("127.0.0.1", 9465)
     token_env: str | None = None  # bearer token (from this variable) for POST and /status
+
+    @field_validator("token_env")
+    @classmethod
+    def _variable_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError(f"{value!r} is not an environment variable name")
+        return value
 
 
 class StateConfig(_Frozen):
@@ -446,43 +539,66 @@ def format_path(loc: Sequence[int | str]) -> str:
     return out
 
 
+_SHAPE_ERRORS = {
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping (key: value)",
+    "model_type": "must be a mapping (key: value)",
+    "model_attributes_type": "must be a mapping (key: value)",
+}
+
+
 def _message(err: Mapping[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "missing":
         return "required key is missing"
+    if err["type"] in _SHAPE_ERRORS:  # YAML words, not Python ones ("a valid tuple")
+        return f"{_SHAPE_ERRORS[err['type']]}, not {_kind(err.get('input'))}"
     msg = str(err["msg"])
     return msg.removeprefix("Value error, ")
 
 
-def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
-    """Rules spanning several keys, checked on the raw document."""
+def _validation_problems(exc: ValidationError) -> list[ConfigProblem]:
+    """Pydantic's errors as problems. A list whose items are wrong is also "too short"
+    (it counts only valid items): that echo of the item's own error is left out."""
+    errors = exc.errors()
+    lists_with_bad_items = {
+        tuple(e["loc"][:k])
+        for e in errors
+        for k, part in enumerate(e["loc"])
+        if isinstance(part, int)
+    }
+    return [
+        ConfigProblem(format_path(e["loc"]), _message(e))
+        for e in errors
+        if not (e["type"] == "too_short" and tuple(e["loc"]) in lists_with_bad_items)
+    ]
+
+
+def _ips_problems(ips: list[Any], known_providers: set[str]) -> tuple[list[ConfigProblem], bool]:
+    """Duplicate addresses and unknown providers; also whether any entry may be a warm IP
+    (an entry that is not a mapping is already an error: it is not held against overflow)."""
     problems: list[ConfigProblem] = []
-    ips = doc.get("ips")
-    if ips == []:
-        problems.append(ConfigProblem("ips", "list at least one source IP"))
-    if not isinstance(ips, list):
-        return problems
     seen: dict[str, int] = {}
-    has_warm = False
-    custom = doc.get("providers")
-    known = {r.name for r in BUILTIN} | (set(custom) if isinstance(custom, Mapping) else set())
+    maybe_warm = False
     for i, entry in enumerate(ips):
         if not isinstance(entry, Mapping):
+            maybe_warm = True
             continue
         warmup = entry.get("warmup")
         caps = warmup.get("providers") if isinstance(warmup, Mapping) else None
         for name in caps if isinstance(caps, Mapping) else ():
-            if name not in known:
+            if name not in known_providers:
                 problems.append(
                     ConfigProblem(
                         f"ips[{i}].warmup.providers.{name}",
-                        f"unknown provider (known: {', '.join(sorted(known))}; "
+                        f"unknown provider (known: {', '.join(sorted(known_providers))}; "
                         "define others under providers:)",
                     )
                 )
-        if entry.get("warmup") is None:
-            has_warm = True
+        if warmup is None:
+            maybe_warm = True
         try:
             key = str(ipaddress.ip_address(str(entry.get("address"))))
         except ValueError:
@@ -493,18 +609,57 @@ def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
             )
         else:
             seen[key] = i
+    return problems, maybe_warm
+
+
+def _routes_problems(routes: Mapping[Any, Any]) -> list[ConfigProblem]:
+    """Route keys must be domain names: the relay could not even start with one that is not."""
+    from warmrelay.nexthop import normalize_domain  # DNS name rules, as delivery applies them
+
+    problems: list[ConfigProblem] = []
+    for domain in routes:
+        if domain == "*" or not isinstance(domain, str):  # a non-string: pydantic reports it
+            continue
+        try:
+            normalize_domain(domain)
+        except NextHopError as exc:
+            problems.append(
+                ConfigProblem(format_path(["routes", domain]), f"not a domain name ({exc})")
+            )
+    return problems
+
+
+def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
+    """Rules spanning several keys, checked on the raw document. Every value may have any
+    shape here (pydantic reports wrong shapes): look into it only after checking its type."""
+    problems: list[ConfigProblem] = []
+    ips = doc.get("ips")
+    if ips == []:
+        problems.append(ConfigProblem("ips", "list at least one source IP"))
+    maybe_warm = True  # unknown unless ips is a list we can read
+    if isinstance(ips, list) and ips:
+        custom = doc.get("providers")
+        known = {r.name for r in BUILTIN} | (
+            {str(k) for k in custom} if isinstance(custom, Mapping) else set()
+        )
+        ip_problems, maybe_warm = _ips_problems(ips, known)
+        problems += ip_problems
     smtp = doc.get("smtp")
-    if isinstance(smtp, Mapping) and smtp.get("tls") is None:
-        for i, entry in enumerate(smtp.get("listen") or []):
+    listen = smtp.get("listen") if isinstance(smtp, Mapping) else None
+    if isinstance(smtp, Mapping) and smtp.get("tls") is None and isinstance(listen, list):
+        for i, entry in enumerate(listen):
             if isinstance(entry, Mapping) and entry.get("tls") in ("starttls", "implicit"):
                 problems.append(
                     ConfigProblem(f"smtp.listen[{i}].tls", "needs smtp.tls (cert and key)")
                 )
+    routes = doc.get("routes")
+    if isinstance(routes, Mapping):
+        problems += _routes_problems(routes)
     if doc.get("overflow") == "smarthost" and not isinstance(doc.get("smarthost"), Mapping):
         problems.append(
             ConfigProblem("smarthost", "overflow: smarthost needs a smarthost block (host: ...)")
         )
-    if doc.get("overflow", "pool") == "pool" and not has_warm and ips:
+    if doc.get("overflow", "pool") == "pool" and not maybe_warm:
         problems.append(
             ConfigProblem(
                 "overflow",
@@ -526,9 +681,7 @@ def parse_config(doc: Any, *, base_dir: Path | None = None) -> Config:
     try:
         config = Config.model_validate(doc)
     except ValidationError as exc:
-        problems = [
-            ConfigProblem(format_path(e["loc"]), _message(e)) for e in exc.errors()
-        ] + problems
+        problems = _validation_problems(exc) + problems
     if problems or config is None:
         raise ConfigError(problems)
     if base_dir is not None and not config.state.dir.is_absolute():
@@ -538,7 +691,57 @@ def parse_config(doc: Any, *, base_dir: Path | None = None) -> Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML, but dates stay strings: pydantic then reports a bad date with its key path."""
+    """Safe YAML with two changes. Dates stay strings: pydantic then reports a bad date with
+    its key path. A key given twice in one mapping is a problem (key path and both lines),
+    not a silent "the second wins": an operator editing the first one would see no effect."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._duplicates: list[tuple[int, ConfigProblem]] = []  # (line, problem)
+        self._paths: dict[int, list[int | str]] = {}  # id(node) -> where it first appears
+        self._keys: dict[int, list[yaml.Node]] = {}  # id(mapping) -> its keys as written
+
+    @property
+    def duplicates(self) -> list[ConfigProblem]:
+        """Keys given twice, in the order of the file."""
+        return [problem for _, problem in sorted(self._duplicates, key=lambda d: d[0])]
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._index(node, [])
+        return self.construct_document(node)
+
+    def _index(self, node: yaml.Node, path: list[int | str]) -> None:
+        """Record each node's key path and each mapping's keys before construction (which
+        flattens ``<<`` merges in place). Anchors can make cycles: visit a node once."""
+        if id(node) in self._paths:
+            return
+        self._paths[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            self._keys[id(node)] = [k for k, _ in node.value]
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else "?"
+                self._index(value, [*path, str(name)])
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._index(item, [*path, i])
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node in self._keys.get(id(node), ()):
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # "<<" merges are meant to be overridden; complex keys fail below
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                where = format_path([*self._paths.get(id(node), []), str(key_node.value)])
+                message = f"duplicate key (lines {first_line[key]} and {line})"
+                self._duplicates.append((line, ConfigProblem(where, message)))
+            else:
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_constructor(
@@ -548,14 +751,119 @@ _Loader.add_constructor(
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML file. Relative paths in it are relative to the file."""
+    """Read and validate a YAML file. Relative paths in it are relative to the file.
+
+    Every problem is reported at once: duplicate keys together with validation errors."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigProblem("", f"cannot read {p}: {exc.strerror}")]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigProblem("", f"{p} is not UTF-8 text (byte {exc.start} cannot be decoded)")]
+        ) from None
+    loader = _Loader(text)
     try:
-        doc = yaml.load(text, Loader=_Loader)
+        doc = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem("", f"{p} is not valid YAML: {exc}")]) from exc
-    return parse_config(doc, base_dir=p.resolve().parent)
+    except RecursionError:
+        raise ConfigError([ConfigProblem("", f"{p} is nested too deeply")]) from None
+    finally:
+        loader.dispose()
+    try:
+        config = parse_config(doc, base_dir=p.resolve().parent)
+    except ConfigError as exc:
+        raise ConfigError(loader.duplicates + exc.problems) from None
+    if loader.duplicates:
+        raise ConfigError(loader.duplicates)
+    return config
+
+
+# -- checks beyond validity ------------------------------------------------------------
+#
+# A valid file can still be a mistake (warnings) or not fit the host it runs on. These
+# return problems as data: check-config prints them, serve logs them, tests read them.
+
+
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    """Valid settings that are often a mistake; they do not stop the relay."""
+    warnings: list[ConfigProblem] = []
+    for i, net in enumerate(config.smtp.allow_networks):
+        if is_public_network(net):
+            warnings.append(
+                ConfigProblem(
+                    f"smtp.allow_networks[{i}]",
+                    f"{net} is a public network (not private, loopback, link-local or CGNAT): "
+                    "every host in it may relay without AUTH; make sure they are all yours",
+                )
+            )
+    return warnings
+
+
+_NOT_ON_THIS_HOST = {errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT}
+
+
+def bind_error(address: IPAddress) -> OSError | None:
+    """Why mail cannot leave from ``address`` on this host, or None. Binds a TCP socket to
+    (address, 0), as delivery does; nothing is sent. Only "not on this host" errors count:
+    a passing shortage (no free port right now) says nothing about the address."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((str(address), 0))
+    except OSError as exc:
+        return exc if exc.errno in _NOT_ON_THIS_HOST else None
+    return None
+
+
+def admin_token(admin: AdminConfig) -> str | None:
+    """The bearer token the admin endpoint requires (None: none configured, or no endpoint).
+
+    Fails closed: if ``token_env`` names a variable that is unset or blank, this raises
+    instead of returning None, so a missing secret never means an open endpoint."""
+    if admin.token_env is None or admin.listen is None:
+        return None
+    token = os.environ.get(admin.token_env, "").strip()
+    if not token:  # an empty or blank secret is as good as none
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "admin.token_env",
+                    f"the environment variable {admin.token_env} is not set or empty; "
+                    "refusing to run with an open admin endpoint (set it to a long random "
+                    "secret, or remove admin.token_env)",
+                )
+            ]
+        )
+    return token
+
+
+def host_warnings(config: Config) -> list[ConfigProblem]:
+    """What does not hold on this host or in this environment. Warnings, not errors: a file
+    may well be checked on another machine than the one that will run it."""
+    warnings: list[ConfigProblem] = []
+    for i, ip in enumerate(config.ips):
+        exc = bind_error(ip.address)
+        if exc is not None:
+            warnings.append(
+                ConfigProblem(
+                    f"ips[{i}].address",
+                    f"{ip.address} cannot be bound on this host ({exc.strerror}); the file "
+                    "is still valid (it may be meant for another host), but a relay started "
+                    "here marks this IP down and sends its mail from the other IPs",
+                )
+            )
+    try:
+        admin_token(config.admin)
+    except ConfigError:
+        warnings.append(
+            ConfigProblem(
+                "admin.token_env",
+                f"{config.admin.token_env} is not set (or empty) in this environment: "
+                "`warmrelay serve` refuses to start without it (fine if the service's own "
+                "environment sets it)",
+            )
+        )
+    return warnings

@@ -1,0 +1,457 @@
+"""Gates at load and start: an unset admin token, an open relay, duplicate keys, source IPs
+that are not on this host and malformed shapes are refused or reported, never passed over.
+
+Real sockets and real processes on loopback. 192.0.2.7 (TEST-NET-1) is never on the host:
+binding to it fails with EADDRNOTAVAIL, and no packet is ever sent to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import Sink, http, http_get, relay_config, relay_doc, running, send
+from relayproc import RelayProcess
+
+from warmrelay.admin import reason_phrase
+from warmrelay.app import Relay, log_failed_reload
+from warmrelay.config import (
+    config_warnings,
+    host_warnings,
+    load_config,
+    parse_config,
+)
+from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
+
+TOKEN_ENV = "WARMRELAY_GATES_TEST_TOKEN"
+UNBOUND = "192.0.2.7"
+
+
+def warmrelay(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line as a real process, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "warmrelay", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+        timeout=timeout_s,
+    )
+
+
+def env_without(name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop(name, None)
+    return env
+
+
+def problems_of(doc: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    return [str(p) for p in info.value.problems]
+
+
+def write(tmp_path: Path, doc: dict[str, Any], name: str = "relay.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+# -- 1. the admin token fails closed -------------------------------------------------------
+
+
+def test_serve_refuses_to_start_when_the_token_variable_is_unset(tmp_path: Path) -> None:
+    path = write(tmp_path, relay_doc(tmp_path, 9, admin={"token_env": TOKEN_ENV}))
+    result = warmrelay("serve", "-c", str(path), env=env_without(TOKEN_ENV))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # one clear line, no traceback
+    assert TOKEN_ENV in lines[0] and "admin.token_env" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_relay_refuses_an_unset_or_blank_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(TOKEN_ENV, value)
+    config = relay_config(tmp_path, 9, admin={"token_env": TOKEN_ENV})
+    with pytest.raises(ConfigError) as info:
+        Relay(config)
+    assert isinstance(info.value, WarmrelayError)
+    (problem,) = info.value.problems
+    assert problem.path == "admin.token_env" and TOKEN_ENV in problem.message
+    assert not (tmp_path / "state").exists()  # refused before anything was opened
+
+
+def test_check_config_warns_about_an_unset_token_but_passes(tmp_path: Path) -> None:
+    path = write(tmp_path, relay_doc(tmp_path, 9, admin={"token_env": TOKEN_ENV}))
+    result = warmrelay("check-config", "-c", str(path), env=env_without(TOKEN_ENV))
+    assert result.returncode == 0, result.stderr
+    assert f"  admin.token_env: {TOKEN_ENV} is not set" in result.stderr
+
+
+async def raw_request(port: int, request: str) -> tuple[str, dict[str, str]]:
+    """One request over a real socket: (status line, headers with lower-case names)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request.encode())
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    headers: dict[str, str] = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return head[0], headers
+
+
+async def test_401_has_its_reason_phrase_and_a_bearer_challenge(
+    tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "gates-secret")
+    config = relay_config(tmp_path, sink.port, admin={"token_env": TOKEN_ENV})
+    async with running(config) as relay:
+        port = relay.admin.port
+        for request in (
+            "GET /status HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n\r\n",
+            "POST /ips/127.0.0.2/pause HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+        ):
+            line, headers = await raw_request(port, request)
+            assert line == "HTTP/1.1 401 Unauthorized"
+            assert headers["www-authenticate"] == 'Bearer realm="warmrelay"'
+        line, headers = await raw_request(port, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert line == "HTTP/1.1 404 Not Found" and "www-authenticate" not in headers
+        line, _ = await raw_request(
+            port, "PUT /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer gates-secret\r\n\r\n"
+        )
+        assert line == "HTTP/1.1 405 Method Not Allowed"
+        code, _ = await http(port, "POST", "/ips/127.0.0.2/bogus", "gates-secret")
+        assert code == 400
+        line, _ = await raw_request(
+            port,
+            "POST /ips/127.0.0.2/bogus HTTP/1.1\r\nHost: x\r\n"
+            "Authorization: Bearer gates-secret\r\nContent-Length: 0\r\n\r\n",
+        )
+        assert line == "HTTP/1.1 400 Bad Request"
+        line, _ = await raw_request(
+            port, "GET /status HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer gates-secret\r\n\r\n"
+        )
+        assert line == "HTTP/1.1 200 OK"
+
+
+@pytest.mark.parametrize(
+    ("status", "phrase"),
+    [
+        (200, "OK"),
+        (401, "Unauthorized"),
+        (500, "Internal Server Error"),
+        (503, "Service Unavailable"),
+        (599, "Unknown"),
+    ],
+)
+def test_every_status_gets_its_own_phrase(status: int, phrase: str) -> None:
+    assert reason_phrase(status) == phrase
+
+
+# -- 2a. open relay networks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "::/0", "0.0.0.0/7", "64.0.0.0/2", "2000::/3"])
+def test_networks_that_open_the_relay_are_refused(network: str) -> None:
+    """Shorter than IPv4 /8 or IPv6 /16 and not wholly private space (fc00::/7 passes)."""
+    doc = relay_doc(Path("/nonexistent"), 9, smtp={"allow_networks": ["10.0.0.0/8", network]})
+    found = problems_of(doc)
+    (problem,) = [p for p in found if p.startswith("smtp.allow_networks[1]: ")]
+    assert "open relay" in problem
+    assert not any(p.startswith("smtp.allow_networks[0]") for p in found)
+
+
+@pytest.mark.parametrize(
+    ("network", "public"),
+    [
+        ("10.0.0.0/8", False),
+        ("172.16.0.0/12", False),
+        ("192.168.10.0/24", False),
+        ("127.0.0.0/8", False),
+        ("169.254.0.0/16", False),
+        ("100.64.0.0/10", False),
+        ("::1/128", False),
+        ("fd00::/8", False),
+        ("fc00::/7", False),  # wider than /16, but private: no open relay
+        ("fe80::/64", False),
+        ("8.8.8.0/24", True),
+        ("172.0.0.0/8", True),  # only partly private
+        ("2001:db8::/32", True),
+    ],
+)
+def test_public_relay_networks_are_a_warning(network: str, public: bool) -> None:
+    doc = relay_doc(Path("/nonexistent"), 9, smtp={"allow_networks": ["127.0.0.0/8", network]})
+    warnings = config_warnings(parse_config(doc))
+    assert [w.path for w in warnings] == (["smtp.allow_networks[1]"] if public else [])
+
+
+def test_check_config_prints_warnings_and_exits_0(tmp_path: Path) -> None:
+    doc = relay_doc(tmp_path, 9, smtp={"allow_networks": ["127.0.0.0/8", "203.0.113.0/24"]})
+    result = warmrelay("check-config", "-c", str(write(tmp_path, doc)))
+    assert result.returncode == 0, result.stderr
+    assert "1 warning(s)" in result.stderr
+    assert "  smtp.allow_networks[1]: 203.0.113.0/24 is a public network" in result.stderr
+    assert "OK" in result.stdout
+
+
+def test_check_config_refuses_an_open_relay(tmp_path: Path) -> None:
+    doc = relay_doc(tmp_path, 9, smtp={"allow_networks": ["0.0.0.0/0"]})
+    result = warmrelay("check-config", "-c", str(write(tmp_path, doc)))
+    assert result.returncode == 1
+    assert "  smtp.allow_networks[0]: 0.0.0.0/0 covers every IPv4 address" in result.stderr
+
+
+async def test_serve_logs_warnings_at_start(
+    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = relay_config(
+        tmp_path, sink.port, smtp={"allow_networks": ["127.0.0.0/8", "198.51.100.0/24"]}
+    )
+    async with running(config):
+        pass
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("smtp.allow_networks[1]: 198.51.100.0/24" in r.getMessage() for r in warned)
+
+
+# -- 2b. duplicate keys -----------------------------------------------------------------------
+
+DUPLICATES = """\
+smtp:
+  listen: ["127.0.0.1:2525"]
+  hostname: relay.example.test
+  allow_networks: ["127.0.0.0/8"]
+  hostname: other.example.test
+ips:
+  - address: 127.0.0.2
+    helo: mta1.example.test
+    warmup: {start: 2026-11-27, schedule: [50]}
+  - address: 127.0.0.3
+    helo: mta2.example.test
+    weight: 1
+    helo: mta3.example.test
+routes: {"*": "127.0.0.1:2600"}
+colour: blue
+routes: {"*": "127.0.0.1:2601"}
+"""
+
+
+def test_duplicate_keys_are_errors_with_both_lines_at_any_depth(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(DUPLICATES)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    found = [str(p) for p in info.value.problems]
+    assert found == [  # all at once, in file order, with the other problems
+        "smtp.hostname: duplicate key (lines 3 and 5)",
+        "ips[1].helo: duplicate key (lines 11 and 13)",
+        "routes: duplicate key (lines 14 and 16)",
+        "colour: unknown key",
+    ]
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 1
+    assert "4 error(s)" in result.stderr
+    assert "  smtp.hostname: duplicate key (lines 3 and 5)" in result.stderr
+
+
+def test_merge_keys_may_be_overridden_and_dates_stay_dates(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "ips:\n"
+        "  - &warming\n"
+        "    address: 127.0.0.2\n"
+        "    helo: mta1.example.test\n"
+        "    warmup: {start: 2026-11-27, schedule: [50]}\n"
+        "  - <<: *warming\n"
+        "    address: 127.0.0.3\n"
+        "    warmup: null\n"
+        "routes: {'*': '127.0.0.1:2600', 'Example.TEST': '127.0.0.1:2601'}\n"
+    )
+    config = load_config(path)
+    assert [str(ip.address) for ip in config.ips] == ["127.0.0.2", "127.0.0.3"]
+    assert config.ips[1].helo == "mta1.example.test" and config.ips[1].warmup is None
+    assert config.ips[0].warmup is not None
+    assert config.ips[0].warmup.start.isoformat() == "2026-11-27"
+
+
+# -- 2c. source IPs not on this host ------------------------------------------------------------
+
+
+def unbound_doc(tmp_path: Path, sink_port: int) -> dict[str, Any]:
+    doc = relay_doc(tmp_path, sink_port)
+    doc["ips"] = [
+        {"address": "127.0.0.3", "helo": "mta2.example.test"},
+        {"address": UNBOUND, "helo": "mta7.example.test"},
+    ]
+    return doc
+
+
+def test_check_config_warns_about_an_address_not_on_this_host(tmp_path: Path) -> None:
+    config = parse_config(unbound_doc(tmp_path, 9))
+    (warning,) = host_warnings(config)
+    assert warning.path == "ips[1].address" and UNBOUND in warning.message
+    result = warmrelay("check-config", "-c", str(write(tmp_path, unbound_doc(tmp_path, 9))))
+    assert result.returncode == 0, result.stderr
+    assert f"  ips[1].address: {UNBOUND} cannot be bound on this host" in result.stderr
+    assert "another host" in result.stderr
+
+
+async def test_relay_starts_with_an_unbound_ip_marked_down(
+    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = parse_config(unbound_doc(tmp_path, sink.port))
+    async with running(config) as relay:
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(UNBOUND in m and "cannot be bound" in m for m in errors), errors
+        port = relay.admin.port
+        code, body = await http_get(port, "/metrics")  # right away, before any delivery
+        assert code == 200
+        assert f'warmrelay_ip_up{{ip="{UNBOUND}"}} 0.0' in body.decode()
+        assert 'warmrelay_ip_up{ip="127.0.0.3"} 1.0' in body.decode()
+        assert await http_get(port, "/healthz") == (
+            200,
+            f"degraded: source IP down: {UNBOUND}\n".encode(),
+        )
+        for n in range(4):  # routing avoids it: everything leaves from the other IP
+            await send(relay, [f"r{n}@example.test"])
+        await sink.wait_for(4)
+    assert sink.by_peer() == {"127.0.0.3": 4}
+
+
+async def test_healthz_is_ok_when_every_ip_is_bound(tmp_path: Path, sink: Sink) -> None:
+    async with running(relay_config(tmp_path, sink.port)) as relay:
+        assert await http_get(relay.admin.port, "/healthz") == (200, b"ok\n")
+
+
+# -- 2d. malformed shapes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"smtp": {"listen": 2525}}, "smtp.listen: must be a list, not a number (2525)"),
+        ({"smtp": {"listen": "127.0.0.1:25"}}, "smtp.listen: must be a list"),
+        ({"smtp": {"listen": [5]}}, 'smtp.listen[0]: must be "host:port"'),
+        ({"smtp": {"listen": [{"address": {"a": 1}}]}}, "smtp.listen[0].address: must be"),
+        ({"smtp": 5}, "smtp: must be a mapping (key: value), not a number (5)"),
+        ({"ips": 5}, "ips: must be a list, not a number (5)"),
+        ({"ips": [5]}, "ips[0]: must be a mapping"),
+        ({"ips": ["a"]}, "ips[0]: must be a mapping"),
+        ({"routes": ["a"]}, "routes: must be a mapping (key: value), not a list"),
+        ({"routes": {"*": ["127.0.0.1", {}]}}, "routes['*']: "),
+        ({"routes": {"*": {"host": 1}}}, "routes['*']: must be \"host:port\""),
+        ({"routes": {"*": "127.0.0.1:smtp"}}, "routes['*']: '127.0.0.1:smtp': the port must be"),
+        ({"routes": {"a..b": "127.0.0.1:25"}}, "routes['a..b']: not a domain name"),
+        ({"dns": {"nameservers": [{"a": 1}]}}, "dns.nameservers[0]: must be"),
+        ({"admin": {"token_env": ""}}, "admin.token_env: '' is not an environment variable"),
+        ({"providers": [1]}, "providers: must be a mapping"),
+    ],
+)
+def test_malformed_shapes_are_problems_with_a_key_path(
+    change: dict[str, Any], expected: str
+) -> None:
+    doc = relay_doc(Path("/nonexistent"), 9)
+    doc.update(change)
+    found = problems_of(doc)
+    assert any(p.startswith(expected) for p in found), found
+    assert not any("should have at least 1 item" in p for p in found), found  # no echo
+
+
+def test_check_config_reports_a_bare_port_as_listen(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "smtp: {listen: 2525}\nips:\n  - {address: 127.0.0.3, helo: mta2.example.test}\n"
+    )
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 1
+    assert "  smtp.listen: must be a list" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"ips: [\xff]\n", "is not UTF-8 text"),
+        (b"a: " + b"[" * 3000 + b"]" * 3000, "nested too deeply"),
+    ],
+)
+def test_unreadable_text_is_a_problem_not_a_crash(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert expected in str(info.value)
+
+
+# -- 2e. reload failures are logged -----------------------------------------------------------
+
+
+async def test_reload_of_a_malformed_file_is_refused_with_its_key_path(
+    tmp_path: Path, sink: Sink
+) -> None:
+    path = write(tmp_path, relay_doc(tmp_path, sink.port))
+    async with running(load_config(path)) as relay:
+        bad = relay_doc(tmp_path, sink.port)
+        bad["smtp"]["listen"] = 2525
+        path.write_text(yaml.safe_dump(bad))
+        assert await relay.reload(path) is False  # refused: no TypeError escapes
+        await send(relay, ["still@example.test"])  # the running configuration stays
+        await sink.wait_for(1)
+
+
+async def test_sighup_with_a_malformed_file_logs_an_error(tmp_path: Path, sink: Sink) -> None:
+    relay = await RelayProcess(relay_doc(tmp_path, sink.port), tmp_path).start()
+    bad = relay_doc(tmp_path, sink.port)
+    bad["smtp"]["listen"] = 2525
+    relay.config_path.write_text(yaml.safe_dump(bad))
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    line = await relay.wait_for_line("smtp.listen: must be a list")
+    assert "ERROR" in line
+    await relay.wait_for_line("the running configuration stays")
+    assert await relay.terminate() == 0
+
+
+async def test_a_failing_reload_task_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def failing() -> bool:
+        raise RuntimeError("counters vanished mid-reload")
+
+    async def fine() -> bool:
+        return True
+
+    tasks = [asyncio.create_task(failing()), asyncio.create_task(fine())]
+    await asyncio.wait(tasks)
+    for task in tasks:
+        log_failed_reload(task)
+    (record,) = [r for r in caplog.records if r.name == "warmrelay"]
+    assert record.levelno == logging.ERROR
+    assert "counters vanished mid-reload" in record.getMessage()
+    assert "the running configuration stays" in record.getMessage()
+
+
+def test_problems_are_data() -> None:
+    """Warnings are ConfigProblem values (path, message), like errors."""
+    doc = relay_doc(Path("/nonexistent"), 9, smtp={"allow_networks": ["192.0.2.0/24"]})
+    (warning,) = config_warnings(parse_config(doc))
+    assert isinstance(warning, ConfigProblem) and warning.path == "smtp.allow_networks[0]"
