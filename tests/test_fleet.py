@@ -139,7 +139,9 @@ async def test_proxy_protocol_v2_decides_with_the_real_client(tmp_path: Path, si
         tmp_path,
         sink.port,
         smtp={
-            "listen": [{"address": "127.0.0.1:0", "proxy_protocol": True}],
+            "listen": [
+                {"address": "127.0.0.1:0", "proxy_protocol": True, "proxy_from": ["127.0.0.5/32"]}
+            ],
             "allow_networks": ["127.0.0.1/32"],
         },
     )
@@ -164,7 +166,7 @@ async def test_proxy_protocol_v2_decides_with_the_real_client(tmp_path: Path, si
         with pytest.raises((aiosmtplib.SMTPException, ConnectionError)):
             await aiosmtplib.SMTP(
                 hostname="127.0.0.1", port=relay.smtp_ports[0], timeout=15
-            ).connect()  # no header: refused
+            ).connect()  # not the balancer (proxy_from): closed at once
         lb.close()
 
 

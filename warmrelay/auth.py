@@ -96,10 +96,15 @@ class AuthGuard:
     WINDOW_S = 900.0
 
     def __init__(self, max_failures: int, lockout_s: float, tarpit_s: float = 1.0) -> None:
+        self._by_ip: dict[str, _Failures] = {}
+        self.configure(max_failures, lockout_s, tarpit_s)
+
+    def configure(self, max_failures: int, lockout_s: float, tarpit_s: float) -> None:
+        """New limits (reload) apply from the next failure on. Recorded failures and current
+        lockouts stay as they are: a reload must not set a password guesser free."""
         self._max = max_failures
         self._lockout_s = lockout_s
         self._tarpit_s = tarpit_s
-        self._by_ip: dict[str, _Failures] = {}
 
     def locked(self, ip: str) -> bool:
         f = self._by_ip.get(ip)

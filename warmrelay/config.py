@@ -230,6 +230,9 @@ class ListenerConfig(_Frozen):
     require_auth: bool = False  # even clients from allow_networks must authenticate
     auth_without_tls: bool = False  # offer AUTH in clear text (only for loopback setups)
     proxy_protocol: bool = False  # behind a TCP load balancer: PROXY v1/v2 header required
+    # The load balancers allowed to send that header; any other peer is closed at connect
+    # (required with proxy_protocol: else anyone reaching the port could claim any address)
+    proxy_from: tuple[Network, ...] = ()
 
 
 class TlsConfig(_Frozen):
@@ -652,6 +655,26 @@ def _cross_key_problems(doc: Mapping[str, Any]) -> list[ConfigProblem]:
                 problems.append(
                     ConfigProblem(f"smtp.listen[{i}].tls", "needs smtp.tls (cert and key)")
                 )
+    for i, entry in enumerate(listen if isinstance(listen, list) else []):
+        # A PROXY header is believed only from the balancers in proxy_from: one without the
+        # other is an open door (anyone names any client) or a setting that does nothing.
+        if not isinstance(entry, Mapping):
+            continue
+        proxied = str(entry.get("proxy_protocol")).lower() in ("true", "yes", "on", "1", "y", "t")
+        if proxied and not entry.get("proxy_from"):
+            problems.append(
+                ConfigProblem(
+                    f"smtp.listen[{i}].proxy_from",
+                    "proxy_protocol: true needs proxy_from, the load balancers' addresses "
+                    "(e.g. [10.0.0.5/32]); otherwise any client could claim any address",
+                )
+            )
+        elif entry.get("proxy_from") and not proxied:
+            problems.append(
+                ConfigProblem(
+                    f"smtp.listen[{i}].proxy_from", "only applies with proxy_protocol: true"
+                )
+            )
     routes = doc.get("routes")
     if isinstance(routes, Mapping):
         problems += _routes_problems(routes)

@@ -8,6 +8,7 @@ the spool holds it durably; delivery never runs inside an SMTP session.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import ipaddress
 import logging
@@ -21,10 +22,10 @@ from typing import Any, AnyStr
 
 import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
 from warmrelay.auth import Authenticator, AuthGuard
-from warmrelay.config import Config, IPNetwork, ListenerConfig
+from warmrelay.config import Config, IPAddress, IPNetwork, ListenerConfig
 from warmrelay.errors import SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.spool import Spool, SpooledMessage
@@ -88,9 +89,13 @@ class ConnectionLimits:
     """Open sessions, in total and per client address (shared by all listeners)."""
 
     def __init__(self, total: int, per_client: int) -> None:
-        self.total, self.per_client = total, per_client
         self.open = 0
         self._by_client: dict[str, int] = {}
+        self.configure(total, per_client)
+
+    def configure(self, total: int, per_client: int) -> None:
+        """New caps (reload) apply to the next connection; open sessions are kept and counted."""
+        self.total, self.per_client = total, per_client
 
     def acquire(self, client: str, *, exempt: bool = False) -> bool:
         """``exempt`` skips the per-client cap (as Postfix exempts $mynetworks): an
@@ -103,8 +108,21 @@ class ConnectionLimits:
         self._by_client[client] = self._by_client.get(client, 0) + 1
         return True
 
+    def move(self, old: str, new: str, *, exempt: bool = False) -> bool:
+        """Hand one open session from ``old`` to ``new`` (a load balancer's connection once
+        its PROXY header names the real client), checking ``new``'s per-client cap. When
+        refused, the session stays counted under ``old``."""
+        if not exempt and self._by_client.get(new, 0) >= self.per_client:
+            return False
+        self._forget(old)
+        self._by_client[new] = self._by_client.get(new, 0) + 1
+        return True
+
     def release(self, client: str) -> None:
         self.open -= 1
+        self._forget(client)
+
+    def _forget(self, client: str) -> None:
         left = self._by_client.get(client, 1) - 1
         if left:
             self._by_client[client] = left
@@ -112,9 +130,46 @@ class ConnectionLimits:
             self._by_client.pop(client, None)
 
 
+# A client that vanishes or talks nonsense at the socket or TLS level: its fault, not ours.
+_NETWORK_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETDOWN,
+    }
+)
+
+
+def _client_fault(error: BaseException) -> bool:
+    if isinstance(error, (TLSSetupException, ssl.SSLError, asyncio.IncompleteReadError)):
+        return True
+    if isinstance(error, ConnectionError):
+        return True
+    return isinstance(error, OSError) and error.errno in _NETWORK_ERRNOS
+
+
+def _describe(error: BaseException) -> str:
+    cause = error.__cause__ if isinstance(error, TLSSetupException) else None
+    shown = cause or error
+    text = str(shown).strip()
+    return f"{type(shown).__name__}: {text}" if text else type(shown).__name__
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol plus our limits: enhanced status codes, connection caps,
-    a budget of refused commands, a deadline for DATA, and AUTH checked off the loop."""
+    a budget of refused commands, a deadline for DATA, and AUTH checked off the loop.
+
+    ``client`` is the one identity of a connection, decided once: the socket peer, or on
+    a PROXY listener the source address from the balancer's header. aiosmtpd starts a new
+    ``Session`` at STARTTLS (RFC 3207 §4.2), which forgets the PROXY data; this object
+    lives as long as the connection, so relay permission, connection caps, AUTH lockout,
+    the Received: header and log lines all use ``client`` and never ``session.peer``.
+    """
 
     def __init__(
         self, handler: RelayHandler, listener: ListenerConfig, tls: str, **kwargs: Any
@@ -124,8 +179,11 @@ class RelaySMTP(SMTP):
         self.listener = listener
         self.tls_mode = tls
         self._metrics = handler.metrics
-        self._client = ""
-        self._admitted = False
+        self.client = ""
+        # False on a PROXY listener until a header names the client (a LOCAL or UNKNOWN
+        # header is the balancer talking for itself): allow_networks then does not apply.
+        self.client_known = True
+        self._held: str | None = None  # the key of our slot in ConnectionLimits
         self._bad = 0
         self._implicit_tls = False
 
@@ -134,29 +192,90 @@ class RelaySMTP(SMTP):
         return self._implicit_tls or (self.session is not None and self.session.ssl is not None)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None:  # a new connection, not the STARTTLS upgrade
-            peer = transport.get_extra_info("peername")
-            self._client = str(peer[0]) if peer else ""
-            self._implicit_tls = transport.get_extra_info("sslcontext") is not None
-            exempt = self.listener.proxy_protocol is False and self.relay.may_relay(self._client)
-            if not self.relay.limits.acquire(self._client, exempt=exempt):
-                self._metrics.rejected.labels("421").inc()
-                log.warning("too many connections: refusing %s", self._client)
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        if self.transport is not None:  # the STARTTLS upgrade: same connection, same client
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self.client = _address(str(peer[0])) if peer else ""
+        self._implicit_tls = transport.get_extra_info("sslcontext") is not None
+        if self.listener.proxy_protocol:
+            # Only a listed balancer may name the client; anyone else could claim any
+            # address. Closed before the header is read: nothing of theirs is parsed.
+            if not _in_networks(self.client, self.listener.proxy_from):
+                log.warning(
+                    "%s: not in proxy_from of PROXY listener %s:%d; closing",
+                    self.client,
+                    *self.listener.address,
+                )
                 transport.close()
                 return
-            self._admitted = True
-            self._metrics.smtp_sessions.inc()
+            self.client_known = False
+            exempt = True  # the balancer carries many clients; each is capped on its own
+        else:
+            exempt = self.relay.may_relay(self.client)
+        if not self.relay.limits.acquire(self.client, exempt=exempt):
+            self._metrics.rejected.labels("421").inc()
+            log.warning("%s: too many connections, refusing", self.client)
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+            transport.close()
+            return
+        self._held = self.client
+        self._metrics.smtp_sessions.inc()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if not self._admitted:
-            return
-        self._admitted = False
-        self.relay.limits.release(self._client)
+        if self._held is None:
+            return  # refused in connection_made, or already cleaned up
+        self.relay.limits.release(self._held)
+        self._held = None
         self._metrics.smtp_sessions.dec()
         super().connection_lost(error)
+
+    async def proxied(self, address: str) -> bool:
+        """The balancer's PROXY header names the real client: from now on it is ``client``,
+        and the connection counts against that client's cap (allow_networks exempt)."""
+        address = _address(address)
+        balancer = self.client
+        assert self._held is not None
+        if not self.relay.limits.move(self._held, address, exempt=self.relay.may_relay(address)):
+            log.warning("%s: too many connections (via %s), refusing", address, balancer)
+            await self.push("421 4.7.0 Too many connections, try again later")
+            return False
+        self._held = self.client = address
+        self.client_known = True
+        log.debug("%s: connected via PROXY from %s", address, balancer)
+        return True
+
+    async def _handle_client(self) -> None:
+        """aiosmtpd runs the session as a task nobody awaits, so an exception escaping it
+        surfaces only at garbage collection, as "Task exception was never retrieved" with a
+        traceback. Its loop re-raises ConnectionResetError, and the PROXY phase and the
+        greeting run outside its per-command handler. Whatever escapes ends here, when it
+        happens: a client's fault as one INFO line, ours with its traceback. Cancellation
+        (connection_lost cancels the task) passes through."""
+        try:
+            await super()._handle_client()
+        except Exception as exc:
+            if _client_fault(exc):
+                log.info("%s: session ended by the client: %s", self.client, _describe(exc))
+            else:
+                log.exception("%s: session failed", self.client)
+            if self.transport is not None:
+                self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An exception escaping a command (aiosmtpd would log a traceback and tell the
+        client our exception's class and text). A client's fault (a failed STARTTLS
+        handshake, a reset while we answer) is one INFO line and the end of the session; our
+        own fault is logged with its traceback and answered with a plain 451."""
+        if _client_fault(error):
+            log.info("%s: session ended by the client: %s", self.client, _describe(error))
+            if self.transport is not None:
+                self.transport.close()
+            return "421 4.4.2 Connection lost"
+        log.exception("%s: error in the SMTP session", self.client, exc_info=error)
+        return "451 4.3.0 Local error in processing, try again later"
 
     async def push(self, status: AnyStr) -> None:
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
@@ -167,10 +286,19 @@ class RelaySMTP(SMTP):
         if text[:1] == "5":
             self._bad += 1
             if self._bad == self.relay.config.smtp.max_bad_commands:
-                log.warning("%s: too many refused commands, hanging up", self._client)
-                await super().push("421 4.7.0 Too many errors, closing connection")
-                if self.transport is not None:
-                    self.transport.close()
+                log.warning("%s: too many refused commands, hanging up", self.client)
+                self._hang_up("421 4.7.0 Too many errors, closing connection")
+
+    def _hang_up(self, reply: str) -> None:
+        """Say why, then close. Synchronous, so a timer can call it too: connection_lost then
+        cancels the session task, which aiosmtpd ends quietly."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._metrics.rejected.labels(reply[:3]).inc()
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(reply.encode("ascii") + b"\r\n")
+        transport.close()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common "<local@domain> PARAMS" is split here; anything else (quoted local
@@ -182,13 +310,19 @@ class RelaySMTP(SMTP):
         return m.group(1), m.group(3).lstrip(" \t")
 
     async def smtp_DATA(self, arg: str) -> None:
+        """DATA under a deadline. A timer closes the connection rather than cancelling the
+        read (aiosmtpd's smtp_DATA closes its writer when cancelled, so a reply written after
+        that never left, and wait_for's inner task could end with an exception nobody
+        retrieved)."""
+        deadline = self.loop.call_later(self.relay.config.smtp.data_timeout_s, self._data_late)
         try:
-            await asyncio.wait_for(super().smtp_DATA(arg), self.relay.config.smtp.data_timeout_s)
-        except TimeoutError:
-            log.warning("%s: DATA took too long, hanging up", self._client)
-            await super().push("421 4.4.2 DATA timeout, closing connection")
-            if self.transport is not None:
-                self.transport.close()
+            await super().smtp_DATA(arg)
+        finally:
+            deadline.cancel()
+
+    def _data_late(self) -> None:
+        log.warning("%s: DATA took too long, hanging up", self.client)
+        self._hang_up("421 4.4.2 DATA timeout, closing connection")
 
     # AUTH: aiosmtpd parses PLAIN/LOGIN and calls a synchronous authenticator; ours only
     # captures the credentials, then the real (slow, threaded) check runs here.
@@ -209,10 +343,9 @@ class RelaySMTP(SMTP):
         return await self._verify(await super().auth_LOGIN(_, args))
 
     async def _auth_allowed(self) -> bool:
-        if self.relay.guard.locked(self._client):
-            await super().push("421 4.7.0 Too many failed authentications, try again later")
-            if self.transport is not None:
-                self.transport.close()
+        if self.relay.guard.locked(self.client):
+            log.warning("%s: AUTH refused, locked out after failed attempts", self.client)
+            self._hang_up("421 4.7.0 Too many failed authentications, try again later")
             return False
         return True
 
@@ -222,11 +355,11 @@ class RelaySMTP(SMTP):
         user = parsed.auth_data.login.decode("utf-8", "replace")
         password = parsed.auth_data.password.decode("utf-8", "replace")
         if await self.relay.auth.verify(user, password):
-            self.relay.guard.succeeded(self._client)
-            log.info("%s: authenticated as %s", self._client, user)
+            self.relay.guard.succeeded(self.client)
+            log.info("%s: authenticated as %s", self.client, user)
             return AuthResult(success=True, auth_data=parsed.auth_data)
-        delay = self.relay.guard.failed(self._client)
-        log.warning("%s: authentication failed for user %r", self._client, user[:64])
+        delay = self.relay.guard.failed(self.client)
+        log.warning("%s: authentication failed for user %r", self.client, user[:64])
         await asyncio.sleep(delay)  # tarpit: each failure makes guessing slower
         return AuthResult(
             success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
@@ -264,37 +397,38 @@ class RelayHandler:
         self.submit = submit
         self.metrics = metrics
         self.admit = admit
+        smtp = config.smtp
+        self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
+        self.guard = AuthGuard(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
         self.configure(config)
-        self.limits = ConnectionLimits(
-            config.smtp.max_connections, config.smtp.max_connections_per_client
-        )
-        self.guard = AuthGuard(
-            config.smtp.max_auth_failures, config.smtp.auth_lockout_s, config.smtp.auth_tarpit_s
-        )
 
     def configure(self, config: Config) -> None:
-        """Take a (re)loaded configuration: relay networks, users, limits, names."""
+        """Take a (re)loaded configuration: relay networks, users, limits, names. Connection
+        and AUTH limits change in place, so open sessions and lockouts carry over."""
         self.config = config
-        self._allowed: Sequence[IPNetwork] = config.smtp.allow_networks
-        self.auth = Authenticator(config.smtp.users)
+        smtp = config.smtp
+        self._allowed: Sequence[IPNetwork] = smtp.allow_networks
+        self.auth = Authenticator(smtp.users)
+        self.limits.configure(smtp.max_connections, smtp.max_connections_per_client)
+        self.guard.configure(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
 
-    def may_relay(self, peer: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._allowed)
+    def may_relay(self, client: str) -> bool:
+        return _in_networks(client, self._allowed)
 
     async def handle_PROXY(
         self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
     ) -> bool:
-        """A well-formed PROXY header (v1 or v2): the real client is its source address."""
-        if proxy.src_addr is None:  # PROXY "LOCAL"/UNKNOWN: the balancer's own health check
-            return proxy.valid
-        log.debug("PROXY: client %s via %s", proxy.src_addr, session.peer)
-        return proxy.valid
+        """A well-formed PROXY header (v1 or v2) from a balancer in proxy_from (checked at
+        connect): its source address is the client from now on."""
+        if not proxy.valid:
+            return False
+        if proxy.src_addr is None:  # LOCAL / UNKNOWN: the balancer's own health check
+            return True
+        src = proxy.src_addr
+        client = src.decode("ascii", "replace") if isinstance(src, bytes) else str(src)
+        if isinstance(server, RelaySMTP):
+            return await server.proxied(client)
+        return True
 
     async def handle_EHLO(
         self,
@@ -323,7 +457,7 @@ class RelayHandler:
             return "553 5.6.7 Non-ASCII address needs MAIL FROM ... SMTPUTF8"
         user = _user(session)
         if user is not None and not self.auth.may_send_as(user, "" if address == "<>" else address):
-            log.warning("user %s may not send as <%s>", user, address)
+            log.warning("%s: user %s may not send as <%s>", _client(server, session), user, address)
             return "553 5.7.1 Sender address not allowed for this user"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -337,11 +471,12 @@ class RelayHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        peer = _peer_ip(session)
+        client = _client(server, session)
         listener: ListenerConfig | None = getattr(server, "listener", None)
-        by_network = self.may_relay(peer) and not (listener and listener.require_auth)
+        known = not isinstance(server, RelaySMTP) or server.client_known
+        by_network = known and self.may_relay(client) and not (listener and listener.require_auth)
         if not (session.authenticated or by_network):
-            log.warning("relaying denied for %s to <%s>", peer, address)
+            log.warning("%s: relaying denied to <%s>", client, address)
             if listener is not None and listener.require_auth:
                 return "530 5.7.0 Authentication required"
             return "550 5.7.1 Relaying denied"
@@ -357,7 +492,7 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: bytes = envelope.original_content or b""
-        peer = _peer_ip(session)
+        client = _client(server, session)
         if b"\0" in content:
             return "554 5.6.0 Message contains NUL characters"
         if _has_bare_newline(content):
@@ -368,7 +503,7 @@ class RelayHandler:
             content = _BARE_NEWLINE.sub(b"\r\n", content)
         received_at = time.time()
         encrypted = bool(getattr(server, "encrypted", False))
-        trace = self._received_header(session, peer, envelope, received_at, encrypted)
+        trace = self._received_header(session, client, envelope, received_at, encrypted)
         data = trace + content
         if self.admit is not None:
             await self.admit()
@@ -377,12 +512,12 @@ class RelayHandler:
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 envelope.rcpt_tos,
                 data,
-                meta={"client": peer, "helo": session.host_name or ""},
+                meta={"client": client, "helo": session.host_name or ""},
                 received_at=received_at,
             )
         except SpoolError as exc:
             self.metrics.spool_errors.inc()
-            log.error("spool cannot store a message from %s: %s", peer, exc)
+            log.error("%s: spool cannot store a message: %s", client, exc)
             return "451 4.3.0 Cannot queue the message now, try again later"
         self.metrics.received.inc()
         log.info(
@@ -391,13 +526,13 @@ class RelayHandler:
             message.mail_from,
             len(message.rcpt_tos),
             message.size,
-            peer,
+            client,
         )
         self.submit(message, data)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
     def _received_header(
-        self, session: Session, peer: str, envelope: Envelope, now: float, encrypted: bool
+        self, session: Session, client: str, envelope: Envelope, now: float, encrypted: bool
     ) -> bytes:
         helo = (session.host_name or "unknown").replace("\r", "").replace("\n", "")[:255]
         # RFC 3848 protocol names: ESMTP, +S with TLS, +A when authenticated
@@ -405,7 +540,7 @@ class RelayHandler:
         proto += ("S" if encrypted else "") + ("A" if session.authenticated else "")
         date = format_datetime(datetime.fromtimestamp(now, UTC))
         header = (
-            f"Received: from {helo} ([{peer}])\r\n"
+            f"Received: from {helo} ([{client}])\r\n"
             f"\tby {self.config.smtp.hostname} (warmrelay) with {proto};\r\n"
             f"\t{date}\r\n"
         )
@@ -421,14 +556,36 @@ def _has_bare_newline(content: bytes) -> bool:
     return _BARE_NEWLINE.search(content) is not None
 
 
-def _peer_ip(session: Session) -> str:
-    """The client's address: from the PROXY header behind a load balancer, else the socket."""
-    proxy = session.proxy_data
-    if proxy is not None and proxy.src_addr is not None:
-        src = proxy.src_addr
-        return src.decode() if isinstance(src, bytes) else str(src)
+def _client(server: SMTP, session: Session) -> str:
+    """The client's address as RelaySMTP decided it once for the connection (PROXY source or
+    socket peer; never the session's, which STARTTLS renews). A plain aiosmtpd SMTP has only
+    the socket peer."""
+    if isinstance(server, RelaySMTP):
+        return server.client
     peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer or "")
+    return _address(str(peer[0])) if isinstance(peer, tuple) else str(peer or "")
+
+
+def _ip(text: str) -> IPAddress | None:
+    """An address as text, IPv4-mapped IPv6 (a dual-stack socket's view) as plain IPv4."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _address(text: str) -> str:
+    """One spelling per client, so caps and lockouts count ::ffff:10.0.0.1 as 10.0.0.1."""
+    addr = _ip(text)
+    return text if addr is None else str(addr)
+
+
+def _in_networks(client: str, networks: Sequence[IPNetwork]) -> bool:
+    addr = _ip(client)
+    return addr is not None and any(addr in net for net in networks)
 
 
 def _user(session: Session) -> str | None:
