@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from warmrelay.config import parse_config
-from warmrelay.control import IPControl, next_cooldown
+from warmrelay.control import COMPLETED, PAUSE, PROGRESS, Pause, Progress, next_cooldown
 from warmrelay.counters import MemoryCounters, SqliteCounters
 from warmrelay.router import Router, RouteReason
 from warmrelay.throttle import ThrottleRules
@@ -99,10 +99,12 @@ async def test_calendar_pause_does_not_advance() -> None:
     assert router.status(ip, later).state is WarmupState.WARM
 
 
-def test_control_round_trips_through_json() -> None:
-    c = IPControl(paused_days=2, completed=True, day=3)
-    c.pause(DAY1.date())
-    assert IPControl.loads(c.dumps()) == c
+def test_control_records_round_trip_through_json() -> None:
+    pause = Pause(days=2).paused(DAY1.date())
+    assert PAUSE.loads(PAUSE.dumps(pause)) == pause
+    assert COMPLETED.loads(COMPLETED.dumps(True)) is True
+    progress = Progress(3, DAY1.date())
+    assert PROGRESS.loads(PROGRESS.dumps(progress)) == progress
 
 
 def test_cooldown_doubles_on_repeat_up_to_the_maximum() -> None:

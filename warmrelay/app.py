@@ -262,7 +262,11 @@ class Relay:
         return bool(getattr(self.counters, "healthy", True))
 
     async def status(self) -> dict[str, Any]:
+        """What every IP's records say now (re-read: other processes change them too);
+        counts the store cannot give while it fails are null, the page still answers."""
         now = self.clock()
+        self.router.reload_soon()
+        await self.router.refresh(now)  # keeps the state it has while the store fails
         ips = []
         for ip in self.config.ips:
             st = self.router.status(ip, now)
@@ -296,7 +300,7 @@ class Relay:
                     key = CounterKey(address, lim.window, lim.scope)
                     entry["providers"][name] = {
                         "cap_now": lim.cap,
-                        "sent": await self.counters.get(key),
+                        "sent": await self._count(key),
                     }
             ips.append(entry)
         return {
@@ -312,17 +316,20 @@ class Relay:
         }
 
     async def ip_action(self, address: str, action: str) -> dict[str, Any]:
-        """pause | resume | complete an IP; persisted, so it survives restarts."""
+        """pause | resume | complete an IP; stored, so it survives restarts and every process
+        sees it. ``persisted`` says "pending" when the store failed: in force in this
+        process only until the store takes it (the caller should know)."""
         if address not in {str(ip.address) for ip in self.config.ips}:
             raise KeyError(address)
         now = self.clock()
-        await {
+        outcome = await {
             "pause": self.router.pause,
             "resume": self.router.resume,
             "complete": self.router.complete,
         }[action](address, now)
-        log.warning("operator: %s %s", action, address)
-        return next(ip for ip in (await self.status())["ips"] if ip["address"] == address)
+        log.warning("operator: %s %s (%s)", action, address, outcome.value)
+        entry = next(ip for ip in (await self.status())["ips"] if ip["address"] == address)
+        return {**entry, "persisted": outcome.value}
 
     async def _ip_action(self, path: str) -> tuple[int, str, bytes]:
         parts = path.strip("/").split("/")  # ips / ADDRESS / ACTION

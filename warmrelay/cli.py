@@ -218,6 +218,14 @@ def cmd_ip(args: argparse.Namespace) -> int:
         try:
             with urllib.request.urlopen(request, timeout=10) as r:
                 state = json.loads(r.read())
+            if state.get("persisted") == "pending":
+                print(
+                    f"{args.address}: {args.action} is in force in the running relay, but its "
+                    "state store failed: other relay processes (workers, a fleet) see it only "
+                    "once the store answers again",
+                    file=sys.stderr,
+                )
+                return 1
             print(
                 f"{args.address}: {args.action} done by the running relay; state {state['state']}"
             )
@@ -230,18 +238,24 @@ def cmd_ip(args: argparse.Namespace) -> int:
 
     from warmrelay.app import Relay
 
-    async def offline() -> str:
+    async def offline() -> dict[str, object]:
         relay = Relay(config)
         try:
             await relay.router.refresh(datetime.now(UTC))
-            state = await relay.ip_action(args.address, args.action)
-            return str(state["state"])
+            return await relay.ip_action(args.address, args.action)
         finally:
             await relay.counters.close()
 
+    state = asyncio.run(offline())
+    if state["persisted"] == "pending":  # this process ends now: nothing will store it
+        print(
+            f"{args.address}: {args.action} NOT recorded: the state store failed (see the log)",
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"{args.address}: {args.action} recorded in {config.state.dir} (no relay running); "
-        f"state {asyncio.run(offline())}"
+        f"state {state['state']}"
     )
     return 0
 

@@ -1,68 +1,88 @@
 """Per-IP state the operator and the receivers change: pause, completion, progress, suspensions.
 
-Pure data and pure rules; the router persists it through the counters' value
-store so it survives restarts and is shared by relays using one store.
+Pure data and pure rules. The router persists it through the counters' value
+store so it survives restarts and is shared by relays using one store. Each
+fact is its own record (``Record``), changed by compare-and-set on that record
+alone: a pause by one process, a throttle in another and a day advance in a
+third never overwrite each other, which one blob per IP could not promise.
+
+Record layout (keys of the value store, values JSON):
+
+- ``ip:{addr}:pause``: ``{"since": date|null, "days": n}`` (they change together)
+- ``ip:{addr}:completed``: ``true``
+- ``ip:{addr}:progress``: ``{"day": n, "on": date}`` (``progress: results``)
+- ``ip:{addr}:suspended``: sorted list of the providers that ever suspended
+  the IP (an index: providers are open-ended, any domain can be one)
+- ``ip:{addr}:suspended:{provider}``: ``{"until", "cooldown_s", "reason"}``
+
+Records are never deleted (an expired suspension is still the "previous" one
+that doubles the next cooldown), so "absent" always means "never set", which
+is what lets ``ip:{addr}`` (the single blob of earlier versions) be migrated
+by filling only absent records.
 """
 
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
-@dataclass
-class IPControl:
-    paused_since: date | None = None  # local date of the pause; None when running
-    paused_days: int = 0  # whole days lost to earlier pauses (calendar progression)
-    completed: bool = False  # the operator declared the warmup done: the IP is warm
-    day: int | None = None  # progress: results -- the current warmup day...
-    day_date: date | None = None  # ...and the local date it applies to
-    suspended: dict[str, Suspension] = field(default_factory=dict)  # by provider
+def _day(value: object) -> date | None:
+    return date.fromisoformat(str(value)) if value else None
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Paused since a local date (None: running), and whole days lost to earlier pauses."""
+
+    since: date | None = None
+    days: int = 0
+
+    def paused(self, today: date) -> Pause:
+        return self if self.since is not None else Pause(today, self.days)
+
+    def resumed(self, today: date) -> Pause:
+        if self.since is None:
+            return self
+        return Pause(None, self.days + max(0, (today - self.since).days))
 
     def dumps(self) -> str:
-        data = asdict(self)
-        for key in ("paused_since", "day_date"):
-            if data[key] is not None:
-                data[key] = data[key].isoformat()
-        data["suspended"] = {p: s.to_json() for p, s in self.suspended.items()}
-        return json.dumps(data, sort_keys=True)
+        return _json({"since": self.since.isoformat() if self.since else None, "days": self.days})
 
     @classmethod
-    def loads(cls, text: str | None) -> IPControl:
+    def loads(cls, text: str | None) -> Pause:
         if not text:
             return cls()
         data = json.loads(text)
+        return cls(_day(data.get("since")), int(data.get("days", 0)))
 
-        def day(value: str | None) -> date | None:
-            return date.fromisoformat(value) if value else None
 
-        return cls(
-            paused_since=day(data.get("paused_since")),
-            paused_days=int(data.get("paused_days", 0)),
-            completed=bool(data.get("completed", False)),
-            day=data.get("day"),
-            day_date=day(data.get("day_date")),
-            suspended={
-                p: Suspension.from_json(s) for p, s in (data.get("suspended") or {}).items()
-            },
-        )
+@dataclass(frozen=True)
+class Progress:
+    """``progress: results``: the current warmup ``day`` and the local date it applies ``on``."""
 
-    def pause(self, today: date) -> None:
-        if self.paused_since is None:
-            self.paused_since = today
+    day: int
+    on: date
 
-    def resume(self, today: date) -> None:
-        if self.paused_since is not None:
-            self.paused_days += max(0, (today - self.paused_since).days)
-            self.paused_since = None
+    def dumps(self) -> str:
+        return _json({"day": self.day, "on": self.on.isoformat()})
 
-    def calendar_day(self, start: date, today: date) -> int:
-        """Days since the start, less the days spent paused: a pause does not advance."""
-        day = (today - start).days + 1 - self.paused_days
-        if self.paused_since is not None:
-            day -= max(0, (today - self.paused_since).days)
-        return day
+    @classmethod
+    def loads(cls, text: str | None) -> Progress | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(int(data["day"]), date.fromisoformat(str(data["on"])))
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,111 @@ class Suspension:
             datetime.fromisoformat(str(data["until"])),
             float(str(data["cooldown_s"])),
             str(data.get("reason", "")),
+        )
+
+    def dumps(self) -> str:
+        return _json(self.to_json())
+
+    @classmethod
+    def loads(cls, text: str | None) -> Suspension | None:
+        return cls.from_json(json.loads(text)) if text else None
+
+
+@dataclass(frozen=True)
+class Record(Generic[T]):
+    """One fact of an IP's control state: its key suffix and how its value is stored.
+
+    ``dumps`` returning None means "nothing to store" (the record stays absent)."""
+
+    name: str
+    loads: Callable[[str | None], T]
+    dumps: Callable[[T], str | None]
+
+    def key(self, address: str) -> str:
+        return f"ip:{address}:{self.name}"
+
+
+def _dump_optional(value: Progress | Suspension | None) -> str | None:
+    return None if value is None else value.dumps()
+
+
+def _load_names(text: str | None) -> frozenset[str]:
+    return frozenset(json.loads(text)) if text else frozenset()
+
+
+def _dump_names(names: frozenset[str]) -> str | None:
+    return _json(sorted(names)) if names else None
+
+
+PAUSE: Record[Pause] = Record("pause", Pause.loads, Pause.dumps)
+COMPLETED: Record[bool] = Record(
+    "completed", lambda text: bool(text and json.loads(text)), lambda v: "true" if v else None
+)
+PROGRESS: Record[Progress | None] = Record("progress", Progress.loads, _dump_optional)
+SUSPENDED: Record[frozenset[str]] = Record("suspended", _load_names, _dump_names)
+
+
+def suspension_record(provider: str) -> Record[Suspension | None]:
+    """The suspension of an IP for ``provider`` ("" when the provider is unknown)."""
+    return Record(f"suspended:{provider}", Suspension.loads, _dump_optional)
+
+
+class Persisted(enum.Enum):
+    """Where a change of control state ended up."""
+
+    STORED = "stored"  # in the shared store: every relay process sees it
+    PENDING = "pending"  # the store failed: in force in this process, stored once it answers
+
+
+def legacy_key(address: str) -> str:
+    """Where earlier versions kept an IP's whole control state as one JSON blob."""
+    return f"ip:{address}"
+
+
+@dataclass
+class IPControl:
+    """What this process knows of one IP's records (re-read on refresh)."""
+
+    pause: Pause = Pause()
+    completed: bool = False  # the operator declared the warmup done: the IP is warm
+    progress: Progress | None = None
+    suspended: dict[str, Suspension] = field(default_factory=dict)  # by provider
+
+    @property
+    def paused_since(self) -> date | None:
+        return self.pause.since
+
+    @property
+    def paused_days(self) -> int:
+        return self.pause.days
+
+    @property
+    def day(self) -> int | None:
+        return self.progress.day if self.progress else None
+
+    @property
+    def day_date(self) -> date | None:
+        return self.progress.on if self.progress else None
+
+    def calendar_day(self, start: date, today: date) -> int:
+        """Days since the start, less the days spent paused: a pause does not advance."""
+        day = (today - start).days + 1 - self.pause.days
+        if self.pause.since is not None:
+            day -= max(0, (today - self.pause.since).days)
+        return day
+
+    @classmethod
+    def from_legacy(cls, text: str) -> IPControl:
+        """The single JSON blob of earlier versions (read once, for migration)."""
+        data: dict[str, Any] = json.loads(text)
+        day, on = data.get("day"), _day(data.get("day_date"))
+        return cls(
+            pause=Pause(_day(data.get("paused_since")), int(data.get("paused_days", 0))),
+            completed=bool(data.get("completed", False)),
+            progress=Progress(int(day), on) if day is not None and on is not None else None,
+            suspended={
+                p: Suspension.from_json(s) for p, s in (data.get("suspended") or {}).items()
+            },
         )
 
 

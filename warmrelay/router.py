@@ -17,13 +17,30 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import TypeVar
 
 from warmrelay.config import Config, IPConfig
-from warmrelay.control import IPControl, Suspension, advances, next_cooldown
+from warmrelay.control import (
+    COMPLETED,
+    PAUSE,
+    PROGRESS,
+    SUSPENDED,
+    IPControl,
+    Pause,
+    Persisted,
+    Progress,
+    Record,
+    Suspension,
+    advances,
+    legacy_key,
+    next_cooldown,
+    suspension_record,
+)
 from warmrelay.counters import CounterKey, Counters, Limit
+from warmrelay.counters.base import Change, update_value
 from warmrelay.eligibility import Eligibility, Traffic
 from warmrelay.errors import CounterError
 from warmrelay.warmup import (
@@ -37,6 +54,8 @@ from warmrelay.warmup import (
 )
 
 log = logging.getLogger("warmrelay.router")
+
+T = TypeVar("T")
 
 
 class RouteReason(enum.Enum):
@@ -116,6 +135,7 @@ class Router:
                 if rules is not None:
                     self._eligible[str(ip.address)] = rules
         self._control: dict[str, IPControl] = {str(ip.address): IPControl() for ip in config.ips}
+        self._pending: list[tuple[str, Change]] = []  # changes the store failed to take, in order
         self._loaded_at = float("-inf")
 
     @property
@@ -181,18 +201,24 @@ class Router:
         """After a configuration reload: keep what the old router learned at run time."""
         self._down_until = dict(old._down_until)
         self._rr_weights = dict(old._rr_weights)
+        self._pending = old._pending  # still to be written, in order
+        for address, control in old._control.items():
+            if address in self._control:  # shown until the next reload re-reads the store
+                self._control[address] = control
 
     def reload_soon(self) -> None:
         """Re-read control state at the next routing (a supervisor changed it: SIGUSR1)."""
         self._loaded_at = float("-inf")
 
     async def refresh(self, now: datetime) -> None:
-        """Reload control state now and then, and advance ``progress: results`` IPs."""
+        """Write changes the store failed to take, re-read every IP's records now and then
+        (each CONTROL_RELOAD_S, at once after ``reload_soon``), advance ``progress:
+        results`` IPs. Other processes change records too: this is how a fleet converges."""
         try:
+            await self._write_pending()
             if time.monotonic() - self._loaded_at >= CONTROL_RELOAD_S:
                 for address in self._control:
-                    text = await self._counters.get_value(f"ip:{address}")
-                    self._control[address] = IPControl.loads(text)
+                    self._control[address] = await self._load(address)
                 self._loaded_at = time.monotonic()
             today = now.astimezone(self._zone).date()
             for ip in self.ips:
@@ -201,68 +227,165 @@ class Router:
         except CounterError:
             pass  # the store is down: keep the state we have; warming IPs pause anyway
 
+    async def _load(self, address: str) -> IPControl:
+        """Every record of one IP (the blob of an earlier version is migrated first)."""
+        get = self._counters.get_value
+        legacy = await get(legacy_key(address))
+        if legacy is not None:
+            await self._migrate(address, legacy)
+        suspended: dict[str, Suspension] = {}
+        for provider in sorted(SUSPENDED.loads(await get(SUSPENDED.key(address)))):
+            record = suspension_record(provider)
+            found = record.loads(await get(record.key(address)))
+            if found is not None:  # listed before it was written (a crash in between)
+                suspended[provider] = found
+        return IPControl(
+            pause=PAUSE.loads(await get(PAUSE.key(address))),
+            completed=COMPLETED.loads(await get(COMPLETED.key(address))),
+            progress=PROGRESS.loads(await get(PROGRESS.key(address))),
+            suspended=suspended,
+        )
+
+    async def _migrate(self, address: str, text: str) -> None:
+        """Earlier versions kept one JSON blob per IP: copy each fact into its own record
+        where that record is still absent (never over a newer fact: records are never
+        deleted, so absent means never set), then drop the blob."""
+        old = IPControl.from_legacy(text)
+        facts = [
+            (PAUSE.key(address), PAUSE.dumps(old.pause) if old.pause != Pause() else None),
+            (COMPLETED.key(address), COMPLETED.dumps(old.completed)),
+            (PROGRESS.key(address), PROGRESS.dumps(old.progress)),
+        ]
+        if old.suspended:
+            names = frozenset(old.suspended)
+
+            async def listed(current: str | None) -> str | None:
+                return SUSPENDED.dumps(SUSPENDED.loads(current) | names)
+
+            await update_value(self._counters, SUSPENDED.key(address), listed)
+        for provider, suspension in old.suspended.items():
+            facts.append((suspension_record(provider).key(address), suspension.dumps()))
+        for key, value in facts:
+            if value is not None:
+                await self._counters.compare_and_set(key, None, value)
+        if await self._counters.compare_and_set(legacy_key(address), text, None):
+            log.info("state of %s moved to one record per fact", address)
+
     async def _advance(self, ip: IPConfig, today: date) -> None:
         """Judge each finished day: the next warmup day begins only after a day that used
-        its cap (>= progress_min_use) with little throttling; other days repeat."""
+        its cap (>= progress_min_use) with little throttling; other days repeat. The
+        judgement is a compare-and-set of the progress record, so processes judging the
+        same day at once advance it once, and it never goes back."""
         assert ip.warmup is not None
-        address, c = str(ip.address), self._control[str(ip.address)]
-        if c.completed or today < ip.warmup.start:
+        address = str(ip.address)
+        known = self._control[address]
+        if known.completed or today < ip.warmup.start:
             return
-        changed = False
-        if c.day is None or c.day_date is None:
-            c.day, c.day_date, changed = 1, ip.warmup.start, True
-        schedule = ip.warmup.schedule
-        while c.day_date < today and c.day <= schedule.days:
-            window = c.day_date.isoformat()
+        if known.progress is not None and known.progress.on >= today:
+            return  # judged today already: no I/O on the routing path
+
+        async def judge(text: str | None) -> str | None:
+            return PROGRESS.dumps(await self._judged(ip, PROGRESS.loads(text), today))
+
+        stored = await update_value(self._counters, PROGRESS.key(address), judge)
+        self._control[address].progress = PROGRESS.loads(stored)
+
+    async def _judged(self, ip: IPConfig, progress: Progress | None, today: date) -> Progress:
+        """The progress after judging every finished day since ``progress``."""
+        assert ip.warmup is not None
+        address, schedule = str(ip.address), ip.warmup.schedule
+        day, on = (progress.day, progress.on) if progress else (1, ip.warmup.start)
+        while on < today and day <= schedule.days:
+            window = on.isoformat()
             sent = await self._counters.get(CounterKey(address, window))
             throttled = await self._counters.get(CounterKey(address, window, "throttled"))
             if advances(
                 sent,
                 throttled,
-                schedule.daily[c.day - 1],
+                schedule.daily[day - 1],
                 ip.warmup.progress_min_use,
                 ip.warmup.progress_max_throttle,
             ):
-                c.day += 1
-            c.day_date += timedelta(days=1)
-            changed = True
-        if c.day_date < today:  # warm: nothing left to judge
-            c.day_date, changed = today, True
-        if changed:
-            await self._save(address)
+                day += 1
+            on += timedelta(days=1)
+        return Progress(day, max(on, today))  # warm: nothing left to judge
 
-    async def _save(self, address: str) -> None:
+    async def _write(
+        self, record: Record[T], address: str, change: Callable[[T], T], known: T
+    ) -> tuple[T, Persisted]:
+        """Change one record by compare-and-set (``change`` maps the stored value to the new
+        one). While the store fails, the change applies to ``known`` (this process's
+        view) and waits in order in ``_pending``, written by the next refresh."""
+        key = record.key(address)
+
+        async def text_change(text: str | None) -> str | None:
+            return record.dumps(change(record.loads(text)))
+
         try:
-            await self._counters.set_value(f"ip:{address}", self._control[address].dumps())
-        except CounterError as exc:  # kept in memory; written again with the next change
-            log.error("cannot persist the state of %s: %s", address, exc)
+            await self._write_pending()  # keep the order: earlier changes first
+            stored = await update_value(self._counters, key, text_change)
+        except CounterError as exc:
+            log.error("cannot store %s now (%s); in force here, stored when it answers", key, exc)
+            self._pending.append((key, text_change))
+            return change(known), Persisted.PENDING
+        return record.loads(stored), Persisted.STORED
 
-    async def pause(self, address: str, now: datetime) -> None:
-        self._control[address].pause(now.astimezone(self._zone).date())
-        await self._save(address)
+    async def _write_pending(self) -> None:
+        while self._pending:
+            key, change = self._pending[0]
+            await update_value(self._counters, key, change)
+            self._pending.pop(0)
 
-    async def resume(self, address: str, now: datetime) -> None:
-        self._control[address].resume(now.astimezone(self._zone).date())
-        await self._save(address)
+    async def pause(self, address: str, now: datetime) -> Persisted:
+        today = now.astimezone(self._zone).date()
+        known = self._control[address].pause
+        pause, outcome = await self._write(PAUSE, address, lambda p: p.paused(today), known)
+        self._control[address].pause = pause
+        return outcome
 
-    async def complete(self, address: str, now: datetime) -> None:
-        self._control[address].completed = True
-        await self._save(address)
+    async def resume(self, address: str, now: datetime) -> Persisted:
+        today = now.astimezone(self._zone).date()
+        known = self._control[address].pause
+        pause, outcome = await self._write(PAUSE, address, lambda p: p.resumed(today), known)
+        self._control[address].pause = pause
+        return outcome
+
+    async def complete(self, address: str, now: datetime) -> Persisted:
+        known = self._control[address].completed
+        done, outcome = await self._write(COMPLETED, address, lambda _: True, known)
+        self._control[address].completed = done
+        return outcome
 
     async def throttled(
-        self, ip: IPConfig, provider: str | None, n: int, now: datetime, reason: str
+        self,
+        ip: IPConfig,
+        provider: str | None,
+        n: int,
+        now: datetime,
+        reason: str,
+        *,
+        cooldown: tuple[float, float] | None = None,
     ) -> Suspension:
-        """A provider said this IP sends too much: suspend it there for a (growing) cooldown."""
+        """A provider said this IP sends too much: suspend it there for a cooldown that
+        doubles on repeats (from the stored previous suspension, whichever process wrote
+        it). ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks)."""
         address, key = str(ip.address), provider or ""
-        c = self._control[address]
-        base_s, max_s = self._config.throttle.cooldown(provider)
-        cooldown = next_cooldown(c.suspended.get(key), now, base_s, max_s)
-        c.suspended[key] = Suspension(now + timedelta(seconds=cooldown), cooldown, reason)
+        base_s, max_s = cooldown or self._config.throttle.cooldown(provider)
+
+        def suspend(previous: Suspension | None) -> Suspension | None:
+            seconds = next_cooldown(previous, now, base_s, max_s)
+            return Suspension(now + timedelta(seconds=seconds), seconds, reason)
+
         throttle_key = self.counter_key(ip, now, "throttled")
         with contextlib.suppress(CounterError):  # progress may miss it; the suspension holds
             await self._counters.reserve([Limit(throttle_key, 2**62)], n)
-        await self._save(address)
-        return c.suspended[key]
+        known = self._control[address].suspended
+        await self._write(SUSPENDED, address, lambda names: names | {key}, frozenset(known))
+        record = suspension_record(key)
+        stored, _ = await self._write(record, address, suspend, known.get(key))
+        assert stored is not None  # suspend() never returns None
+        self._control[address].suspended[key] = stored
+        return stored
 
     # -- routing -----------------------------------------------------------------
 

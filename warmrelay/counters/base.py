@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from warmrelay.errors import CounterError
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class Counters(Protocol):
         """Store (or with None, delete) a value; survives restarts like the counts."""
         ...
 
+    async def compare_and_set(self, key: str, expected: str | None, new: str | None) -> bool:
+        """Store ``new`` (None: delete) only if the value is still ``expected`` (None:
+        absent), as one atomic step across all callers; true if it was stored."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -62,3 +71,24 @@ def grantable(counts: Sequence[int], caps: Sequence[int], n: int) -> int:
     """How many of ``n`` fit under every cap, given the current counts."""
     room = min((cap - count for count, cap in zip(counts, caps, strict=True)), default=n)
     return max(0, min(n, room))
+
+
+CAS_ATTEMPTS = 20  # a record changed by others this often in a row: give up (CounterError)
+CAS_BACKOFF_MAX_S = 0.05  # random wait between attempts, doubling up to this: no livelock
+
+Change = Callable[[str | None], Awaitable[str | None]]
+
+
+async def update_value(
+    counters: Counters, key: str, change: Change, attempts: int = CAS_ATTEMPTS
+) -> str | None:
+    """Read-modify-write of one value without lost updates: ``change`` maps the stored
+    value to the new one and runs again on the fresh value whenever another process
+    changed it in between (compare-and-set). Returns the value stored in the end."""
+    for attempt in range(attempts):
+        old = await counters.get_value(key)
+        new = await change(old)
+        if new == old or await counters.compare_and_set(key, old, new):
+            return new
+        await asyncio.sleep(random.uniform(0, min(CAS_BACKOFF_MAX_S, 0.001 * 2**attempt)))
+    raise CounterError(f"value {key!r} changed by others {attempts} times in a row")

@@ -39,5 +39,14 @@ class MemoryCounters:
         else:
             self._values[key] = value
 
+    async def compare_and_set(self, key: str, expected: str | None, new: str | None) -> bool:
+        if self._values.get(key) != expected:
+            return False
+        if new is None:  # no await between the check and the write
+            self._values.pop(key, None)
+        else:
+            self._values[key] = new
+        return True
+
     async def close(self) -> None:
         return None

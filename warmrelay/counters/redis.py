@@ -55,6 +55,17 @@ end
 return 0
 """
 
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if current ~= ARGV[2] then return 0 end
+elseif current then
+  return 0
+end
+if ARGV[3] == '1' then redis.call('SET', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 
 def _key(key: CounterKey) -> str:
     # the hash tag keeps one IP's keys in one slot (a reservation may touch several)
@@ -74,6 +85,7 @@ class RedisCounters:
         self._redis = aioredis.Redis(connection_pool=pool)
         self._reserve = self._redis.register_script(_RESERVE)
         self._release = self._redis.register_script(_RELEASE)
+        self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
         self.healthy = True
         self._failed_at = float("-inf")
 
@@ -126,6 +138,16 @@ class RedisCounters:
             await self._call("del", self._redis.delete(name))
         else:
             await self._call("set", self._redis.set(name, value))
+
+    async def compare_and_set(self, key: str, expected: str | None, new: str | None) -> bool:
+        args = [
+            "0" if expected is None else "1",
+            expected or "",
+            "0" if new is None else "1",
+            new or "",
+        ]
+        script = self._compare_and_set(keys=[f"warmrelay:state:{key}"], args=args)
+        return bool(await self._call("cas", script))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -8,11 +8,20 @@ one dedicated thread per process so the event loop keeps serving SMTP.
 Durability: WAL with ``synchronous=NORMAL`` — a committed count survives a
 crash of the process (kill -9); a power cut may lose the last few
 milliseconds of counts.
+
+Failures are visible as with Redis: a call that fails (corrupt or unreadable
+file, disk full, locked past the busy timeout) sets ``healthy`` to false and
+logs once; the connection is dropped so the next try opens the file afresh,
+and for a short back-off every call raises ``CounterError`` at once (a dead
+store is not hammered, and warming IPs pause while mail goes via the pool).
+The first call that succeeds again logs the recovery.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +33,8 @@ from warmrelay.counters.base import CounterKey, Limit, grantable
 from warmrelay.errors import CounterError
 
 T = TypeVar("T")
+
+log = logging.getLogger("warmrelay.counters")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -37,6 +48,7 @@ CREATE TABLE IF NOT EXISTS state (
 );
 """
 _KEEP_S = 8 * 86400.0  # rows untouched for this long belong to windows long past
+BACKOFF_S = 1.0  # after a failure, do not touch the file again before this
 
 
 class SqliteCounters:
@@ -45,6 +57,8 @@ class SqliteCounters:
         self._busy_timeout_s = busy_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counters")
         self._db: sqlite3.Connection | None = None
+        self.healthy = True
+        self._failed_at = float("-inf")
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -55,21 +69,51 @@ class SqliteCounters:
                 isolation_level=None,
                 check_same_thread=False,
             )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            db.execute("DELETE FROM counters WHERE updated < ?", (time.time() - _KEEP_S,))
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.executescript(_SCHEMA)
+                db.execute("DELETE FROM counters WHERE updated < ?", (time.time() - _KEEP_S,))
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
 
+    def _drop(self) -> None:
+        """After a failure: the next try opens the file again (a connection that saw a
+        damaged file may keep failing after the file was repaired)."""
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self.healthy and time.monotonic() - self._failed_at < BACKOFF_S:
+            raise CounterError(f"counters database {self.path} is failing")
+
         def call() -> T:
             try:
                 return fn(self._conn())
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
+                self._drop()
                 raise CounterError(f"counters database {self.path}: {exc}") from exc
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except CounterError as exc:
+            if self.healthy:
+                log.error(
+                    "counters database %s failing (%s): warming IPs pause, mail goes via the pool",
+                    self.path,
+                    exc.__cause__,
+                )
+            self.healthy, self._failed_at = False, time.monotonic()
+            raise
+        if not self.healthy:
+            log.warning("counters database %s answering again", self.path)
+            self.healthy = True
+        return result
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         if n <= 0 or not limits:
@@ -132,13 +176,31 @@ class SqliteCounters:
 
         await self._run(write)
 
-    async def close(self) -> None:
-        def shut(db: sqlite3.Connection) -> None:
-            db.close()
-            self._db = None
+    async def compare_and_set(self, key: str, expected: str | None, new: str | None) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: nobody writes in between
+            try:
+                row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+                stored = (None if row is None else str(row[0])) == expected
+                if stored:
+                    if new is None:
+                        db.execute("DELETE FROM state WHERE key = ?", (key,))
+                    else:
+                        db.execute(
+                            "INSERT INTO state(key, value) VALUES(?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                            (key, new),
+                        )
+                db.execute("COMMIT")
+                return stored
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
-        if self._db is not None:
-            await self._run(shut)
+        return await self._run(tx)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=True)
 
 
