@@ -28,6 +28,7 @@ class Received:
     mail_from: str
     rcpts: list[str]
     data: bytes
+    mail_options: list[str] = field(default_factory=list)
 
 
 ReplyFn = Callable[[str, str], "str | None"]
@@ -45,10 +46,12 @@ class Sink:
     rcpt_reply: Callable[[str, str], str | None] | None = None
     data_reply: Callable[[str, Envelope], str | None] | None = None
     delay_s: float = 0.0
+    smtputf8: bool = True  # offer SMTPUTF8 (a receiver without it must get no UTF-8 address)
     tls_context: ssl.SSLContext | None = None
     credentials: tuple[str, str] | None = None  # require AUTH (after STARTTLS) with these
     logins: list[tuple[str, bool]] = field(default_factory=list)  # (user, accepted)
     ehlos: int = 0  # greetings seen: connection attempts that got that far
+    quits: int = 0  # QUIT commands seen: connections closed politely
     messages: list[Received] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
@@ -80,6 +83,7 @@ class Sink:
                 (envelope.mail_from or "").strip("<>"),
                 list(envelope.rcpt_tos),
                 envelope.original_content or b"",
+                list(envelope.mail_options),
             )
         )
         self._changed.set()
@@ -108,13 +112,18 @@ class Sink:
         self._changed.set()
         return responses
 
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.quits += 1
+        self._changed.set()
+        return "221 Bye"
+
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: SMTP(
                 self,
                 hostname="sink.test",
-                enable_SMTPUTF8=True,
+                enable_SMTPUTF8=self.smtputf8,
                 tls_context=self.tls_context,
                 require_starttls=self.credentials is not None,
                 auth_required=self.credentials is not None,

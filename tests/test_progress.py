@@ -14,8 +14,8 @@ import pytest
 from warmrelay.config import parse_config
 from warmrelay.control import COMPLETED, PAUSE, PROGRESS, Pause, Progress, next_cooldown
 from warmrelay.counters import MemoryCounters, SqliteCounters
+from warmrelay.replies import Outcome, Reply, ReplyRules, Stage
 from warmrelay.router import Router, RouteReason
-from warmrelay.throttle import ThrottleRules
 from warmrelay.warmup import WarmupState
 
 UTC = ZoneInfo("UTC")
@@ -135,7 +135,9 @@ def test_cooldown_doubles_on_repeat_up_to_the_maximum() -> None:
     ],
 )
 def test_throttle_patterns(code: int, text: str, throttle: bool) -> None:
-    assert ThrottleRules([r"^450 4\.2\.1 slow down"]).matches(code, text) is throttle
+    rules = ReplyRules([r"^450 4\.2\.1 slow down"])
+    outcome = rules.classify(Reply(code, text, "mx", Stage.RCPT))
+    assert (outcome is Outcome.THROTTLED) is throttle
 
 
 def test_ip_command_offline_writes_the_store(tmp_path: Path) -> None:

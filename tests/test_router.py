@@ -51,7 +51,8 @@ async def test_release_returns_budget() -> None:
     router = Router(make_config(), MemoryCounters())
     plan = await router.route(3, NOW)
     (route,) = plan.routes
-    await router.release(route, 3)
+    assert route.reservation is not None
+    await route.reservation.settle()  # nothing kept: all 3 go back
     assert await router.sent(route.source, NOW) == 0
     assert summary((await router.route(3, NOW)).parts) == [("127.0.0.2", 3, "warmup")]
 

@@ -449,29 +449,40 @@ class CooldownConfig(_Frozen):
     cooldown_max_s: float = Field(default=86400.0, gt=0)
 
 
+def _regexes(value: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+    return value
+
+
+Patterns = Annotated[tuple[str, ...], AfterValidator(_regexes)]
+
+
 class ThrottleConfig(_Frozen):
     """Replies that mean "this IP sends too much"; extra regexes match "CODE TEXT"."""
 
-    patterns: tuple[str, ...] = ()
+    patterns: Patterns = ()
     cooldown_s: float = Field(default=3600.0, gt=0)
     cooldown_max_s: float = Field(default=86400.0, gt=0)
     providers: Mapping[str, CooldownConfig] = Field(default_factory=dict)
-
-    @field_validator("patterns")
-    @classmethod
-    def _compiles(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
-        return value
 
     def cooldown(self, provider: str | None) -> tuple[float, float]:
         own = self.providers.get(provider or "")
         return (
             (own.cooldown_s, own.cooldown_max_s) if own else (self.cooldown_s, self.cooldown_max_s)
         )
+
+
+class BlockConfig(_Frozen):
+    """Replies that blame the sending IP's reputation (5xx): never a bounce; the warming IP is
+    suspended for that provider for a long, growing cooldown. Extra regexes match "CODE TEXT"."""
+
+    patterns: Patterns = ()
+    cooldown_s: float = Field(default=6 * 3600.0, gt=0)
+    cooldown_max_s: float = Field(default=7 * 86400.0, gt=0)
 
 
 class SmarthostConfig(_Frozen):
@@ -507,6 +518,7 @@ class Config(_Frozen):
     overflow: Literal["pool", "hold", "smarthost"] = "pool"
     smarthost: SmarthostConfig | None = None
     throttle: ThrottleConfig = ThrottleConfig()
+    blocks: BlockConfig = BlockConfig()
     routes: Mapping[str, HostPort] = Field(default_factory=dict)
     providers: Mapping[str, ProviderConfig] = Field(default_factory=dict)
 

@@ -1,17 +1,26 @@
-"""Dispatcher: SMTP delivery bound to the chosen source IP, with connection reuse.
+"""Dispatcher: one SMTP transaction bound to the chosen source IP, with connection reuse.
 
 Each transaction leaves from ``source_address=(ip, 0)`` greeting with that
-IP's helo name; connections are kept per (source IP, next hop) for reuse.
-A bind failure (the address is not on this host) is reported as such, never
-retried from another address. Replies are classified per recipient.
+IP's helo name; idle connections are kept per (source IP, next hop) for reuse
+and closed by a reaper when unused. A bind failure (the address is not on
+this host) is reported as such, never retried from another address.
+
+The transaction runs command by command (not aiosmtplib's ``sendmail``) so
+that every recipient gets the reply that really decided it, wherever it came:
+a ``421`` at the second RCPT (after which aiosmtplib drops the connection)
+gives that recipient and the ones after it the 421, not a generic "not
+connected". Replies are returned raw; ``replies.ReplyRules`` classifies them.
+Connection limits per (source IP, next hop) are the ready queues' job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,33 +29,11 @@ import aiosmtplib
 
 from warmrelay.config import DeliveryConfig, IPConfig
 from warmrelay.nexthop import NextHop
+from warmrelay.replies import Outcome, Reply, ReplyRules, Stage
 
 log = logging.getLogger("warmrelay.dispatcher")
 
-
-class Outcome(enum.Enum):
-    DELIVERED = "delivered"
-    DEFERRED = "deferred"
-    BOUNCED = "bounced"
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A recipient's result: outcome plus the reply that decided it."""
-
-    outcome: Outcome
-    code: int
-    text: str
-    hop: str  # "host[address]:port", or "" if no receiver was reached
-
-    @property
-    def status(self) -> str:
-        """The enhanced status code from the reply text, or one derived from the code."""
-        first = self.text.split(" ", 1)[0]
-        parts = first.split(".")
-        if len(parts) == 3 and all(p.isdigit() for p in parts):
-            return first
-        return {Outcome.BOUNCED: "5.0.0", Outcome.DEFERRED: "4.0.0"}.get(self.outcome, "2.0.0")
+REAP_EVERY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -63,8 +50,8 @@ class Endpoint:
 
 
 class Connected(enum.Enum):
-    YES = "yes"  # a receiver got the recipients: they count against the cap
-    NO = "no"  # no next hop answered: release the reservation, retry later
+    YES = "yes"  # a receiver answered a transaction (replies say what became of each)
+    NO = "no"  # no next hop took a transaction
     BIND_FAILED = "bind_failed"  # the source address is not usable on this host
 
 
@@ -72,14 +59,6 @@ class Connected(enum.Enum):
 class DispatchResult:
     connected: Connected
     replies: tuple[Reply, ...]  # one per recipient, in order
-
-
-def classify(code: int) -> Outcome:
-    if 200 <= code < 300:
-        return Outcome.DELIVERED
-    if 500 <= code < 600:
-        return Outcome.BOUNCED
-    return Outcome.DEFERRED
 
 
 def _is_bind_error(exc: BaseException) -> bool:
@@ -91,38 +70,47 @@ def _is_bind_error(exc: BaseException) -> bool:
     return False
 
 
-class _Lost(Exception):
-    """The connection broke mid-transaction (internal: retried once on a fresh connection)."""
+class _Stale(Exception):
+    """A reused connection turned out dead before anything was sent: retry on a fresh one."""
+
+
+class _Refused(Exception):
+    """A next hop refused us before the transaction (greeting, EHLO, STARTTLS, AUTH)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.line)
+        self.reply = reply
 
 
 @dataclass
-class _Pool:
-    """Idle connections and a cap on open ones, for one (source IP, next hop)."""
+class _Idle:
+    """Idle connections for one (source IP, next hop address, port), newest last."""
 
-    limit: asyncio.Semaphore
-    idle: list[tuple[aiosmtplib.SMTP, float]] = field(default_factory=list)
+    connections: list[tuple[aiosmtplib.SMTP, float]] = field(default_factory=list)
 
 
 class Dispatcher:
-    def __init__(self, config: DeliveryConfig) -> None:
+    def __init__(self, config: DeliveryConfig, rules: ReplyRules | None = None) -> None:
         self._config = config
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._rules = rules or ReplyRules()
+        self._idle: dict[tuple[str, str, int], _Idle] = {}
+        self._reaper: asyncio.Task[None] | None = None
         self.closing = False  # set at shutdown: start no new transaction
 
-    def _pool(self, key: tuple[str, str, int]) -> _Pool:
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = _Pool(asyncio.Semaphore(self._config.connections_per_destination))
-            self._pools[key] = pool
-        return pool
-
-    def configure(self, config: DeliveryConfig) -> None:
-        """A reloaded configuration: timeouts and TLS policy apply to new connections."""
+    def configure(self, config: DeliveryConfig, rules: ReplyRules | None = None) -> None:
+        """A reloaded configuration: timeouts, TLS policy and reply rules apply to new
+        connections."""
         self._config = config
+        if rules is not None:
+            self._rules = rules
 
     def endpoint(self, source: IPConfig) -> Endpoint:
         """Deliver from a source IP of ours, greeting with its helo."""
         return Endpoint(str(source.address), source.helo, self._config.starttls)
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(i.connections) for i in self._idle.values())
 
     async def send(
         self,
@@ -132,72 +120,91 @@ class Dispatcher:
         rcpts: Sequence[str],
         data: bytes,
     ) -> DispatchResult:
-        """Try the next hops in order until one takes the transaction."""
-        last = Reply(Outcome.DEFERRED, 451, "4.4.1 No next hop answered", "")
+        """Try the next hops in order until one answers a transaction. A hop that refuses us
+        before the transaction is skipped, unless it blames our IP (throttle or block):
+        the next MX of the same provider would only say the same to the same IP."""
+        last = Reply(451, "4.4.1 No next hop answered", "", Stage.CONNECT)
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
         for hop in hops:
+            if self.closing:
+                last = Reply(421, "4.3.2 relay shutting down", "")
+                break
             key = (endpoint.source or "*", hop.address, hop.port)
             label = f"{hop.host}[{hop.address}]:{hop.port}"
-            pool = self._pool(key)
-            async with pool.limit:
-                if self.closing:
-                    shutdown = Reply(Outcome.DEFERRED, 421, "4.3.2 relay shutting down", "")
-                    return DispatchResult(Connected.NO, tuple(shutdown for _ in rcpts))
+            smtp = self._reuse(key)
+            if smtp is not None:
                 try:
-                    smtp = self._reuse(pool)
-                    if smtp is not None:
-                        try:
-                            replies, reusable = await self._transaction(
-                                smtp, mail_from, rcpts, data, label
-                            )
-                            return self._done(pool, smtp, replies, reusable)
-                        except _Lost:  # the receiver closed an idle connection: go fresh
-                            smtp.close()
-                    smtp = await self._connect(endpoint, hop)
-                except aiosmtplib.SMTPException as exc:
-                    if endpoint.source is not None and _is_bind_error(exc):
-                        cannot = Reply(
-                            Outcome.DEFERRED, 451, f"4.4.0 cannot bind {endpoint.source}", ""
-                        )
-                        return DispatchResult(Connected.BIND_FAILED, tuple(cannot for _ in rcpts))
-                    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-                        text = f"4.7.0 {label} refused our credentials: {exc.code} {exc.message}"
-                        last = Reply(Outcome.DEFERRED, 454, text, label)
-                    elif isinstance(exc, aiosmtplib.SMTPResponseException):  # e.g. 421 greeting
-                        last = Reply(Outcome.DEFERRED, exc.code, exc.message, label)
-                    else:
-                        last = Reply(Outcome.DEFERRED, 451, f"4.4.1 {label}: {exc}", label)
-                    log.info(
-                        "connect %s from %s failed: %s", label, endpoint.source or "default", exc
-                    )
-                    continue
-                try:
-                    replies, reusable = await self._transaction(smtp, mail_from, rcpts, data, label)
-                except _Lost as exc:
+                    replies = await self._transaction(smtp, mail_from, rcpts, data, label, True)
+                    return self._done(key, smtp, replies)
+                except _Stale:  # the receiver closed an idle connection: go fresh
                     smtp.close()
-                    lost = Reply(Outcome.DEFERRED, 451, f"4.4.2 {label}: {exc.__cause__}", label)
-                    replies, reusable = tuple(lost for _ in rcpts), False
-                return self._done(pool, smtp, replies, reusable)
+            try:
+                smtp = await self._connect(endpoint, hop, label)
+            except _Refused as exc:
+                last = exc.reply
+                log.info("%s from %s: %s", label, endpoint.source or "default", last.line)
+                if self._rules.classify(last) in (Outcome.THROTTLED, Outcome.BLOCKED):
+                    break
+                continue
+            except (aiosmtplib.SMTPException, OSError) as exc:  # incl. ssl.SSLError
+                if endpoint.source is not None and _is_bind_error(exc):
+                    cannot = Reply(451, f"4.4.0 cannot bind {endpoint.source}", "")
+                    return DispatchResult(Connected.BIND_FAILED, tuple(cannot for _ in rcpts))
+                text = f"4.4.1 {label}: {_describe(exc)}"
+                last = Reply(451, text, label, Stage.CONNECT)
+                log.info("connect %s from %s failed: %s", label, endpoint.source or "default", exc)
+                continue
+            try:
+                replies = await self._transaction(smtp, mail_from, rcpts, data, label, False)
+            except _Stale as exc:  # fresh connection lost before anything was accepted
+                smtp.close()
+                lost = Reply(451, f"4.4.2 {label}: {exc.__cause__ or exc}", label, Stage.MAIL)
+                replies = tuple(lost for _ in rcpts)
+            return self._done(key, smtp, replies)
         return DispatchResult(Connected.NO, tuple(last for _ in rcpts))
 
     def _done(
-        self, pool: _Pool, smtp: aiosmtplib.SMTP, replies: tuple[Reply, ...], reusable: bool
+        self, key: tuple[str, str, int], smtp: aiosmtplib.SMTP, replies: tuple[Reply, ...]
     ) -> DispatchResult:
-        if reusable and smtp.is_connected:
-            pool.idle.append((smtp, time.monotonic()))
+        if smtp.is_connected and not self.closing:
+            self._idle.setdefault(key, _Idle()).connections.append((smtp, time.monotonic()))
         else:
             smtp.close()
         return DispatchResult(Connected.YES, replies)
 
-    def _reuse(self, pool: _Pool) -> aiosmtplib.SMTP | None:
+    def _reuse(self, key: tuple[str, str, int]) -> aiosmtplib.SMTP | None:
+        idle = self._idle.get(key)
         now = time.monotonic()
-        while pool.idle:
-            smtp, since = pool.idle.pop()
+        while idle is not None and idle.connections:
+            smtp, since = idle.connections.pop()
             if smtp.is_connected and now - since < self._config.idle_connection_s:
                 return smtp
             smtp.close()
         return None
 
-    async def _connect(self, endpoint: Endpoint, hop: NextHop) -> aiosmtplib.SMTP:
+    async def _reap(self) -> None:
+        """Close connections idle for longer than ``idle_connection_s`` (politely, with QUIT)
+        and forget empty entries, so neither sockets nor the map grow without bound."""
+        while True:
+            await asyncio.sleep(min(REAP_EVERY_S, max(0.5, self._config.idle_connection_s)))
+            now = time.monotonic()
+            stale: list[aiosmtplib.SMTP] = []
+            for key in list(self._idle):
+                idle = self._idle[key]
+                keep = []
+                for smtp, since in idle.connections:
+                    if smtp.is_connected and now - since < self._config.idle_connection_s:
+                        keep.append((smtp, since))
+                    else:
+                        stale.append(smtp)
+                idle.connections = keep
+                if not keep:
+                    del self._idle[key]
+            for smtp in stale:
+                await _quit(smtp)
+
+    async def _connect(self, endpoint: Endpoint, hop: NextHop, label: str) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
             hostname=hop.address,
             port=hop.port,
@@ -205,62 +212,149 @@ class Dispatcher:
             source_address=(endpoint.source, 0) if endpoint.source else None,
             timeout=self._config.timeout_s,
             use_tls=endpoint.tls == "implicit",
-            start_tls={"opportunistic": None, "required": True}.get(endpoint.tls, False),
+            start_tls=False,  # done below, so a refusal is told apart from a failure
             # MX certificates rarely match the MX name (RFC 7672); a smarthost's must.
             validate_certs=endpoint.verify,
             cert_bundle=endpoint.ca_file,
         )
-        await smtp.connect(timeout=self._config.connect_timeout_s)
-        if endpoint.username is not None:
-            if endpoint.password is None:
-                smtp.close()
-                raise aiosmtplib.SMTPAuthenticationError(
-                    530, "no password: the smarthost password variable is not set"
-                )
-            try:
+        try:
+            await smtp.connect(timeout=self._config.connect_timeout_s)
+            await _greet(smtp)
+            wants_tls = endpoint.tls == "required" or (
+                endpoint.tls == "opportunistic" and smtp.supports_extension("starttls")
+            )
+            if wants_tls and smtp.get_transport_info("sslcontext") is None:
+                await smtp.starttls()
+                await _greet(smtp)  # RFC 3207: ask again what the server offers
+            if endpoint.username is not None:
+                if endpoint.password is None:
+                    raise _Refused(
+                        Reply(
+                            454,
+                            "4.7.0 no password: the smarthost password variable is not set",
+                            label,
+                            Stage.CONNECT,
+                        )
+                    )
                 await smtp.login(endpoint.username, endpoint.password)
-            except aiosmtplib.SMTPException:
-                smtp.close()
-                raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            smtp.close()
+            text = f"4.7.0 {label} refused our credentials: {exc.code} {exc.message}"
+            raise _Refused(Reply(454, text, label, Stage.CONNECT)) from exc
+        except aiosmtplib.SMTPResponseException as exc:  # 421/554 greeting, EHLO, STARTTLS
+            smtp.close()
+            raise _Refused(Reply(exc.code, exc.message, label, Stage.CONNECT)) from exc
+        except BaseException:
+            smtp.close()
+            raise
         return smtp
 
     async def _transaction(
-        self, smtp: aiosmtplib.SMTP, mail_from: str, rcpts: Sequence[str], data: bytes, label: str
-    ) -> tuple[tuple[Reply, ...], bool]:
-        """One MAIL/RCPT/DATA; returns a reply per recipient and whether to keep the connection."""
-        options = ["SMTPUTF8"] if not (mail_from + "".join(rcpts)).isascii() else []
+        self,
+        smtp: aiosmtplib.SMTP,
+        mail_from: str,
+        rcpts: Sequence[str],
+        data: bytes,
+        label: str,
+        reused: bool,
+    ) -> tuple[Reply, ...]:
+        """MAIL, each RCPT, DATA: a reply per recipient. Raises ``_Stale`` only when nothing
+        reached the receiver yet (MAIL failed on a dead connection)."""
+        utf8 = not (mail_from + "".join(rcpts)).isascii()
+        if utf8 and not smtp.supports_extension("smtputf8"):
+            # RFC 6531 §3.2: no downgrade exists for non-ASCII addresses
+            no = Reply(553, f"5.6.7 {label} does not support SMTPUTF8", label, Stage.MAIL)
+            await _reset(smtp)
+            return tuple(no for _ in rcpts)
+        options = ["SMTPUTF8"] if utf8 else []
         if not data.isascii() and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if smtp.supports_extension("size"):
+            options.append(f"SIZE={len(data)}")
+        encoding = "utf-8" if utf8 else "ascii"
         try:
-            refused, response = await smtp.sendmail(
-                mail_from, list(rcpts), data, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            by_rcpt = {r.recipient: r for r in exc.recipients}
-            return tuple(
-                Reply(classify(by_rcpt[r].code), by_rcpt[r].code, by_rcpt[r].message, label)
-                if r in by_rcpt
-                else Reply(Outcome.DEFERRED, 451, "4.3.0 no reply", label)
-                for r in rcpts
-            ), True
-        except aiosmtplib.SMTPResponseException as exc:  # MAIL or DATA refused
-            reply = Reply(classify(exc.code), exc.code, exc.message, label)
-            return tuple(reply for _ in rcpts), exc.code < 400 or exc.code >= 500
-        except (aiosmtplib.SMTPException, OSError) as exc:  # connection lost, timeout
-            raise _Lost from exc
-        ok = Reply(Outcome.DELIVERED, 250, response, label)
-        return tuple(
-            Reply(classify(refused[r].code), refused[r].code, refused[r].message, label)
-            if r in refused
-            else ok
-            for r in rcpts
-        ), True
+            await smtp.mail(mail_from, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as exc:
+            if reused and exc.code == 421:  # most often: the idle connection timed out there
+                raise _Stale from exc
+            refused = Reply(exc.code, exc.message, label, Stage.MAIL)
+            await _reset(smtp)
+            return tuple(refused for _ in rcpts)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            if reused:
+                raise _Stale from exc
+            lost = Reply(451, f"4.4.2 {label}: lost at MAIL: {_describe(exc)}", label, Stage.MAIL)
+            return tuple(lost for _ in rcpts)
+        replies: list[Reply] = []
+        for n, rcpt in enumerate(rcpts):
+            try:
+                ok = await smtp.rcpt(rcpt, encoding=encoding)
+                replies.append(Reply(ok.code, ok.message, label, Stage.RCPT, accepted=True))
+            except aiosmtplib.SMTPResponseException as exc:
+                replies.append(Reply(exc.code, exc.message, label, Stage.RCPT))
+                if not smtp.is_connected:  # 421: the receiver closes; the rest get the same
+                    replies += [replies[-1]] * (len(rcpts) - n - 1)
+                    break
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                lost = Reply(451, f"4.4.2 {label}: lost at RCPT: {_describe(exc)}", label)
+                replies += [lost] * (len(rcpts) - n)
+                break
+        accepted = [i for i, r in enumerate(replies) if r.accepted]
+        if not accepted:
+            await _reset(smtp)
+            return tuple(replies)
+        try:
+            done = await smtp.data(data)
+            final = Reply(done.code, done.message, label, Stage.DATA, accepted=True)
+        except aiosmtplib.SMTPResponseException as exc:  # DATA refused, or after the dot
+            final = Reply(exc.code, exc.message, label, Stage.DATA, accepted=True)
+            await _reset(smtp)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            # The message may have arrived: never resend at once (duplicates); defer it.
+            text = f"4.4.2 {label}: lost during DATA, delivery uncertain: {_describe(exc)}"
+            final = Reply(451, text, label, Stage.DATA, accepted=True)
+            smtp.close()
+        for i in accepted:
+            replies[i] = final
+        return tuple(replies)
 
     async def close(self) -> None:
-        for pool in self._pools.values():
-            for smtp, _ in pool.idle:
-                try:
-                    await asyncio.wait_for(smtp.quit(), 2)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    smtp.close()
-            pool.idle.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        idle = [smtp for entry in self._idle.values() for smtp, _ in entry.connections]
+        self._idle.clear()
+        await asyncio.gather(*(_quit(smtp) for smtp in idle))
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO for a receiver that does not speak ESMTP."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
+    return str(exc) or type(exc).__name__
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> None:
+    """RSET after a refused transaction, so the connection can carry the next one."""
+    if smtp.is_connected:
+        try:
+            await smtp.rset()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    try:
+        await asyncio.wait_for(smtp.quit(), 2)
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        smtp.close()

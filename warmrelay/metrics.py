@@ -58,6 +58,13 @@ class Metrics:
             ["ip", "provider"],
             registry=r,
         )
+        self.blocked = Counter(
+            "warmrelay_blocked",
+            "Recipients refused with a reply blaming the sending IP's reputation (a blocklist), "
+            "by source IP and provider; retried from elsewhere, never bounced",
+            ["ip", "provider"],
+            registry=r,
+        )
         self.suspended = Gauge(
             "warmrelay_suspended",
             "1 while a warming IP is suspended for a provider after throttling",

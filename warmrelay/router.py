@@ -43,6 +43,7 @@ from warmrelay.counters import CounterKey, Counters, Limit
 from warmrelay.counters.base import Change, update_value
 from warmrelay.eligibility import Eligibility, Traffic
 from warmrelay.errors import CounterError
+from warmrelay.reservation import Ledger, Reservation
 from warmrelay.warmup import (
     Caps,
     WarmupPlan,
@@ -66,12 +67,13 @@ class RouteReason(enum.Enum):
 
 @dataclass(frozen=True)
 class Route:
-    """Send ``count`` recipients from ``source``; ``reserved`` is released if it never connects."""
+    """Send ``count`` recipients from ``source``. From a warming IP the route owns the
+    ``reservation`` of those recipients under its caps (see warmrelay.reservation)."""
 
     source: IPConfig
     count: int
     reason: RouteReason
-    reserved: tuple[CounterKey, ...] = ()
+    reservation: Reservation | None = None
 
     @property
     def address(self) -> str:
@@ -125,6 +127,7 @@ class Router:
         self._counters = counters
         self._rr_weights: dict[str, int] = {}
         self._rotation = itertools.count()
+        self.ledger = Ledger()  # open reservations, settled at shutdown
         self._down_until: dict[str, datetime] = {}
         self._plans: dict[str, WarmupPlan] = {}
         self._eligible: dict[str, Eligibility] = {}
@@ -200,6 +203,7 @@ class Router:
     def carry_over(self, old: Router) -> None:
         """After a configuration reload: keep what the old router learned at run time."""
         self._down_until = dict(old._down_until)
+        self.ledger = old.ledger
         self._rr_weights = dict(old._rr_weights)
         self._pending = old._pending  # still to be written, in order
         for address, control in old._control.items():
@@ -409,7 +413,14 @@ class Router:
                 if remaining == 0:
                     break
                 address = str(ip.address)
-                if self.is_down(address, now) or self.suspension(address, provider, now):
+                down_until = self._down_until.get(address) if self.is_down(address, now) else None
+                suspension = self.suspension(address, provider, now)
+                if down_until is not None or suspension is not None:
+                    # held mail comes back when the IP may send again, not at midnight
+                    if down_until is not None:
+                        more_room_at = min(more_room_at, down_until)
+                    if suspension is not None:
+                        more_room_at = min(more_room_at, suspension.until)
                     continue
                 caps = self.caps(ip, now, provider)
                 assert caps is not None
@@ -427,23 +438,19 @@ class Router:
                     continue
                 if granted:
                     keys = tuple(lim.key for lim in limits)
-                    parts.append(Route(ip, granted, RouteReason.WARMUP, keys))
+                    held = Reservation(self._counters, keys, granted, self.ledger)
+                    parts.append(Route(ip, granted, RouteReason.WARMUP, held))
                     remaining -= granted
         if remaining:
             parts.append(self._overflow(remaining, now, bool(warming), more_room_at, states))
         return RoutePlan(tuple(parts))
 
     def _admits(self, ip: IPConfig, traffic: Traffic | None) -> bool:
+        """Eligibility rules; and never a DSN (null sender): bounces from a cold IP hurt it."""
+        if traffic is not None and not traffic.sender:
+            return False
         rules = self._eligible.get(str(ip.address))
         return rules is None or (traffic is not None and rules.admits(traffic))
-
-    async def release(self, route: Route, n: int) -> None:
-        """Give back reservations for recipients whose connection never opened."""
-        if route.reserved and n:
-            try:
-                await self._counters.release(route.reserved, n)
-            except CounterError as exc:  # the count stays high: safe, never over the cap
-                log.error("cannot release %d reserved for %s: %s", n, route.address, exc)
 
     def _overflow(
         self,
