@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,33 @@ async def test_relay_starts_with_an_unbound_ip_marked_down(
             await send(relay, [f"r{n}@example.test"])
         await sink.wait_for(4)
     assert sink.by_peer() == {"127.0.0.3": 4}
+
+
+async def test_healthz_stays_degraded_after_the_down_mark_expires(
+    tmp_path: Path, sink: Sink
+) -> None:
+    """The mark lasts ip_down_s; an IP still not on this host must not read as healthy."""
+    now = [datetime(2026, 11, 28, 12, 0, tzinfo=UTC)]
+    config = parse_config(unbound_doc(tmp_path, sink.port))
+    async with running(config, clock=lambda: now[0]) as relay:
+        now[0] += timedelta(seconds=config.delivery.ip_down_s + 1)  # the first mark is over
+        assert await http_get(relay.admin.port, "/healthz") == (
+            200,
+            f"degraded: source IP down: {UNBOUND}\n".encode(),
+        )
+
+
+async def test_supervisor_reports_an_unbound_ip(tmp_path: Path, sink: Sink) -> None:
+    """serve --workers: the supervisor's own /healthz and /metrics show it, not only the
+    workers' logs."""
+    relay = await RelayProcess(unbound_doc(tmp_path, sink.port), tmp_path, "--workers", "2").start()
+    try:
+        health = await http_get(relay.admin_port, "/healthz")
+        assert health == (200, f"degraded: source IP down: {UNBOUND}\n".encode())
+        _, metrics = await http_get(relay.admin_port, "/metrics")
+        assert f'warmrelay_ip_up{{ip="{UNBOUND}"}} 0.0' in metrics.decode()
+    finally:
+        await relay.terminate()
 
 
 async def test_healthz_is_ok_when_every_ip_is_bound(tmp_path: Path, sink: Sink) -> None:

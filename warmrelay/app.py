@@ -83,13 +83,15 @@ class Relay:
     def smtp_ports(self) -> list[int]:
         return [int(s.sockets[0].getsockname()[1]) for s in self._servers]
 
-    async def start(self) -> None:
-        self.config.state.dir.mkdir(parents=True, exist_ok=True)
-        for warning in config_warnings(self.config):
-            log.warning("config: %s", warning)
-        await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
+    def check_source_ips(self) -> None:
+        """An IP not on this host is down from the start, not only at its first use
+        (log line, warmrelay_ip_up 0, /healthz degraded); its mail leaves from the others.
+        Checked again at each /healthz and scrape, so health stays honest after the mark
+        expires (a bind probe is one socket call)."""
         now = self.clock()
-        for ip in self.config.ips:  # not on this host: down from the start, not at first use
+        for ip in self.config.ips:
+            if self.router.is_down(str(ip.address), now):
+                continue
             unbound = bind_error(ip.address)
             if unbound is not None:
                 address = str(ip.address)
@@ -103,6 +105,13 @@ class Relay:
                     unbound.strerror,
                     until.isoformat(),
                 )
+
+    async def start(self) -> None:
+        self.config.state.dir.mkdir(parents=True, exist_ok=True)
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
+        await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
+        self.check_source_ips()
         recovered = await self.spool.open()
         recovered += await self._adopt_orphans()
         for item in recovered:
@@ -346,6 +355,7 @@ class Relay:
     async def _health_page(self) -> tuple[int, str, bytes]:
         """200 while the relay accepts and delivers mail; "degraded: ..." names what is
         wrong (it still delivers, via the pool or other IPs), so alerts can say why."""
+        self.check_source_ips()
         reasons = []
         if not self.counters_up:
             reasons.append("counters store unreachable")
@@ -364,6 +374,7 @@ class Relay:
 
     async def update_gauges(self) -> None:
         """Gauges that mirror counters and state are set just before a scrape."""
+        self.check_source_ips()
         m = self.metrics
         status = await self.status()
         for ip in status["ips"]:

@@ -130,6 +130,7 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
 
         loop.add_signal_handler(signal.SIGHUP, reload)
         await relay.router.refresh(relay.clock())
+        relay.check_source_ips()  # the supervisor's /healthz and /metrics show it too
         if config.admin.listen is not None:
             await relay.admin.start(*config.admin.listen)
         readies = [asyncio.Event() for _ in range(workers)]
