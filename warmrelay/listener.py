@@ -33,6 +33,10 @@ from warmrelay.spool import Spool, SpooledMessage
 log = logging.getLogger("warmrelay.listener")
 
 PROXY_TIMEOUT_S = 10.0  # a load balancer sends its PROXY header at once
+# A line this long without its end is abuse, not mail (RFC 5321 allows 1,000 octets;
+# aiosmtpd answers 500 after the dot for anything over that, but keeps every fragment of
+# the line until its end): the session is answered and closed as the bytes arrive.
+MAX_LINE_BYTES = 1024 * 1024
 
 # aiosmtpd answers some errors itself, without enhanced status codes (RFC 3463).
 _ENHANCED = {
@@ -186,6 +190,7 @@ class RelaySMTP(SMTP):
         self._held: str | None = None  # the key of our slot in ConnectionLimits
         self._bad = 0
         self._implicit_tls = False
+        self._open_line = 0  # bytes received since the last line end
 
     @property
     def encrypted(self) -> bool:
@@ -288,6 +293,22 @@ class RelaySMTP(SMTP):
             if self._bad == self.relay.config.smtp.max_bad_commands:
                 log.warning("%s: too many refused commands, hanging up", self.client)
                 self._hang_up("421 4.7.0 Too many errors, closing connection")
+
+    def data_received(self, data: bytes) -> None:
+        """Bound what one session can make us hold: count the bytes of the line in
+        progress (one rfind per chunk) and hang up once it passes MAX_LINE_BYTES."""
+        end = data.rfind(b"\n")
+        self._open_line = len(data) - end - 1 if end >= 0 else self._open_line + len(data)
+        if self._open_line > MAX_LINE_BYTES:
+            if self.transport is not None and not self.transport.is_closing():
+                log.warning(
+                    "%s: a line over %d bytes without its end: hanging up",
+                    self.client,
+                    MAX_LINE_BYTES,
+                )
+            self._hang_up("500 5.5.2 Line too long, closing connection")
+            return
+        super().data_received(data)
 
     def _hang_up(self, reply: str) -> None:
         """Say why, then close. Synchronous, so a timer can call it too: connection_lost then
