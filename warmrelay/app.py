@@ -112,6 +112,9 @@ class Relay:
             log.warning("config: %s", warning)
         await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
         self.check_source_ips()
+        # pushed on each change, not only at a scrape: workers of --workers are never scraped
+        self.spool.on_change = self.router.ledger.on_change = self._disk_gauges
+        self._disk_gauges()
         recovered = await self.spool.open()
         recovered += await self._adopt_orphans()
         for item in recovered:
@@ -357,6 +360,8 @@ class Relay:
         wrong (it still delivers, via the pool or other IPs), so alerts can say why."""
         self.check_source_ips()
         reasons = []
+        if not self.spool.writable:  # every new message is answered 451 meanwhile
+            reasons.append(f"spool not writable ({self.spool.fault})")
         if not self.counters_up:
             reasons.append("counters store unreachable")
         now = self.clock()
@@ -390,6 +395,15 @@ class Relay:
                 m.suspended.labels(a, provider).set(1 if provider in ip["suspended"] else 0)
         m.spool_messages.set(status["spool"]["messages"])
         m.counters_up.set(1 if self.counters_up else 0)
+        self._disk_gauges()
+
+    def _disk_gauges(self) -> None:
+        """The spool's and the ledger's state of a disk incident (see README: A disk
+        incident)."""
+        m = self.metrics
+        m.spool_writable.set(1 if self.spool.writable else 0)
+        m.spool_unrecorded.set(self.spool.unrecorded)
+        m.reservations_unreleased.set(self.router.ledger.unreleased)
 
 
 @dataclass(frozen=True)

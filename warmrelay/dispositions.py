@@ -5,6 +5,11 @@ finished recipients, and a DSN to the sender for bounced and expired ones
 (stored in the spool before the original's recipients are marked done).
 The scheduler decides *when* to try again; this module only records and
 says which recipients are left.
+
+What a receiver took stays taken: a recipient leaves the pending set before
+the spool is asked to write that down, and a spool that cannot write keeps the
+record in memory (see ``spool``) instead of failing, so a full or read-only
+disk never turns a delivery into a resend.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class Recorder:
         reason: str,
         now: datetime,
     ) -> bool:
-        """Log, count and write down final recipients; remove them from ``pending``.
+        """Log, count and write down final recipients; remove them from ``pending`` first.
         Returns True when the message is finished (nothing pending). Failed recipients
         whose DSN cannot be stored move to ``v.retry``."""
         for i, reply in v.delivered:
@@ -88,10 +93,10 @@ class Recorder:
         finishing = pending.issubset(i for i, _ in finals)
         for disposition in {d for _, d in finals}:
             idx = [i for i, d in finals if d == disposition]
+            pending.difference_update(idx)  # first: whatever the disk says, they are done
+            self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
             if not finishing:  # a finished message is removed at once: nothing to record
                 self._spool.mark_done(msg.queue_id, idx, disposition)
-            pending.difference_update(idx)
-            self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
         deferred = len(v.retry) + len(v.reroute)
         if deferred:
             self._metrics.deliveries.labels(ip, "deferred").inc(deferred)
@@ -149,7 +154,9 @@ class Recorder:
             )
             bounce = await self._spool.store("", [msg.mail_from], dsn, received_at=now.timestamp())
         except (WarmrelayError, OSError, ValueError) as exc:
-            log.error("%s: cannot queue the DSN to <%s>: %s", msg.queue_id, msg.mail_from, exc)
+            # the spool logged its own fault once; a line per message and retry would flood
+            level = logging.ERROR if self._spool.writable else logging.INFO
+            log.log(level, "%s: cannot queue the DSN to <%s>: %s", msg.queue_id, msg.mail_from, exc)
             return False
         self._metrics.dsn_sent.inc()
         log.info("%s: sender non-delivery notification: %s", msg.queue_id, bounce.queue_id)

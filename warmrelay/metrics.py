@@ -94,6 +94,27 @@ class Metrics:
             "Messages refused with 451 because the spool failed",
             registry=r,
         )
+        self.spool_writable = Gauge(
+            "warmrelay_spool_writable",
+            "1 if the spool takes writes; 0: new mail is answered 451 and delivery progress "
+            "is kept in memory until the disk takes it (see warmrelay_spool_unrecorded)",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.spool_unrecorded = Gauge(
+            "warmrelay_spool_unrecorded",
+            "Messages whose delivery progress is known only in memory (the spool could not "
+            "write it yet): a restart now would deliver those recipients again",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.reservations_unreleased = Gauge(
+            "warmrelay_reservations_unreleased",
+            "Reserved recipients the counters store refused to give back (retried until it "
+            "answers): today's count is that much too high meanwhile",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.counters_up = Gauge(
             "warmrelay_counters_up",
             "1 if the counters store answers; 0: warming IPs pause, mail goes via the pool",

@@ -10,15 +10,25 @@ between ``retry_first_s`` and ``retry_max_s``), or routed again at once
 (throttled or blocked on a warming IP: the router now avoids it). What is
 still undelivered after ``queue_lifetime_s`` expires. Dispositions are
 written down by ``dispositions``.
+
+Held mail (``overflow: hold``, a full window) waits in one heap ordered by
+the time it may go and then by message age, under one timer: when a window
+opens, everything due is released oldest first, and each released delivery
+reserves only after the older ones did, so the new window's budget goes to
+the mail that waited longest. (A timer per hold would fire in the order of
+the delays computed at each hold: the younger ones first, when the wall clock
+moved meanwhile.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from warmrelay.config import Config
@@ -54,6 +64,10 @@ class Delivery:
     indices: tuple[int, ...]
     attempts: int = 0
     last: Reply | None = None
+    # released held mail: route only after ``after`` (the next older one) routed; ``turn``
+    # is set once this one did (or gave up)
+    after: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
+    turn: asyncio.Future[None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -109,6 +123,11 @@ class Scheduler:
             self._check_room,
         )
         self._timers: set[asyncio.TimerHandle] = set()
+        # held deliveries: (may go at, received at, tie-break, delivery), one timer for all
+        self._held: list[tuple[float, float, int, Delivery]] = []
+        self._held_seq = itertools.count()
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_until = 0.0  # the timer releases what may go at or before this time
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
         self._room = asyncio.Event()  # set while the backlog is short enough to take more
@@ -221,7 +240,7 @@ class Scheduler:
 
     @property
     def deferred(self) -> int:
-        return len(self._timers)
+        return len(self._timers) + len(self._held)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -238,6 +257,9 @@ class Scheduler:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+        self._held.clear()
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -252,7 +274,10 @@ class Scheduler:
                 await self._attempt(delivery)
             except Exception:  # a bug must not kill the worker; the mail stays spooled
                 log.exception("%s: delivery to %s failed", delivery.queue_id, delivery.domain)
-                self._later(delivery, self._delivery.retry_first_s)
+                self._later(replace(delivery, after=None, turn=None), self._delivery.retry_first_s)
+            finally:
+                if delivery.turn is not None and not delivery.turn.done():
+                    delivery.turn.set_result(None)  # the next younger held one may route
 
     def _later(self, delivery: Delivery, delay_s: float) -> None:
         if self._stopping:
@@ -266,9 +291,48 @@ class Scheduler:
         handle = loop.call_later(max(0.0, delay_s), fire)
         self._timers.add(handle)
 
+    def _hold(self, delivery: Delivery, retry_at: datetime, now: datetime) -> None:
+        """Keep a held delivery until ``retry_at``. The one timer fires at the earliest moment
+        any hold computed for its time, and then releases everything due by that time."""
+        if self._stopping:
+            return
+        state = self._messages[delivery.queue_id]
+        at = retry_at.timestamp()
+        entry = (at, state.message.received_at, next(self._held_seq), delivery)
+        heapq.heappush(self._held, entry)
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, at - now.timestamp())
+        if self._held_timer is None or when < self._held_timer.when():
+            if self._held_timer is not None:
+                self._held_timer.cancel()
+            self._held_until = at
+            self._held_timer = loop.call_at(when, self._release_held)
+
+    def _release_held(self) -> None:
+        """Due held deliveries go to the routing queue oldest message first, chained so that
+        each reserves only after the next older one did."""
+        self._held_timer = None
+        due: list[tuple[float, float, int, Delivery]] = []
+        while self._held and self._held[0][0] <= self._held_until:
+            due.append(heapq.heappop(self._held))
+        loop = asyncio.get_running_loop()
+        after: asyncio.Future[None] | None = None
+        for _, _, _, d in sorted(due, key=lambda e: (e[1], e[2])):
+            turn: asyncio.Future[None] = loop.create_future()
+            self._due.put_nowait(
+                Delivery(d.queue_id, d.domain, d.indices, d.attempts, d.last, after, turn)
+            )
+            after = turn
+        if self._held:  # the next time some held mail may go
+            at = self._held[0][0]
+            self._held_until = at
+            delay = max(0.0, at - self._clock().timestamp())
+            self._held_timer = loop.call_later(delay, self._release_held)
+
     # -- one attempt: resolve, route, queue -------------------------------------
 
     async def _attempt(self, d: Delivery) -> None:
+        after = d.after
         state = self._messages.get(d.queue_id)
         if state is None:
             return
@@ -296,6 +360,9 @@ class Scheduler:
             return
         provider = self._providers.recognise(d.domain, [h.mx for h in hops if h.mx])
         traffic = Traffic(msg.mail_from, d.domain, self._headers(d.queue_id))
+        if after is not None:  # released held mail: the older ones reserve first
+            await after
+            now = self._clock()
         plan = await self._router.route(len(indices), now, provider, traffic)
         pos = 0
         for part in plan.parts:
@@ -312,7 +379,7 @@ class Scheduler:
                     part.why,
                 )
                 held = Delivery(d.queue_id, d.domain, chunk, d.attempts, d.last)
-                self._later(held, (part.retry_at - now).total_seconds())
+                self._hold(held, part.retry_at, now)
                 continue
             if isinstance(part, Smarthost):
                 assert self._smarthost is not None

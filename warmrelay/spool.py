@@ -7,12 +7,22 @@ next batch accumulates meanwhile. Measured on a 2-vCPU ext4 VM (noisy disk), 4 K
 stores/s for 5000 concurrent / 100 looping sessions: 1 sync thread 1300-1460 / 1450, 2 threads
 1850-1970 / -, 4: 2250-2410 / 2140-2170, 8: 2290-2500 / 2340-2650; hence 8. ``.state`` appends
 skip fsync: losing one can only cause a duplicate delivery, never a loss.
+
+A disk that is full or read-only: a failed store is followed by a probe (a small write + fsync
+beside the stores) that tells a sick disk from a message that is too big; then ``writable`` is
+false (one ERROR line), and progress that cannot be written (``mark_done``,
+``record_attempt``, the unlinks of ``remove``) is kept in memory, never raised: what was
+delivered must not be sent again because it could not be written down. A watcher probes every
+``PROBE_INTERVAL_S`` (and at once after a store that works) and writes that backlog when it
+can. A read-only spool refuses to open: nothing delivered from it could be recorded, so every
+later start would deliver it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -22,9 +32,10 @@ import re
 import secrets
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +45,16 @@ log = logging.getLogger("warmrelay.spool")
 
 MAGIC = b"WARMRELAY-SPOOL 1\n"
 MAX_BATCH = 512  # bounds one commit's latency when thousands of stores pile up
+PROBE_INTERVAL_S = 1.0  # while not writable: how often to try again (a small write + fsync)
+PROBE_BYTES = 4096  # one page: a full disk refuses it, an almost full one may not
+REPORT_MAX_IDS = 200  # queue ids named in the one line about progress lost at a stop
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sorts like the numbers
 _ID_RE = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}")
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _TYPES: dict[str, Any] = {"mail_from": str, "rcpt_tos": list, "received_at": int | float}
 _TYPES |= {"size": int, "crc32": int, "meta": dict}
 _counter = itertools.count(secrets.randbits(35))
+_probes = itertools.count()
 
 
 def _reseed() -> None:  # a forked relay must not repeat its parent's ids
@@ -77,6 +92,26 @@ class RecoveredMessage:
     message: SpooledMessage
     done: Mapping[int, str]
     attempts: int
+
+
+@dataclass
+class _Progress:
+    """Records of one message the spool could not write yet (merged: ``done`` records are
+    a set, ``attempts`` a maximum, so their order on disk never mattered)."""
+
+    done: dict[int, str] = field(default_factory=dict)
+    attempts: int = 0
+
+    def merge(self, other: _Progress) -> None:
+        self.done.update(other.done)
+        self.attempts = max(self.attempts, other.attempts)
+
+    def lines(self) -> str:
+        by_disposition: dict[str, list[int]] = {}
+        for i, disposition in sorted(self.done.items()):
+            by_disposition.setdefault(disposition, []).append(i)
+        text = "".join(f"done {','.join(map(str, idx))} {d}\n" for d, idx in by_disposition.items())
+        return text + (f"attempts {self.attempts}\n" if self.attempts else "")
 
 
 @dataclass(eq=False)
@@ -124,6 +159,10 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
 class Spool:
     """The durable store between the listener and the scheduler."""
 
@@ -139,16 +178,31 @@ class Spool:
         self._pool: ThreadPoolExecutor | None = None  # set while open
         self._lock_fd = self._queue_fd = -1
         self._closed = False
+        self.writable = True  # false while stores and progress records fail (see probe)
+        self.fault: str | None = None  # why not writable, for /healthz
+        self.on_change: Callable[[], None] | None = None  # writable or backlog changed
+        self._unwritten: dict[str, _Progress] = {}  # progress known only in memory
+        self._unremoved: set[str] = set()  # finished, but their files are still there
+        self._removing: set[asyncio.Future[OSError | None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._fault_since = 0.0
 
     def __len__(self) -> int:
         return len(self._messages)
+
+    @property
+    def unrecorded(self) -> int:
+        """Messages whose progress is known only in memory: a restart now would deliver
+        them (or their finished recipients) again."""
+        return len(self._unwritten) + len(self._unremoved)
 
     async def open(self) -> list[RecoveredMessage]:
         """Create the layout, drop unacknowledged files, load ``queue/`` oldest first."""
         if self._lock_fd >= 0 or self._closed:
             raise SpoolError("spool already opened")
         try:
-            recovered = await asyncio.to_thread(self._recover)
+            recovered, problem = await asyncio.to_thread(self._recover)
         except OSError as exc:
             self._release_fds()
             raise SpoolError(exc.errno, f"cannot open spool {self.directory}: {exc}") from exc
@@ -156,14 +210,25 @@ class Spool:
         # One thread runs the batch (never two at once), the others write and sync its files;
         # not the loop's default executor, so other to_thread() users cannot hold up commits.
         self._pool = ThreadPoolExecutor(1 + self._sync_threads, thread_name_prefix="spool")
+        if problem is not None:  # full, say: delivering frees it, so start anyway
+            self._set_writable(problem)
         return recovered
 
-    def _recover(self) -> list[RecoveredMessage]:
+    def _recover(self) -> tuple[list[RecoveredMessage], OSError | None]:
         for d in (self.incoming, self.queue, self.quarantine):
             d.mkdir(parents=True, exist_ok=True)
         # Two relays on one spool would deliver each other's mail: refuse the second one.
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # Read-only: flock needs no write access, and a file held open for writing would
+        # stop an operator from remounting the file system read-only.
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDONLY | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        problem = self._probe()
+        if problem is not None and problem.errno == errno.EROFS:
+            raise OSError(
+                problem.errno,
+                f"{problem.strerror} (what it delivers could not be recorded: every later "
+                "start would deliver it again)",
+            )
         self._queue_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
         if self._fsync:  # the layout's own directory entries must be durable too
             top = os.open(self.directory, os.O_RDONLY)
@@ -193,7 +258,8 @@ class Spool:
                 self._quarantine(name, "its message was quarantined")
             elif ext == "state":  # remove() was interrupted between its two unlinks
                 _unlink(self.queue / name)
-        return sorted(found, key=lambda r: (r.message.received_at, r.message.queue_id))
+        found.sort(key=lambda r: (r.message.received_at, r.message.queue_id))
+        return found, problem
 
     def _load(self, queue_id: str) -> RecoveredMessage:
         msg, _ = _decode((self.queue / f"{queue_id}.msg").read_bytes(), queue_id)
@@ -274,6 +340,7 @@ class Spool:
                     log.exception("spool commit failed")
                     for item in batch:
                         item.error = item.error or OSError(f"spool commit failed: {exc!r}")
+                await self._judge(batch)
                 for item in batch:
                     if item.future.done():  # its caller was cancelled: nobody acked it
                         if item.error is None:
@@ -314,6 +381,20 @@ class Spool:
                 item.error = exc
                 _unlink(self.queue / f"{item.message.queue_id}.msg")
 
+    async def _judge(self, batch: list[_Pending]) -> None:
+        """After a batch: a store that worked means the disk takes writes again (write the
+        backlog now); a failed one while writable is probed, before its caller hears of
+        it, so that ``writable`` already says whether the disk or the message was at fault."""
+        if not batch:
+            return
+        if any(item.error is None for item in batch):
+            if not self.writable or self._unwritten or self._unremoved:
+                self._wake_watcher()
+        elif self.writable and self._pool is not None:
+            problem = await asyncio.get_running_loop().run_in_executor(self._pool, self._probe)
+            if problem is not None:
+                self._set_writable(problem)
+
     def _write(self, item: _Pending) -> None:
         path = self.incoming / f"{item.message.queue_id}.msg"
         try:
@@ -343,17 +424,18 @@ class Spool:
             raise SpoolError(f"{queue_id} is corrupt: {exc}") from exc
 
     def mark_done(self, queue_id: str, indices: Iterable[int], disposition: str) -> None:
-        """Record final dispositions so that a restart does not deliver to them again."""
+        """Record final dispositions so that a restart does not deliver to them again. A disk
+        that refuses the record does not make this fail: it is kept and written later."""
         idx, n = sorted(set(indices)), len(self._known(queue_id).rcpt_tos)
         if not _TOKEN_RE.fullmatch(disposition) or any(not 0 <= i < n for i in idx):
             raise ValueError(f"bad disposition {disposition!r} or index in {idx} (0..{n - 1})")
         if idx:
-            self._append(queue_id, f"done {','.join(map(str, idx))} {disposition}\n")
+            self._record(queue_id, _Progress(done=dict.fromkeys(idx, disposition)))
 
     def record_attempt(self, queue_id: str, attempts: int) -> None:
         """Record the attempt count so that backoff and lifetime go on after a restart."""
         self._known(queue_id)
-        self._append(queue_id, f"attempts {int(attempts)}\n")
+        self._record(queue_id, _Progress(attempts=int(attempts)))
 
     def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all final; .msg goes first, since an orphan
@@ -361,40 +443,236 @@ class Spool:
         self._known(queue_id)
         self._discard(queue_id)
 
+    def _record(self, queue_id: str, progress: _Progress) -> None:
+        """Append now; while the spool is not writable, or this message already waits, or the
+        append fails: keep it in memory for the watcher (no log line per record)."""
+        if self.writable and queue_id not in self._unwritten:
+            try:
+                self._append(queue_id, progress.lines())
+                return
+            except OSError:
+                self._suspect()
+        self._unwritten.setdefault(queue_id, _Progress()).merge(progress)
+        self._changed()
+
     def _discard(self, queue_id: str) -> None:
         """Unlink on the spool's threads, off the event loop: nothing waits for a delete, and
-        one that a crash undoes only means a duplicate delivery, never a loss."""
+        one that a crash undoes only means a duplicate delivery, never a loss. One the disk
+        refuses (read-only) is remembered and done again when it can be."""
         self._messages.pop(queue_id, None)
+        if self._unwritten.pop(queue_id, None) is not None:
+            self._changed()
         if self._pool is not None and not self._closed:
-            self._pool.submit(self._unlink, queue_id)
-        else:
-            self._unlink(queue_id)
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self._pool, self._unlink, queue_id)
+            self._removing.add(future)
+            future.add_done_callback(partial(self._unlinked, queue_id))
+        elif self._unlink(queue_id) is not None:
+            self._unremoved.add(queue_id)
+            self._changed()
 
-    def _unlink(self, queue_id: str) -> None:
+    def _unlinked(self, queue_id: str, future: asyncio.Future[OSError | None]) -> None:
+        self._removing.discard(future)
+        if future.cancelled() or future.result() is not None:
+            self._unremoved.add(queue_id)
+            self._changed()
+            self._suspect()
+
+    def _unlink(self, queue_id: str) -> OSError | None:
+        """Blocking; the first error, if any (the .state is kept if the .msg stays)."""
         for ext in ("msg", "state"):
             try:
                 (self.queue / f"{queue_id}.{ext}").unlink(missing_ok=True)
             except OSError as exc:
-                log.error("cannot remove %s.%s from the spool: %s", queue_id, ext, exc)
+                return exc
+        return None
 
     def _known(self, queue_id: str) -> SpooledMessage:
         if queue_id not in self._messages:
             raise SpoolError(f"no message {queue_id!r} in the spool")
         return self._messages[queue_id]
 
-    def _append(self, queue_id: str, line: str) -> None:
+    def _append(self, queue_id: str, lines: str) -> None:
+        """Append records. A line that a full disk tore earlier is ended first, so that it
+        cannot swallow the next one (a torn record either lacks its disposition and is
+        ignored, or has all its indices: either way safe)."""
+        fd = os.open(
+            self.queue / f"{queue_id}.state",
+            os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            0o640,
+        )
         try:
-            with open(self.queue / f"{queue_id}.state", "ab") as f:
-                f.write(line.encode())
+            data = lines.encode()
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
+    # -- a disk that cannot be written ------------------------------------------------------
+
+    def _probe(self) -> OSError | None:
+        """Blocking: write and sync one page where stores write, then remove it. None if the
+        disk took it; else its error (ENOSPC, EROFS, EIO...)."""
+        path = self.incoming / f"probe-{os.getpid()}-{next(_probes)}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, b"\0" * PROBE_BYTES)
+                if self._fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(path)
         except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot update {queue_id}: {exc.strerror}") from exc
+            _unlink(path)
+            return exc
+        return None
+
+    def _set_writable(self, problem: OSError | None) -> None:
+        """Log each transition once (not once per message or retry) and start the watcher."""
+        if problem is None:
+            if not self.writable:
+                self.writable, self.fault = True, None
+                log.warning(
+                    "spool %s writable again after %.0fs; progress kept in memory is written",
+                    self.directory,
+                    time.monotonic() - self._fault_since,
+                )
+                self._changed()
+            return
+        if self.writable:
+            self.writable, self.fault = False, _reason(problem)
+            self._fault_since = time.monotonic()
+            log.error(
+                "spool %s not writable (%s): new mail is answered 451; deliveries go on and "
+                "what they finish is kept in memory until it can be written (%d message(s) "
+                "now); probing every %.0fs",
+                self.directory,
+                self.fault,
+                self.unrecorded,
+                PROBE_INTERVAL_S,
+            )
+            self._changed()
+        self._start_watcher()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _suspect(self) -> None:
+        """A write or unlink failed: news while writable (probe at once), else the watcher
+        already probes on its own time (no probe per failed record)."""
+        if self.writable:
+            self._wake_watcher()
+        else:
+            self._start_watcher()
+
+    def _wake_watcher(self) -> None:
+        """Probe and write the backlog now: start the watcher, or end its sleep."""
+        self._wake.set()
+        self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None and self._pool is not None and not self._closed:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Until the disk takes writes and nothing waits in memory: probe, write the backlog,
+        then sleep ``PROBE_INTERVAL_S`` (or until woken by a store that worked)."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pool is not None and not self._closed:
+                self._wake.clear()
+                problem = await loop.run_in_executor(self._pool, self._probe)
+                if problem is None:
+                    problem = await self._flush()
+                self._set_writable(problem)
+                if problem is None:
+                    if not (self._unwritten or self._unremoved):
+                        return
+                    continue  # more arrived meanwhile
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL_S)
+        finally:
+            self._watcher = None
+
+    async def _flush(self) -> OSError | None:
+        """Write what waits in memory (on a thread); what fails goes back, with the error."""
+        if not (self._unwritten or self._unremoved) or self._pool is None:
+            return None
+        unwritten, self._unwritten = self._unwritten, {}
+        unremoved, self._unremoved = self._unremoved, set()
+        loop = asyncio.get_running_loop()
+        left, problem = await loop.run_in_executor(
+            self._pool, self._write_backlog, unwritten, unremoved
+        )
+        for queue_id, progress in left.items():
+            if queue_id in self._messages:  # not removed meanwhile
+                self._unwritten.setdefault(queue_id, _Progress()).merge(progress)
+        self._unremoved |= unremoved
+        self._changed()
+        return problem
+
+    def _write_backlog(
+        self, unwritten: dict[str, _Progress], unremoved: set[str]
+    ) -> tuple[dict[str, _Progress], OSError | None]:
+        """Blocking: unlinks first (they free room), then appends; stops at the first error
+        (the disk is still sick: no thousand failing calls). ``unremoved`` keeps what is
+        left; returns the progress left and the error."""
+        for queue_id in sorted(unremoved):
+            problem = self._unlink(queue_id)
+            if problem is not None:
+                return unwritten, problem
+            unremoved.discard(queue_id)
+        left = dict(unwritten)
+        for queue_id, progress in unwritten.items():
+            try:
+                self._append(queue_id, progress.lines())
+            except OSError as exc:
+                return left, exc
+            del left[queue_id]
+        return left, None
+
+    def _report_unrecorded(self) -> None:
+        """At close: progress that never reached the disk, named in one line, since the next
+        start delivers these again (the operator may remove them, or expect duplicates)."""
+        ids = [f"{q}(finished)" for q in sorted(self._unremoved)]
+        ids += [  # attempt counts alone are left out: losing them only restarts the backoff
+            f"{q}(done {','.join(map(str, sorted(p.done)))})"
+            for q, p in sorted(self._unwritten.items())
+            if p.done
+        ]
+        if not ids:
+            return
+        more = f" and {len(ids) - REPORT_MAX_IDS} more" if len(ids) > REPORT_MAX_IDS else ""
+        log.error(
+            "spool %s: the progress of %d message(s) could not be written (%s); the next start "
+            "delivers them again unless they are removed: %s%s",
+            self.directory,
+            len(ids),
+            self.fault or "not writable",
+            " ".join(ids[:REPORT_MAX_IDS]),
+            more,
+        )
 
     async def close(self) -> None:
-        """Finish the pending batches, then stop the threads and release the spool lock."""
+        """Finish the pending batches and removals, try the backlog a last time, then stop
+        the threads and release the spool lock."""
         self._closed = True
         while self._committer is not None:
             await asyncio.shield(self._committer)
+        if self._watcher is not None:  # ends after its probe or write (not cut in half)
+            self._wake.set()
+            await self._watcher
+        if self._removing:
+            await asyncio.gather(*self._removing, return_exceptions=True)
         if self._pool is not None:
+            await self._flush()
+            self._report_unrecorded()
             self._pool.shutdown()
             self._pool = None
         self._release_fds()
