@@ -157,22 +157,26 @@ class Relay:
             len(self.config.ips),
         )
 
-    async def reload(self, path: str | Path) -> bool:
+    async def reload(self, path: str | Path | Config) -> bool:
         """SIGHUP: read the configuration file again. A file with errors changes nothing
         (each error is logged); a good one applies at once, except the parts that need a
         restart (listeners, admin, state, TLS files, delivery.concurrency): those keep
-        running as they are, with a log line saying so."""
-        try:
-            new = load_config(path)
-        except ConfigError as exc:
-            log.error(
-                "reload: %s has %d error(s); the running configuration stays",
-                path,
-                len(exc.problems),
-            )
-            for problem in exc.problems:
-                log.error("reload:   %s", problem)
-            return False
+        running as they are, with a log line saying so. A worker of ``--workers`` is given
+        the Config its supervisor accepted instead of a path: it never reads the file."""
+        if isinstance(path, Config):
+            new, path = path, "the supervisor's configuration"
+        else:
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                log.error(
+                    "reload: %s has %d error(s); the running configuration stays",
+                    path,
+                    len(exc.problems),
+                )
+                for problem in exc.problems:
+                    log.error("reload:   %s", problem)
+                return False
         old = self.config
         fixed = {
             "smtp.listen": new.smtp.listen == old.smtp.listen,
@@ -235,11 +239,22 @@ class Relay:
         return adopted
 
     async def stop(self) -> None:
-        """Stop accepting, drain deliveries in progress, close stores; the rest stays spooled."""
+        """Stop accepting, then drain both ends within delivery.drain_timeout_s: SMTP
+        sessions in a transaction may finish it (a DATA still gets its 250 once spooled;
+        the others hear 421 4.3.2), deliveries in progress may end. The spool closes only
+        after the sessions, so what they acknowledged is stored; the rest stays spooled."""
         for server in self._servers:
             server.close()
+        drain_s = self.config.delivery.drain_timeout_s
+        sessions = (
+            asyncio.create_task(self.handler.drain(drain_s)) if self.handler is not None else None
+        )
         self.dispatcher.closing = True
-        await self.scheduler.stop(self.config.delivery.drain_timeout_s)
+        try:
+            await self.scheduler.stop(drain_s)
+        finally:
+            if sessions is not None:
+                await sessions
         await self.dispatcher.close()
         await self.spool.close()
         await self.counters.close()
@@ -459,7 +474,7 @@ def run(config: Config, worker: Worker | None = None, path: str | None = None) -
             reloads.discard(task)
             log_failed_reload(task)
 
-        def reload(path: str) -> None:
+        def reload(path: str | Config) -> None:
             task = loop.create_task(relay.reload(path))
             reloads.add(task)
             task.add_done_callback(reloaded)
@@ -468,8 +483,27 @@ def run(config: Config, worker: Worker | None = None, path: str | None = None) -
             loop.add_signal_handler(signal.SIGHUP, reload, path)
         elif relay.tls is not None:
             loop.add_signal_handler(signal.SIGHUP, relay.tls.reload)
+        else:  # a worker: its reloads come from the supervisor; a stray SIGHUP must not kill it
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
         loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)
-        await relay.serve(shutdown)
+        follower: asyncio.Task[None] | None = None
+        if worker is not None:
+            from warmrelay.supervisor import follow_supervisor
+
+            async def follow() -> None:
+                """Reloads come from the supervisor (it read and accepted the file); the end
+                of its pipe means it died: drain and exit rather than live on unsupervised."""
+                await follow_supervisor(reload)
+                if not shutdown.is_set():
+                    log.warning("the supervisor is gone (its pipe closed); stopping")
+                    shutdown.set()
+
+            follower = loop.create_task(follow())
+        try:
+            await relay.serve(shutdown)
+        finally:
+            if follower is not None:
+                follower.cancel()
 
     try:
         asyncio.run(main())

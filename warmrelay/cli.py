@@ -282,9 +282,23 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the relay. A worker (started by a supervisor) takes its configuration from the
+    supervisor, never from the file, which may be broken by now; anything else first takes
+    state.dir for itself, so a second instance on it stops here, having touched nothing."""
     # imported late: check-config needs none of the I/O stack
-    from warmrelay.supervisor import supervise, worker_from_env
+    from warmrelay.supervisor import (
+        StateDirInUse,
+        lock_state_dir,
+        receive_config,
+        supervise,
+        worker_from_env,
+    )
 
+    worker = worker_from_env()
+    if worker is not None:  # started by a supervisor
+        from warmrelay.app import Worker, run
+
+        return run(receive_config(), Worker(*worker))
     config = _load_or_exit(args.config)
     try:
         admin_token(config.admin)  # refuse before anything starts (supervisor, workers)
@@ -292,16 +306,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"{args.config}: cannot start: {problem}", file=sys.stderr)
         return 1
-    worker = worker_from_env()
-    if worker is not None:  # started by a supervisor
-        from warmrelay.app import Worker, run
-
-        return run(config, Worker(*worker), args.config)
+    try:
+        lock_fd = lock_state_dir(config.state.dir)
+    except StateDirInUse as exc:
+        print(f"{args.config}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = config.state.dir
+        print(f"{args.config}: cannot start: cannot lock {where}: {exc}", file=sys.stderr)
+        return 1
     if args.workers > 1:
         from warmrelay.logs import setup_logging
 
         setup_logging()
-        return supervise(config, args.config, args.workers)
+        return supervise(config, args.config, args.workers, lock_fd)
     from warmrelay.app import run
 
     return run(config, path=args.config)

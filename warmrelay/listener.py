@@ -8,6 +8,7 @@ the spool holds it durably; delivery never runs inside an SMTP session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import ipaddress
@@ -33,6 +34,7 @@ from warmrelay.spool import Spool, SpooledMessage
 log = logging.getLogger("warmrelay.listener")
 
 PROXY_TIMEOUT_S = 10.0  # a load balancer sends its PROXY header at once
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 # A line this long without its end is abuse, not mail (RFC 5321 allows 1,000 octets;
 # aiosmtpd answers 500 after the dot for anything over that, but keeps every fragment of
 # the line until its end): the session is answered and closed as the bytes arrive.
@@ -200,6 +202,11 @@ class RelaySMTP(SMTP):
         if self.transport is not None:  # the STARTTLS upgrade: same connection, same client
             super().connection_made(transport)
             return
+        if self.relay.closing:  # accepted just before the listener closed
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(SHUTTING_DOWN.encode("ascii") + b"\r\n")
+            transport.close()
+            return
         peer = transport.get_extra_info("peername")
         self.client = _address(str(peer[0])) if peer else ""
         self._implicit_tls = transport.get_extra_info("sslcontext") is not None
@@ -227,6 +234,7 @@ class RelaySMTP(SMTP):
             return
         self._held = self.client
         self._metrics.smtp_sessions.inc()
+        self.relay.sessions.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -235,7 +243,18 @@ class RelaySMTP(SMTP):
         self.relay.limits.release(self._held)
         self._held = None
         self._metrics.smtp_sessions.dec()
+        self.relay.session_ended(self)
         super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL accepted and the message not yet answered (DATA resets the envelope before
+        its final reply): the part of a session a shutdown lets finish."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def shut_down(self) -> None:
+        """The relay is stopping: 421 4.3.2 and close (RFC 5321 3.8), at once."""
+        self._hang_up(SHUTTING_DOWN)
 
     async def proxied(self, address: str) -> bool:
         """The balancer's PROXY header names the real client: from now on it is ``client``,
@@ -288,6 +307,9 @@ class RelaySMTP(SMTP):
         if text[:1] in ("4", "5"):
             self._metrics.rejected.labels(text[:3]).inc()
         await super().push(text)
+        if self.relay.closing and not self.in_transaction:
+            self.shut_down()  # the transaction ended (250 after DATA, RSET, a refusal)
+            return
         if text[:1] == "5":
             self._bad += 1
             if self._bad == self.relay.config.smtp.max_bad_commands:
@@ -421,6 +443,9 @@ class RelayHandler:
         smtp = config.smtp
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
         self.guard = AuthGuard(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
+        self.sessions: set[RelaySMTP] = set()  # open, admitted connections
+        self.closing = False  # set by drain(): no new sessions or transactions
+        self._all_ended = asyncio.Event()
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -435,6 +460,42 @@ class RelayHandler:
 
     def may_relay(self, client: str) -> bool:
         return _in_networks(client, self._allowed)
+
+    def session_ended(self, session: RelaySMTP) -> None:
+        self.sessions.discard(session)
+        if self.closing and not self.sessions:
+            self._all_ended.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown (the listeners are closed already). Sessions outside a transaction hear
+        421 4.3.2 now; those in one may finish it within ``timeout_s`` (a DATA still gets its
+        250 once the spool holds the message), then hear 421 4.3.2; at the deadline the rest
+        hear it too. Nobody is cut off without a reply, and the spool is still open."""
+        self.closing = True
+        busy = [s for s in self.sessions if s.in_transaction]
+        for session in [s for s in self.sessions if not s.in_transaction]:
+            session.shut_down()
+        if busy:
+            log.info(
+                "stopping: %d SMTP session(s) in a transaction may finish within %g s",
+                len(busy),
+                timeout_s,
+            )
+        if not self.sessions:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_ended.wait(), timeout_s)
+        late = list(self.sessions)
+        if late:
+            log.warning(
+                "stopping: %d SMTP session(s) still in a transaction after %g s: 421 4.3.2",
+                len(late),
+                timeout_s,
+            )
+        for session in late:
+            session.shut_down()
+        with contextlib.suppress(TimeoutError):  # let their connection_lost run before exit
+            await asyncio.wait_for(self._all_ended.wait(), 1.0)
 
     async def handle_PROXY(
         self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData

@@ -6,27 +6,76 @@ SO_REUSEPORT (the kernel spreads connections over them), gives each its own
 spool directory, restarts a worker that dies, forwards SIGTERM for a graceful
 drain, and serves the admin endpoint: metrics merged from all workers
 (prometheus-client multiprocess mode), status from the shared counters.
+
+One instance per ``state.dir``: ``serve`` (single or supervisor) holds a lock file there
+before it creates or deletes anything, so a second one cannot wipe the first one's metrics
+or fight its workers for their spools.
+
+The supervisor is the only reader of the configuration file. Workers get the configuration
+it runs through their stdin, at start and after each reload it accepted, never from the file:
+a worker restarted while the file on disk is broken comes back with the last good
+configuration and delivers its spool. The end of that pipe also tells a worker that its
+supervisor is gone (killed), so it stops instead of living on as an orphan.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
+import pickle
 import shutil
 import signal
 import socket
+import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from warmrelay import __version__
 from warmrelay.config import Config
+from warmrelay.errors import WarmrelayError
 
 log = logging.getLogger("warmrelay.supervisor")
 
 WORKER_ENV = "WARMRELAY_WORKER"  # "index/count/port,port": set for worker processes
-RESTART_DELAY_S = 1.0
+LOCK_NAME = "warmrelay.lock"  # in state.dir; the spool's own lock is spool*/lock
+RESTART_MIN_S = 0.5  # first restart: soon, a dead worker's acknowledged mail is waiting
+RESTART_MAX_S = 30.0  # a worker that cannot start is retried at least this often
+STABLE_S = 10.0  # a worker up this long after "ready" did not fail to start: back-off resets
+_FRAME = struct.Struct("!Q")  # length prefix of one pickled Config on a worker's stdin
+
+
+class StateDirInUse(WarmrelayError):
+    """Another ``warmrelay serve`` (or workers of one) holds this state.dir."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take state.dir for this instance, before anything in it is created or deleted: an
+    exclusive flock on ``state.dir/warmrelay.lock``, with our pid written in it for the
+    message the next one gets. Returns the fd; the lock lasts while any process holding it
+    lives (the supervisor passes it to its workers). StateDirInUse when taken."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f" (pid {holder}, or its workers)" if holder.isdigit() else ""
+        raise StateDirInUse(
+            f"state.dir {state_dir} is in use by another warmrelay{who}; "
+            "stop it first, or give this one its own state.dir"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def reserve_ports(config: Config) -> tuple[list[socket.socket], list[int]]:
@@ -49,15 +98,82 @@ def spool_files(state_dir: Path) -> int:
     return sum(1 for d in state_dir.glob("spool*") for _ in d.glob("queue/*.msg"))
 
 
-def supervise(config: Config, config_path: str, workers: int) -> int:
+def restart_delay(failures: int) -> float:
+    """Exponential back-off between restarts of a worker that keeps failing, capped: a
+    worker that cannot start must not spin (and flood the log) but is retried for ever."""
+    return float(min(RESTART_MAX_S, RESTART_MIN_S * 2 ** min(failures, 16)))
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def config_frame(config: Config) -> bytes:
+    """One configuration for a worker's stdin. Pickle, because the Config object (parsed
+    schedules, zones, addresses) does not survive a JSON round trip; the pipe runs only
+    from the supervisor to its own child, so nobody else can write to it."""
+    data = pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
+    return _FRAME.pack(len(data)) + data
+
+
+def _decode(data: bytes) -> Config:
+    config = pickle.loads(data)
+    if not isinstance(config, Config):
+        raise WarmrelayError(f"the supervisor sent a {type(config).__name__}, not a Config")
+    return config
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            raise WarmrelayError("the supervisor closed stdin before sending the configuration")
+        data += chunk
+    return data
+
+
+def receive_config(fd: int = 0) -> Config:
+    """A worker's configuration at start: the first frame on stdin, read unbuffered (the
+    frames after it are follow_supervisor's)."""
+    (size,) = _FRAME.unpack(_read_exactly(fd, _FRAME.size))
+    return _decode(_read_exactly(fd, size))
+
+
+async def follow_supervisor(apply: Callable[[Config], object], fd: int = 0) -> None:
+    """In a worker: hand each configuration the supervisor sends (a reload it accepted) to
+    ``apply``; return when the pipe closes, i.e. the supervisor is gone."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    # not file I/O: a handle on the inherited pipe, which the transport then reads
+    pipe = open(fd, "rb", buffering=0, closefd=False)  # noqa: SIM115, ASYNC230
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while True:
+            try:
+                (size,) = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+                data = await reader.readexactly(size)
+            except asyncio.IncompleteReadError:
+                return
+            apply(_decode(data))
+    finally:
+        transport.close()
+
+
+def supervise(config: Config, config_path: str, workers: int, lock_fd: int | None = None) -> int:
+    """Run N workers until SIGTERM/SIGINT. ``lock_fd`` (from lock_state_dir) is inherited by
+    every worker, so state.dir stays taken until the last process of this instance exits."""
     metrics_dir = config.state.dir / "metrics"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # ours: state.dir is locked
     metrics_dir.mkdir(parents=True)
     if "prometheus_client" in sys.modules:
         raise RuntimeError("prometheus_client was imported before the supervisor set it up")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
-    from warmrelay.app import Relay
+    from warmrelay.app import Relay, log_failed_reload
     from warmrelay.metrics import render_all_processes
 
     holders, ports = reserve_ports(config)
@@ -68,6 +184,12 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
         for proc in procs.values():
             if proc.returncode is None:
                 proc.send_signal(sig)
+
+    def send_config(proc: asyncio.subprocess.Process, frame: bytes) -> None:
+        """Written at once, in order: a worker started during a reload still gets the
+        newest configuration last."""
+        if proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(frame)
 
     class SupervisorRelay(Relay):
         """The supervisor's relay is never started: its router, counters and admin pages
@@ -89,8 +211,12 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
     relay = SupervisorRelay(config)
 
     async def run_worker(index: int, ready: asyncio.Event) -> None:
+        """Start worker ``index`` with the running configuration; restart it when it dies,
+        with exponential back-off while it keeps failing."""
+        loop = asyncio.get_running_loop()
         env = dict(os.environ)
         env[WORKER_ENV] = f"{index}/{workers}/" + ",".join(map(str, ports))
+        failures = 0
         while not stopping.is_set():
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -100,35 +226,69 @@ def supervise(config: Config, config_path: str, workers: int) -> int:
                 "-c",
                 config_path,
                 env=env,
+                stdin=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                pass_fds=() if lock_fd is None else (lock_fd,),
             )
             procs[index] = proc
+            send_config(proc, config_frame(relay.config))
+            log.info("worker %d started: pid %d", index, proc.pid)
+            ready_at: float | None = None
             assert proc.stderr is not None
             async for raw in proc.stderr:
                 line = raw.decode(errors="replace")
                 sys.stderr.write(f"[w{index}] {line}")
-                if " ready: " in line:
+                if ready_at is None and " ready: " in line:
+                    ready_at = loop.time()
                     ready.set()
             code = await proc.wait()
+            if proc.stdin is not None:
+                proc.stdin.close()
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
             if stopping.is_set():
                 return
-            log.error("worker %d exited with %s; restarting it", index, code)
-            await asyncio.sleep(RESTART_DELAY_S)
+            if ready_at is not None and loop.time() - ready_at >= STABLE_S:
+                failures = 0
+            delay = restart_delay(failures)
+            failures += 1
+            log.error(
+                "worker %d (pid %d) exited with %s; restarting it in %.1f s",
+                index,
+                proc.pid,
+                _exit_text(code),
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+
+    async def reload() -> bool:
+        """SIGHUP: the supervisor checks the file; only a configuration it accepted goes to
+        the workers. A refused file changes nothing anywhere, restarts included."""
+        if not await relay.reload(config_path):
+            return False
+        frame = config_frame(relay.config)
+        for proc in procs.values():
+            send_config(proc, frame)
+        return True
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        reloads: set[asyncio.Task[bool]] = set()
+        reloads: set[asyncio.Task[bool]] = set()  # held so a running reload is not collected
 
-        def reload() -> None:  # SIGHUP: every worker re-reads the file, and so do we
-            signal_workers(signal.SIGHUP)
-            reloads.add(loop.create_task(relay.reload(config_path)))
+        def reloaded(task: asyncio.Task[bool]) -> None:
+            reloads.discard(task)
+            log_failed_reload(task)
 
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        def on_sighup() -> None:
+            task = loop.create_task(reload())
+            reloads.add(task)
+            task.add_done_callback(reloaded)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
         await relay.router.refresh(relay.clock())
         relay.check_source_ips()  # the supervisor's /healthz and /metrics show it too
         if config.admin.listen is not None:
