@@ -507,6 +507,71 @@ class ProviderConfig(_Frozen):
     domains: tuple[str, ...] = ()
 
 
+DKIM_HEADERS: tuple[str, ...] = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-id",
+    "feedback-id",
+)
+
+
+class DkimKeyConfig(_Frozen):
+    """One key of a signing domain; two keys give dual signatures (RFC 8463: Ed25519 and
+    RSA side by side) or a rotation (old and new selector)."""
+
+    selector: HostName
+    key_file: Path  # PEM private key, mode 0600 (`warmrelay dkim keygen` writes one)
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+
+class DkimDomainConfig(_Frozen):
+    keys: tuple[DkimKeyConfig, ...] = Field(min_length=1)
+
+
+class DkimConfig(_Frozen):
+    """DKIM signing at acceptance, before the spool (every retry sends the same bytes).
+    The signing domain is the From: header's domain, or what ``map`` says for it."""
+
+    domains: Mapping[str, DkimDomainConfig] = Field(default_factory=dict)
+    map: Mapping[str, str] = Field(default_factory=dict)  # From domain or "*.suffix" -> domain
+    unsigned: Literal["send", "refuse"] = "send"  # mail whose From domain has no key
+    headers: tuple[str, ...] = DKIM_HEADERS  # signed, and From over-signed
+    add_missing_headers: bool = True  # Message-ID and Date when absent (before signing)
+
+
+class PreflightConfig(_Frozen):
+    """Checks of each IP's and signing domain's DNS identity before and while warming."""
+
+    on_start: bool = True  # run at start; results in the log, /preflight and metrics
+    dnsbl_zones: tuple[str, ...] = (
+        "zen.spamhaus.org",
+        "b.barracudacentral.org",
+        "bl.spamcop.net",
+    )
+    pause_listed: bool = True  # a warming IP found on a blocklist is paused, with the reason
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class SuppressionConfig(_Frozen):
+    """Hard-bounced addresses are refused at RCPT (550 5.1.1) until they expire."""
+
+    enabled: bool = True
+    ttl_s: float = Field(default=30 * 86400.0, gt=0)
+    statuses: tuple[str, ...] = ("5.1.1", "5.1.2", "5.1.10", "5.2.1")
+
+
 class Config(_Frozen):
     smtp: SmtpConfig = SmtpConfig()
     admin: AdminConfig = AdminConfig()
@@ -521,6 +586,9 @@ class Config(_Frozen):
     blocks: BlockConfig = BlockConfig()
     routes: Mapping[str, HostPort] = Field(default_factory=dict)
     providers: Mapping[str, ProviderConfig] = Field(default_factory=dict)
+    dkim: DkimConfig = DkimConfig()
+    preflight: PreflightConfig = PreflightConfig()
+    suppression: SuppressionConfig = SuppressionConfig()
 
     @field_validator("timezone")
     @classmethod
