@@ -467,6 +467,9 @@ class Scheduler:
                 kept += 1
         if route is not None and route.reservation is not None:
             route.reservation.keep(kept)
+            # settled before anything is recorded (a DSN, a reroute): the counts are right by
+            # the time the next attempt routes; `async with` in _send stays the safety net
+            await route.reservation.settle()
         if throttled and route is not None:
             await self._suspend(d.queue_id, route, s.provider, throttled, now, blocked=False)
             v.reroute += throttled
