@@ -8,12 +8,13 @@ the client's UDP size are truncated (TC) so TCP fallback is exercised too.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import struct
 from collections import Counter
 from types import TracebackType
 from typing import cast
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
+from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, TXT, A, DNSError, DNSRecord
 
 
 def _key(name: str) -> str:
@@ -68,8 +69,20 @@ class LoopbackDNS:
         self._add(name, QTYPE.AAAA, AAAA(ip), ttl)
 
     def add_txt(self, name: str, text: str, ttl: int | None = None) -> None:
-        """Makes a name exist without MX or address records (NODATA for those)."""
-        self._add(name, QTYPE.TXT, TXT(text), ttl)
+        """Makes a name exist without MX or address records (NODATA for those). Text longer
+        than 255 bytes (a DKIM RSA key) is split into several strings of one record, as
+        DNS requires; the reader joins them."""
+        data = text.encode()
+        if len(data) <= 255:
+            self._add(name, QTYPE.TXT, TXT(text), ttl)
+        else:
+            self._add(
+                name, QTYPE.TXT, TXT([data[i : i + 255] for i in range(0, len(data), 255)]), ttl
+            )
+
+    def add_ptr(self, ip: str, host: str, ttl: int | None = None) -> None:
+        """Reverse DNS: the PTR record of ``ip`` (under in-addr.arpa or ip6.arpa) names ``host``."""
+        self._add(ipaddress.ip_address(ip).reverse_pointer, QTYPE.PTR, PTR(host), ttl)
 
     def set_servfail(self, name: str) -> None:
         self._servfail.add(_key(name))

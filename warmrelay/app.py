@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from warmrelay import __version__
 from warmrelay.admin import AdminServer, json_page
@@ -26,16 +26,19 @@ from warmrelay.config import (
     config_warnings,
     load_config,
 )
+from warmrelay.control import Persisted
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.errors import ConfigError, CounterError
-from warmrelay.listener import RelayHandler, make_protocol
+from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
 from warmrelay.logs import setup_logging
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
+from warmrelay.preflight import RelayPreflight
 from warmrelay.router import Router
 from warmrelay.scheduler import Clock, Scheduler, utc_now
 from warmrelay.spool import RecoveredMessage, Spool
+from warmrelay.suppression import SuppressionList
 from warmrelay.tlsfiles import TlsFiles
 from warmrelay.warmup import WarmupState
 
@@ -62,17 +65,36 @@ class Relay:
             mx_port=config.delivery.mx_port,
         )
         self.dispatcher = Dispatcher(config.delivery)
+        self.suppression = SuppressionList(
+            self.counters, self.metrics, lambda: self.config.suppression, clock
+        )
         self.scheduler = Scheduler(
-            config, self.spool, self.router, self.resolver, self.dispatcher, self.metrics, clock
+            config,
+            self.spool,
+            self.router,
+            self.resolver,
+            self.dispatcher,
+            self.metrics,
+            clock,
+            self.suppression,
+        )
+        # DNS identity checks: at start, GET /preflight, warmrelay_preflight_ok (getters: a
+        # reload replaces config and router)
+        self.preflight = RelayPreflight(
+            lambda: self.config, lambda: self.router, self.metrics, clock
         )
         self.admin = AdminServer(
             {
                 "/metrics": self._metrics_page,
                 "/healthz": self._health_page,
                 "/status": self._status_page,
+                "/preflight": self.preflight.page,
+                "/suppression": self._suppression_page,
             },
-            {"/ips/": self._ip_action},
+            {"/ips/": self._ip_action, "/suppression/": self._suppression_action},
         )
+        self.admin.private.add("/suppression")  # addresses are personal data
+        self.admin.private.add("/preflight")  # detailed state, as /status
         self._servers: list[asyncio.Server] = []
         self.handler: RelayHandler | None = None
         tls = config.smtp.tls
@@ -111,7 +133,11 @@ class Relay:
         for warning in config_warnings(self.config):
             log.warning("config: %s", warning)
         await self.router.refresh(self.clock())  # pause, progress, suspensions from the store
+        await self.suppression.start()  # loaded before the first bounce or RCPT
         self.check_source_ips()
+        # in the background; waits at most preflight.timeout_s, for the blocklists only, so a
+        # listed warming IP is paused before mail flows
+        await self.preflight.start()
         # pushed on each change, not only at a scrape: workers of --workers are never scraped
         self.spool.on_change = self.router.ledger.on_change = self._disk_gauges
         self._disk_gauges()
@@ -123,7 +149,12 @@ class Relay:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start()
         handler = self.handler = RelayHandler(
-            self.config, self.spool, self.scheduler.accept, self.metrics, self.scheduler.admit
+            self.config,
+            self.spool,
+            self.scheduler.accept,
+            self.metrics,
+            self.scheduler.admit,
+            self.suppression,
         )
         loop = asyncio.get_running_loop()
         tls_ctx = self.tls.context if self.tls is not None else None
@@ -243,6 +274,7 @@ class Relay:
         sessions in a transaction may finish it (a DATA still gets its 250 once spooled;
         the others hear 421 4.3.2), deliveries in progress may end. The spool closes only
         after the sessions, so what they acknowledged is stored; the rest stays spooled."""
+        await self.preflight.stop()  # cancels a run still going
         for server in self._servers:
             server.close()
         drain_s = self.config.delivery.drain_timeout_s
@@ -257,6 +289,7 @@ class Relay:
                 await sessions
         await self.dispatcher.close()
         await self.spool.close()
+        await self.suppression.stop()
         await self.counters.close()
         await self.admin.stop()
         if self.tls is not None:
@@ -366,6 +399,54 @@ class Relay:
             return json_page(await self.ip_action(parts[1], parts[2]))
         except KeyError:
             return json_page({"error": f"{parts[1]} is not an IP of this relay"}, 404)
+
+    async def suppression_list(self) -> dict[str, Any]:
+        """Every suppressed address in force, read from the store (the whole fleet's list)."""
+        settings = self.config.suppression
+        entries = await self.suppression.entries()
+        return {
+            "enabled": settings.enabled,
+            "ttl_s": settings.ttl_s,
+            "count": len(entries),
+            "entries": [e.to_json(settings.ttl_s) for e in entries],
+        }
+
+    async def suppression_action(self, address: str, action: str) -> dict[str, Any]:
+        """add | remove an address. ``persisted`` "pending": in force in this process only
+        until the store takes it. KeyError: removing an address not on the list;
+        ValueError: adding something that is not an address."""
+        ttl_s = self.config.suppression.ttl_s
+        if action == "add":
+            if not valid_mailbox(address.strip().removeprefix("<").removesuffix(">")):
+                raise ValueError(f"{address!r} is not an email address")
+            added = await self.suppression.add(address, self.clock())
+            log.warning(
+                "operator: suppressed <%s> (%s)", added.entry.address, added.persisted.value
+            )
+            return {**added.entry.to_json(ttl_s), "persisted": added.persisted.value}
+        removed = await self.suppression.remove(address)
+        if removed.entry is None and removed.persisted is Persisted.STORED:
+            raise KeyError(removed.address)
+        log.warning("operator: unsuppressed <%s> (%s)", removed.address, removed.persisted.value)
+        return {"address": removed.address, "removed": True, "persisted": removed.persisted.value}
+
+    async def _suppression_page(self) -> tuple[int, str, bytes]:
+        try:
+            return json_page(await self.suppression_list())
+        except CounterError as exc:
+            return json_page({"error": f"state store: {exc}"}, 503)
+
+    async def _suppression_action(self, path: str) -> tuple[int, str, bytes]:
+        quoted, _, action = path.removeprefix("/suppression/").rpartition("/")
+        if not quoted or action not in ("add", "remove"):
+            return json_page({"error": "use POST /suppression/ADDRESS/add|remove"}, 400)
+        address = unquote(quoted)
+        try:
+            return json_page(await self.suppression_action(address, action))
+        except KeyError:
+            return json_page({"error": f"{address} is not on the suppression list"}, 404)
+        except ValueError as exc:
+            return json_page({"error": str(exc)}, 400)
 
     async def _status_page(self) -> tuple[int, str, bytes]:
         return json_page(await self.status())

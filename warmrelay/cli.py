@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from warmrelay import __version__
 from warmrelay.config import (
@@ -260,6 +261,134 @@ def cmd_ip(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_suppression(args: argparse.Namespace) -> int:
+    """List, add or remove suppressed addresses: through the running relay's admin endpoint
+    (its own list changes at once), else straight on the state store (relays, workers and a
+    fleet on that store read it within seconds)."""
+    import asyncio
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    config = _load_or_exit(args.config)
+    address: str | None = args.address
+    if args.action != "list" and not address:
+        print(f"suppression {args.action}: give the ADDRESS", file=sys.stderr)
+        return 2
+    result: dict[str, Any] | None = None
+    if config.admin.listen is not None:
+        base = f"http://{_fmt_hostport(config.admin.listen)}/suppression"
+        if args.action == "list":
+            request = urllib.request.Request(base)
+        else:
+            assert address is not None
+            quoted = urllib.parse.quote(address, safe="@+")
+            request = urllib.request.Request(f"{base}/{quoted}/{args.action}", method="POST")
+        token = admin_token(config.admin)  # unset although configured: one clear error
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                result = json.loads(r.read())
+            where = "by the running relay"
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode(errors="replace")
+            try:
+                message = str(json.loads(body)["error"])
+            except (ValueError, KeyError, TypeError):
+                message = body.strip()
+            print(f"{request.full_url}: {exc.code} {message}", file=sys.stderr)
+            return 1
+        except (urllib.error.URLError, OSError):
+            pass  # no relay running: read or change the store it will read at start
+    if result is None:
+        from warmrelay.app import Relay
+
+        async def offline() -> dict[str, Any]:
+            relay = Relay(config)
+            try:
+                if args.action == "list":
+                    return await relay.suppression_list()
+                assert address is not None
+                return await relay.suppression_action(address, args.action)
+            finally:
+                await relay.counters.close()
+
+        try:
+            result = asyncio.run(offline())
+        except KeyError:
+            print(f"{address}: not on the suppression list", file=sys.stderr)
+            return 1
+        except ValueError as exc:
+            print(f"{address}: {exc}", file=sys.stderr)
+            return 1
+        where = "in the state store (no relay running)"
+        if result.get("persisted") == "pending":  # this process ends now: nothing will store it
+            print(f"{address}: {args.action} NOT recorded: the state store failed", file=sys.stderr)
+            return 1
+    elif result.get("persisted") == "pending":
+        print(
+            f"{address}: {args.action} is in force in the running relay, but its state store "
+            "failed: other relay processes (workers, a fleet) see it only once the store "
+            "answers again",
+            file=sys.stderr,
+        )
+        return 1
+    if args.action == "list":
+        return _print_suppressed(result, address, args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.action == "add":
+        print(f"{result['address']}: suppressed until {result['until']} ({where})")
+    else:
+        print(f"{result['address']}: removed from the suppression list ({where})")
+    return 0
+
+
+def _print_suppressed(listing: dict[str, Any], address: str | None, as_json: bool) -> int:
+    """The list (or the one entry of ``address``: exit 1 if it is not suppressed)."""
+    import json
+
+    entries: list[dict[str, str]] = listing["entries"]
+    if address is not None:
+        wanted = address.strip().removeprefix("<").removesuffix(">").lower()
+        entries = [e for e in entries if e["address"] == wanted]
+        listing = {**listing, "count": len(entries), "entries": entries}
+    if as_json:
+        print(json.dumps(listing, indent=2))
+    elif address is not None and not entries:
+        print(f"{address}: not suppressed", file=sys.stderr)
+    else:
+        days = float(listing["ttl_s"]) / 86400
+        state = "" if listing["enabled"] else " (suppression.enabled is false: none refused)"
+        print(f"{len(entries)} suppressed address(es), each for {days:g} days{state}")
+        rows = [("ADDRESS", "SINCE", "UNTIL", "BY", "REPLY")]
+        rows += [(e["address"], e["since"], e["until"], e["by"], e["reply"]) for e in entries]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return 1 if address is not None and not entries else 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Check each IP's and signing domain's DNS identity (meant to run on the sending host).
+    Exit 1 when a check that hurts delivery fails; unknown (no answer) does not fail.
+    Changes nothing: the running relay pauses a listed warming IP itself."""
+    import asyncio
+    import json
+
+    from warmrelay.preflight import Preflight
+
+    config = _load_or_exit(args.config)
+    report = asyncio.run(Preflight(config).run())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.ok else 1
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     """Print an argon2id hash for smtp.users.NAME.password_hash (the password is read
     from standard input or a prompt, never from the command line)."""
@@ -278,6 +407,40 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         print("use at least 12 characters", file=sys.stderr)
         return 1
     print(hash_password(password))
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new DKIM private key (mode 0600; an existing file is never replaced) and
+    print the TXT record to publish at SELECTOR._domainkey.DOMAIN on standard output."""
+    from pathlib import Path
+
+    from warmrelay.dkim import keygen
+
+    out = Path(args.out) if args.out else None
+    try:
+        domain, entry, record = keygen(args.domain, args.selector, args.algorithm, out)
+    except ValueError as exc:
+        print(f"dkim keygen: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(
+            f"dkim keygen: {exc.filename} exists: not replaced (a published record may belong "
+            "to it); choose another --out",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"dkim keygen: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(record)
+    print(
+        f"wrote {entry.key_file} (mode 0600). Publish the TXT record above, then add to the "
+        f"configuration:\n  dkim:\n    domains:\n      {domain}:\n        keys:\n"
+        f"          - {{selector: {entry.selector}, key_file: {entry.key_file}, "
+        f"algorithm: {entry.algorithm}}}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -302,6 +465,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
     try:
         admin_token(config.admin)  # refuse before anything starts (supervisor, workers)
+        from warmrelay.dkim import load_keys
+
+        load_keys(config.dkim)  # a broken key must not become a worker restart loop
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{args.config}: cannot start: {problem}", file=sys.stderr)
@@ -359,11 +525,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_schedule)
     p = sub.add_parser("hash-password", help="print a password hash for smtp.users")
     p.set_defaults(func=cmd_hash_password)
+    p = sub.add_parser("dkim", help="DKIM signing keys")
+    dkim_sub = p.add_subparsers(dest="dkim_command", required=True)
+    p = dkim_sub.add_parser("keygen", help="write a new key and print its DNS TXT record")
+    p.add_argument("--domain", required=True, help="signing domain (d=)")
+    p.add_argument("--selector", required=True, help="selector (s=), e.g. s2026")
+    p.add_argument(
+        "--algorithm",
+        choices=["rsa", "ed25519"],
+        default="rsa",
+        help="rsa (2048-bit, verified everywhere; default) or ed25519 (RFC 8463, beside rsa)",
+    )
+    p.add_argument("--out", default=None, help="key file (default DOMAIN.SELECTOR.pem)")
+    p.set_defaults(func=cmd_dkim_keygen)
     p = sub.add_parser("ip", help="pause, resume or complete the warmup of a source IP")
     p.add_argument("action", choices=["pause", "resume", "complete"])
     p.add_argument("address")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_ip)
+    p = sub.add_parser(
+        "suppression", help="list, add or remove addresses refused after a hard bounce"
+    )
+    p.add_argument("action", choices=["list", "add", "remove"])
+    p.add_argument("address", nargs="?", help="for add and remove (list: show only this one)")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_suppression)
+    p = sub.add_parser(
+        "preflight", help="check PTR, FCrDNS, blocklists, SPF, DKIM and DMARC before warming"
+    )
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_preflight)
     p = sub.add_parser("simulate", help="project a steady daily volume through the warmup")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--daily", type=int, required=True, help="recipients per day")

@@ -29,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -539,6 +540,44 @@ class DkimKeyConfig(_Frozen):
 class DkimDomainConfig(_Frozen):
     keys: tuple[DkimKeyConfig, ...] = Field(min_length=1)
 
+    @field_validator("keys")
+    @classmethod
+    def _selectors_differ(cls, value: tuple[DkimKeyConfig, ...]) -> tuple[DkimKeyConfig, ...]:
+        """Two signatures with one selector: one of them cannot match the published key."""
+        seen = [k.selector.lower() for k in value]
+        twice = sorted({s for s in seen if seen.count(s) > 1})
+        if twice:
+            raise ValueError(f"selector {', '.join(twice)} is listed twice")
+        return value
+
+
+# Fields that change or are added on the way: a signature over them would break in transit
+# (our own Received: is added after signing; RFC 6376 5.4.1 says not to sign trace fields).
+_DKIM_UNSIGNABLE = ("received", "return-path", "dkim-signature", "arc-seal", "bcc")
+
+
+def _dkim_headers(value: tuple[str, ...]) -> tuple[str, ...]:
+    names: list[str] = []
+    for raw in value:
+        name = raw.strip().lower()
+        if not re.fullmatch(r"[!-9;-~]+", name):
+            raise ValueError(f"{raw!r} is not a header field name")
+        if name in _DKIM_UNSIGNABLE:
+            raise ValueError(f"{name} must not be signed: it changes in transit")
+        if name not in names:
+            names.append(name)
+    if "from" not in names:
+        raise ValueError("must include from (RFC 6376 5.4: the From field is always signed)")
+    return tuple(names)
+
+
+def _dkim_domain_key(value: str) -> str:
+    """A signing domain or map key ("*.suffix" allowed for map keys), lower case."""
+    name = value.strip().lower().rstrip(".")
+    if not _HOSTNAME.match(name.removeprefix("*.")):
+        raise ValueError(f"{value!r} is not a domain name")
+    return name
+
 
 class DkimConfig(_Frozen):
     """DKIM signing at acceptance, before the spool (every retry sends the same bytes).
@@ -549,6 +588,38 @@ class DkimConfig(_Frozen):
     unsigned: Literal["send", "refuse"] = "send"  # mail whose From domain has no key
     headers: tuple[str, ...] = DKIM_HEADERS  # signed, and From over-signed
     add_missing_headers: bool = True  # Message-ID and Date when absent (before signing)
+
+    @field_validator("headers")
+    @classmethod
+    def _signable_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _dkim_headers(value)
+
+    @field_validator("domains")
+    @classmethod
+    def _domain_names(cls, value: Mapping[str, DkimDomainConfig]) -> dict[str, DkimDomainConfig]:
+        out: dict[str, DkimDomainConfig] = {}
+        for name, domain in value.items():
+            if name.startswith("*"):
+                raise ValueError(f"{name!r}: a signing domain is one domain (use map for *.)")
+            out[_dkim_domain_key(name)] = domain
+        return out
+
+    @field_validator("map")
+    @classmethod
+    def _map_to_signing_domains(
+        cls, value: Mapping[str, str], info: ValidationInfo
+    ) -> dict[str, str]:
+        """Each target must have keys: a map entry to nowhere would silently send unsigned."""
+        domains = info.data.get("domains")  # absent when domains itself is invalid
+        out: dict[str, str] = {}
+        for pattern, target in value.items():
+            key, to = _dkim_domain_key(pattern), _dkim_domain_key(target)
+            if to.startswith("*."):
+                raise ValueError(f"{pattern!r} maps to {target!r}: name one signing domain")
+            if domains is not None and to not in domains:
+                raise ValueError(f"{pattern!r} maps to {target!r}, which has no keys under domains")
+            out[key] = to
+        return out
 
 
 class PreflightConfig(_Frozen):

@@ -24,6 +24,7 @@ from warmrelay.errors import WarmrelayError
 from warmrelay.metrics import Metrics
 from warmrelay.replies import Reply
 from warmrelay.spool import Spool, SpooledMessage
+from warmrelay.suppression import SuppressionList
 
 log = logging.getLogger("warmrelay.delivery")
 
@@ -60,12 +61,14 @@ class Recorder:
         hostname: Callable[[], str],
         accept: Callable[[SpooledMessage, bytes], None],
         read: Callable[[str], bytes],
+        suppression: SuppressionList | None = None,
     ) -> None:
         self._spool = spool
         self._metrics = metrics
         self._hostname = hostname
         self._accept = accept  # a stored DSN enters the queue like any message
         self._read = read
+        self._suppression = suppression  # hard bounces go on it
 
     async def record(
         self,
@@ -89,6 +92,10 @@ class Recorder:
         if v.failed and not await self._notify(msg, v.failed, now):
             v.retry += [(i, reply) for i, reply, _ in v.failed]  # DSN not stored: try later
             v.failed = []
+        if self._suppression is not None:  # a final bounce saying the address is dead
+            for i, reply, disposition in v.failed:
+                if disposition == "bounced":
+                    await self._suppression.bounced(msg.rcpt_tos[i], reply, now, msg.queue_id)
         finals = [(i, "delivered") for i, _ in v.delivered] + [(i, d) for i, _, d in v.failed]
         finishing = pending.issubset(i for i, _ in finals)
         for disposition in {d for _, d in finals}:

@@ -27,9 +27,11 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from warmrelay.auth import Authenticator, AuthGuard
 from warmrelay.config import Config, IPAddress, IPNetwork, ListenerConfig
+from warmrelay.dkim import Signer
 from warmrelay.errors import SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.spool import Spool, SpooledMessage
+from warmrelay.suppression import SuppressionList
 
 log = logging.getLogger("warmrelay.listener")
 
@@ -435,11 +437,13 @@ class RelayHandler:
         submit: Callable[[SpooledMessage, bytes], None],
         metrics: Metrics,
         admit: Callable[[], Awaitable[None]] | None = None,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self.spool = spool
         self.submit = submit
         self.metrics = metrics
         self.admit = admit
+        self.suppression = suppression  # addresses that bounced hard: refused at RCPT
         smtp = config.smtp
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
         self.guard = AuthGuard(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
@@ -457,6 +461,9 @@ class RelayHandler:
         self.auth = Authenticator(smtp.users)
         self.limits.configure(smtp.max_connections, smtp.max_connections_per_client)
         self.guard.configure(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
+        # DKIM keys are read now: a broken key file stops the start (DkimKeyError); on a
+        # reload it is logged and the keys in force stay (rotations need no restart)
+        self.dkim = Signer.load(config, getattr(self, "dkim", None))
 
     def may_relay(self, client: str) -> bool:
         return _in_networks(client, self._allowed)
@@ -566,6 +573,14 @@ class RelayHandler:
             return "501 5.1.3 Bad recipient address syntax"
         if not address.isascii() and not envelope.smtp_utf8:
             return "553 5.6.7 Non-ASCII address needs MAIL FROM ... SMTPUTF8"
+        suppressed = self.suppression.check(address) if self.suppression is not None else None
+        if suppressed is not None:
+            log.info("%s: <%s> refused: on the suppression list", client, address)
+            if isinstance(server, RelaySMTP):
+                # the address's fault, not the client's: a batch with many dead addresses
+                # must not spend the budget of refused commands and be hung up on
+                server._bad -= 1
+            return suppressed.refusal(address)
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -584,6 +599,16 @@ class RelayHandler:
                 return "554 5.6.11 Message contains bare CR or LF characters"
             content = _BARE_NEWLINE.sub(b"\r\n", content)
         received_at = time.time()
+        # Signed once, here, before the spool: every retry sends these bytes. Our own
+        # Received: line is added after, unsigned (it is trace, not the author's content).
+        signed = await self.dkim.sign_off_loop(content, received_at)
+        if signed.refuse:
+            self.metrics.dkim.labels(signed.domain, signed.result).inc()
+            log.warning(
+                "%s: from=<%s> refused: dkim %s", client, envelope.mail_from, signed.summary
+            )
+            return signed.reply
+        content = signed.data
         encrypted = bool(getattr(server, "encrypted", False))
         trace = self._received_header(session, client, envelope, received_at, encrypted)
         data = trace + content
@@ -602,13 +627,16 @@ class RelayHandler:
             log.error("%s: spool cannot store a message: %s", client, exc)
             return "451 4.3.0 Cannot queue the message now, try again later"
         self.metrics.received.inc()
-        log.info(
-            "%s: from=<%s> nrcpt=%d size=%d client=%s",
+        self.metrics.dkim.labels(signed.domain, signed.result).inc()
+        log.log(
+            logging.WARNING if signed.result == "error" else logging.INFO,
+            "%s: from=<%s> nrcpt=%d size=%d client=%s dkim=%s",
             message.queue_id,
             message.mail_from,
             len(message.rcpt_tos),
             message.size,
             client,
+            signed.summary,
         )
         self.submit(message, data)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"

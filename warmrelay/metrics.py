@@ -86,6 +86,14 @@ class Metrics:
         self.received = Counter(
             "warmrelay_received", "Messages accepted (250 after DATA)", registry=r
         )
+        self.dkim = Counter(
+            "warmrelay_dkim",
+            "Messages by DKIM outcome at acceptance (signed, unsigned: no key, refused: no key "
+            "and dkim.unsigned is refuse, error: header section not parsable); domain is the "
+            'signing domain when signed, else the From domain ("" when there is none)',
+            ["domain", "result"],
+            registry=r,
+        )
         self.rejected = Counter(
             "warmrelay_rejected", "SMTP commands refused, by reply code", ["code"], registry=r
         )
@@ -121,6 +129,14 @@ class Metrics:
             multiprocess_mode="mostrecent",
             registry=r,
         )
+        self.preflight_ok = Gauge(
+            "warmrelay_preflight_ok",
+            "Latest preflight result per subject (IP or signing domain) and check (ptr, helo, "
+            "fcrdns, dnsbl:ZONE, spf:IP, dkim:SELECTOR, dmarc, bind): 1 pass, 0 fail, -1 unknown",
+            ["subject", "check"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
         self.smtp_sessions = Gauge(
             "warmrelay_smtp_sessions",
             "SMTP client sessions open now",
@@ -131,6 +147,14 @@ class Metrics:
             "warmrelay_spool_messages",
             "Messages in the spool (not yet finished)",
             multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.suppressed = Counter(
+            "warmrelay_suppressed",
+            "Suppression list events: added (a hard bounce or the operator), refused (a RCPT "
+            "to a suppressed address), expired (deleted after suppression.ttl_s), removed "
+            "(by the operator)",
+            ["event"],
             registry=r,
         )
         self.dsn_sent = Counter(

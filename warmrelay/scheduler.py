@@ -43,6 +43,7 @@ from warmrelay.readyqueue import ReadyQueues
 from warmrelay.replies import Outcome, Reply, ReplyRules
 from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
 from warmrelay.spool import Spool, SpooledMessage
+from warmrelay.suppression import SuppressionList
 
 log = logging.getLogger("warmrelay.delivery")
 
@@ -107,6 +108,7 @@ class Scheduler:
         dispatcher: Dispatcher,
         metrics: Metrics,
         clock: Clock = utc_now,
+        suppression: SuppressionList | None = None,
     ) -> None:
         self._spool = spool
         self._dispatcher = dispatcher
@@ -133,7 +135,7 @@ class Scheduler:
         self._room = asyncio.Event()  # set while the backlog is short enough to take more
         self._room.set()
         self._recorder = Recorder(
-            spool, metrics, lambda: self._config.smtp.hostname, self.accept, self._data
+            spool, metrics, lambda: self._config.smtp.hostname, self.accept, self._data, suppression
         )
 
     def configure(self, config: Config, router: Router, resolver: NextHopResolver) -> None:

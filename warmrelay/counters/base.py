@@ -64,6 +64,11 @@ class Counters(Protocol):
         absent), as one atomic step across all callers; true if it was stored."""
         ...
 
+    async def list_values(self, prefix: str) -> dict[str, str]:
+        """Every stored value whose key starts with ``prefix`` (records kept one per item,
+        e.g. suppressed addresses, listed without an index record to keep in step)."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -48,5 +48,8 @@ class MemoryCounters:
             self._values[key] = new
         return True
 
+    async def list_values(self, prefix: str) -> dict[str, str]:
+        return {k: v for k, v in self._values.items() if k.startswith(prefix)}
+
     async def close(self) -> None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,8 @@ log = logging.getLogger("warmrelay.counters")
 KEY_TTL_S = 8 * 86400  # a window's counts outlive it by a week (progress looks back a day)
 BACKOFF_S = 1.0  # after a failure, do not try the server again before this
 PASSWORD_ENV = "WARMRELAY_REDIS_PASSWORD"
+SCAN_COUNT = 1000  # keys per SCAN step and per MGET
+_GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")  # escaped in a SCAN MATCH pattern
 
 _RESERVE = """
 local n = tonumber(ARGV[1])
@@ -148,6 +151,33 @@ class RedisCounters:
         ]
         script = self._compare_and_set(keys=[f"warmrelay:state:{key}"], args=args)
         return bool(await self._call("cas", script))
+
+    async def list_values(self, prefix: str) -> dict[str, str]:
+        """SCAN (never KEYS: the server keeps answering others) for the prefix, then MGET
+        in batches. A key deleted in between is left out."""
+        base = "warmrelay:state:"
+        pattern = _GLOB_SPECIAL.sub(r"\\\g<0>", base + prefix) + "*"
+        names: list[bytes] = []
+        cursor = 0
+        while True:
+            cursor, batch = await self._call(
+                "scan", self._redis.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+            )
+            names.extend(batch)
+            if not cursor:
+                break
+        unique = sorted(set(names))
+        found: dict[str, str] = {}
+        for at in range(0, len(unique), SCAN_COUNT):
+            chunk = unique[at : at + SCAN_COUNT]
+            values = await self._call("mget", self._redis.mget(chunk))
+            for name, value in zip(chunk, values, strict=True):
+                if value is not None:
+                    key = name.decode() if isinstance(name, bytes) else str(name)
+                    found[key.removeprefix(base)] = (
+                        value.decode() if isinstance(value, bytes) else str(value)
+                    )
+        return found
 
     async def close(self) -> None:
         await self._redis.aclose()

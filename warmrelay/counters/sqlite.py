@@ -199,6 +199,21 @@ class SqliteCounters:
 
         return await self._run(tx)
 
+    async def list_values(self, prefix: str) -> dict[str, str]:
+        end = _prefix_end(prefix)
+
+        def read(db: sqlite3.Connection) -> dict[str, str]:
+            # a range on the primary key (binary collation): the index, not a table scan
+            if end is None:
+                rows = db.execute("SELECT key, value FROM state WHERE key >= ?", (prefix,))
+            else:
+                rows = db.execute(
+                    "SELECT key, value FROM state WHERE key >= ? AND key < ?", (prefix, end)
+                )
+            return {str(k): str(v) for k, v in rows}
+
+        return await self._run(read)
+
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._drop)
         self._executor.shutdown(wait=True)
@@ -207,3 +222,12 @@ class SqliteCounters:
 def _count(db: sqlite3.Connection, key: str) -> int:
     row = db.execute("SELECT count FROM counters WHERE key = ?", (key,)).fetchone()
     return int(row[0]) if row else 0
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (None: no bound,
+    the prefix is empty or ends in the highest code point)."""
+    stripped = prefix.rstrip(chr(0x10FFFF))
+    if not stripped:
+        return None
+    return stripped[:-1] + chr(ord(stripped[-1]) + 1)

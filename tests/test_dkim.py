@@ -1,0 +1,578 @@
+"""DKIM signing at acceptance, checked by two independent verifiers over real DNS.
+
+The public keys are published as TXT records by a loopback DNS server. dkimpy verifies
+through dnspython pointed at it; opendkim-testmsg (Debian's opendkim-tools, libopendkim)
+uses the system resolver, which cannot be given a port: it runs in a private mount
+namespace whose /etc/resolv.conf names a port-53 responder on a loopback address that
+answers from the same server. That needs root; without it (or without opendkim-testmsg)
+the opendkim checks skip, except under CI=true where they must run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import os
+import random
+import re
+import shutil
+import stat
+import struct
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import dkim
+import dns.resolver
+import pytest
+import yaml
+from aiosmtpd.smtp import Envelope
+from conftest import Sink, relay_config, relay_doc, running
+from cryptography.hazmat.primitives.asymmetric import rsa
+from dnsserver import LoopbackDNS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from warmrelay import cli
+from warmrelay.app import Relay
+from warmrelay.config import load_config
+from warmrelay.dkim import (
+    DkimKeyError,
+    PrivateKey,
+    Signer,
+    generate_key,
+    relaxed_body,
+    txt_value,
+    write_key,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAIN = "example.test"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+# -- keys, DNS and the two verifiers ----------------------------------------------------
+
+
+class Keys:
+    """Key files made once per module (RSA key generation takes a while)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.private: dict[str, PrivateKey] = {}
+        for selector, algorithm in (("r1", "rsa"), ("e1", "ed25519"), ("r2", "rsa")):
+            key = generate_key(algorithm)  # type: ignore[arg-type]
+            write_key(self.path(selector), key)
+            self.private[selector] = key
+
+    def path(self, selector: str) -> Path:
+        return self.dir / f"{selector}.pem"
+
+    def entry(self, selector: str) -> dict[str, str]:
+        algorithm = "rsa-sha256" if selector.startswith("r") else "ed25519-sha256"
+        return {"selector": selector, "key_file": str(self.path(selector)), "algorithm": algorithm}
+
+    def publish(self, zone: LoopbackDNS, domain: str = DOMAIN) -> None:
+        for selector, key in self.private.items():
+            zone.add_txt(f"{selector}._domainkey.{domain}", txt_value(key))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("dkim-keys"))
+
+
+@pytest.fixture
+async def zone(keys: Keys) -> AsyncIterator[LoopbackDNS]:
+    async with LoopbackDNS() as server:
+        keys.publish(server)
+        yield server
+
+
+def dkim_section(keys: Keys, *selectors: str, **over: Any) -> dict[str, Any]:
+    return {"domains": {DOMAIN: {"keys": [keys.entry(s) for s in selectors]}}, **over}
+
+
+def txt_lookup(zone: LoopbackDNS) -> Callable[..., bytes | None]:
+    """dkimpy's dnsfunc: TXT through dnspython, asking only the loopback server."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [zone.host]
+    resolver.port = zone.port
+
+    def get_txt(name: bytes, timeout: float = 5) -> bytes | None:
+        try:
+            answer = resolver.resolve(name.decode(), "TXT", lifetime=timeout)
+        except dns.resolver.NXDOMAIN:
+            return None
+        return b"".join(b"".join(r.strings) for r in answer)
+
+    return get_txt
+
+
+async def dkimpy_verifies(data: bytes, zone: LoopbackDNS, idx: int = 0) -> bool:
+    """dkimpy is synchronous: in a thread, so the loopback DNS (in this loop) can answer."""
+    d = dkim.DKIM(data)
+    return bool(await asyncio.to_thread(d.verify, idx, txt_lookup(zone)))
+
+
+class Port53:
+    """A DNS responder on port 53 of a loopback address, relaying to a LoopbackDNS."""
+
+    def __init__(self, zone: LoopbackDNS, workdir: Path) -> None:
+        self.zone = zone
+        self.address = f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        self.resolv_conf = workdir / "resolv.conf"
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        zone = self.zone
+
+        class Udp(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                reply = zone.answer(data, udp=True)
+                if reply is not None:
+                    self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
+
+        async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    reply = zone.answer(await reader.readexactly(length), udp=False) or b""
+                    writer.write(struct.pack("!H", len(reply)) + reply)
+                    await writer.drain()
+            writer.close()
+
+        loop = asyncio.get_running_loop()
+        self._udp, _ = await loop.create_datagram_endpoint(Udp, local_addr=(self.address, 53))
+        self._tcp = await asyncio.start_server(tcp, self.address, 53)
+        self.resolv_conf.write_text(f"nameserver {self.address}\noptions timeout:2 attempts:2\n")
+
+    def stop(self) -> None:
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+
+
+@pytest.fixture
+async def opendkim(zone: LoopbackDNS, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``await opendkim(data)`` -> (exit code, stderr) of opendkim-testmsg verifying."""
+    reason = ""
+    if shutil.which("opendkim-testmsg") is None:
+        reason = "opendkim-testmsg is not installed (apt-get install opendkim-tools)"
+    elif os.geteuid() != 0 or shutil.which("unshare") is None:
+        reason = "opendkim checks need root and unshare (a private /etc/resolv.conf)"
+    port53 = Port53(zone, tmp_path)
+    if not reason:
+        try:
+            await port53.start()
+        except OSError as exc:
+            reason = f"cannot serve DNS on {port53.address}:53: {exc}"
+    if reason:
+        if _in_ci():
+            pytest.fail(f"{reason} (CI=true: the opendkim checks must run)")
+        pytest.skip(reason)
+
+    async def verify(data: bytes) -> tuple[int, str]:
+        script = 'mount --bind "$1" /etc/resolv.conf && exec opendkim-testmsg'
+        proc = await asyncio.create_subprocess_exec(
+            *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
+            str(port53.resolv_conf),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(data), 30)
+        assert proc.returncode is not None
+        return proc.returncode, err.decode(errors="replace")
+
+    try:
+        yield verify
+    finally:
+        port53.stop()
+
+
+# -- message helpers -----------------------------------------------------------------------
+
+
+def header_section(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def fields(data: bytes, name: str) -> list[bytes]:
+    """Every field ``name`` of the header section, unfolded, top to bottom."""
+    unfolded = re.sub(rb"\r\n[ \t]", b" ", header_section(data))
+    prefix = name.lower().encode() + b":"
+    return [line for line in unfolded.split(b"\r\n") if line.lower().startswith(prefix)]
+
+
+def tags(signature: bytes) -> dict[str, str]:
+    value = re.sub(r"\s+", "", signature.decode().split(":", 1)[1])
+    return dict(part.split("=", 1) for part in value.split(";") if part)
+
+
+def signatures(data: bytes) -> list[dict[str, str]]:
+    return [tags(f) for f in fields(data, "DKIM-Signature")]
+
+
+def only_signature(data: bytes, keep: int) -> bytes:
+    """The message with every DKIM-Signature but number ``keep`` removed."""
+    lines = data.split(b"\r\n")
+    out, n, skipping = [], -1, False
+    for i, line in enumerate(lines):
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        skipping = False
+        if line.lower().startswith(b"dkim-signature:"):
+            n += 1
+            if n != keep:
+                skipping = True
+                continue
+        out.append(line)
+        if not line:  # end of the header section: the rest as it is
+            out += lines[i + 1 :]
+            break
+    return b"\r\n".join(out)
+
+
+def without_our_received(data: bytes) -> bytes:
+    assert data.startswith(b"Received: from ")
+    end = data.index(b"\r\n", data.index(b"(warmrelay)")) + 2
+    end = data.index(b"\r\n", end) + 2  # the date line
+    return data[end:]
+
+
+MESSAGE = (
+    "Received: from app.internal (app.internal [10.0.0.9]) by mx.internal;\r\n"
+    "\tThu, 26 Nov 2026 10:00:00 +0000\r\n"
+    f"From: Shop <orders@{DOMAIN}>\r\n"
+    "To: <a@rcpt.test>\r\n"
+    "Subject: Your   order\r\n"
+    "Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n"
+    f"Message-ID: <order-1@{DOMAIN}>\r\n"
+    "MIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "\r\n"
+    "Thanks for your order.  \r\n"
+    "\tIt ships today.\r\n"
+)
+
+
+async def submit(relay: Relay, message: str | bytes, sender: str = f"orders@{DOMAIN}") -> str:
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp_ports[0])
+    async with client:
+        _, reply = await client.sendmail(sender, ["a@rcpt.test"], message)
+    return reply
+
+
+def dkim_count(relay: Relay, domain: str, result: str) -> float:
+    labels = {"domain": domain, "result": result}
+    return relay.metrics.registry.get_sample_value("warmrelay_dkim_total", labels) or 0.0
+
+
+# -- the tests -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "selectors",
+    [("r1",), ("e1",), ("r1", "e1")],
+    ids=["rsa", "ed25519", "dual"],
+)
+async def test_signatures_verify_with_dkimpy_and_opendkim(
+    tmp_path: Path,
+    sink: Sink,
+    keys: Keys,
+    zone: LoopbackDNS,
+    opendkim: Callable[..., Any],
+    selectors: tuple[str, ...],
+) -> None:
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, *selectors))
+    async with running(config) as relay:
+        await submit(relay, MESSAGE)
+        data = (await sink.wait_for(1))[0].data
+        assert dkim_count(relay, DOMAIN, "signed") == 1
+    sigs = signatures(data)
+    assert [s["s"] for s in sigs] == list(selectors)  # in key order, one per key
+    algorithms = {"r": "rsa-sha256", "e": "ed25519-sha256"}
+    assert [s["a"] for s in sigs] == [algorithms[s[0]] for s in selectors]
+    assert all(s["d"] == DOMAIN and s["c"] == "relaxed/relaxed" for s in sigs)
+    for i in range(len(sigs)):
+        alone = only_signature(data, i)
+        assert await dkimpy_verifies(data, zone, i), f"dkimpy rejects {sigs[i]['s']}"
+        code, err = await opendkim(alone)
+        assert code == 0, f"opendkim rejects {sigs[i]['s']}: {err}"
+        # both verifiers really check: a changed subject fails the same signature
+        forged = alone.replace(b"Subject: Your   order", b"Subject: Your refund")
+        assert not await dkimpy_verifies(forged, zone)
+        assert (await opendkim(forged))[0] != 0
+    code, err = await opendkim(data)  # the message as delivered, every signature in it
+    assert code == 0, err
+
+
+async def test_from_is_oversigned_and_received_is_not_signed(
+    tmp_path: Path, sink: Sink, keys: Keys, zone: LoopbackDNS, opendkim: Callable[..., Any]
+) -> None:
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, "r1"))
+    async with running(config) as relay:
+        await submit(relay, MESSAGE)
+        data = (await sink.wait_for(1))[0].data
+    # our Received: is on top, above the signature: added after signing
+    assert data.startswith(b"Received: from ") and b"by relay.test (warmrelay)" in data
+    assert data.index(b"(warmrelay)") < data.index(b"DKIM-Signature:")
+    signed = tags(fields(data, "DKIM-Signature")[0])["h"].split(":")
+    assert signed.count("from") == 2  # once per From field, once more: over-signed
+    assert "received" not in signed  # neither ours nor the client's own trace field
+    assert {"to", "subject", "date", "message-id", "mime-version", "content-type"} <= set(signed)
+    # removing our trace line (or adding more trace) leaves the signature valid
+    assert await dkimpy_verifies(without_our_received(data), zone)
+    assert (await opendkim(without_our_received(data)))[0] == 0
+    # a second From: added on the way breaks it, wherever it goes
+    for forged in (
+        b"From: <ceo@" + DOMAIN.encode() + b">\r\n" + data,
+        data.replace(b"\r\nTo: ", b"\r\nFrom: <ceo@" + DOMAIN.encode() + b">\r\nTo: ", 1),
+    ):
+        assert not await dkimpy_verifies(forged, zone)
+        assert (await opendkim(forged))[0] != 0
+
+
+async def test_missing_message_id_and_date_are_added_and_signed(
+    tmp_path: Path, sink: Sink, keys: Keys, zone: LoopbackDNS, opendkim: Callable[..., Any]
+) -> None:
+    bare = f"From: <app@{DOMAIN}>\r\nTo: <a@rcpt.test>\r\nSubject: bare\r\n\r\nhello\r\n"
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, "e1"))
+    async with running(config) as relay:
+        await submit(relay, bare)
+        data = (await sink.wait_for(1))[0].data
+    [message_id] = fields(data, "Message-ID")
+    assert re.fullmatch(rb"Message-ID: <[0-9a-f]{32}@relay\.test>", message_id)
+    [date] = fields(data, "Date")
+    assert email.utils.parsedate_to_datetime(date.split(b":", 1)[1].decode()) is not None
+    signed = tags(fields(data, "DKIM-Signature")[0])["h"].split(":")
+    assert "date" in signed and "message-id" in signed
+    assert await dkimpy_verifies(data, zone)
+    assert (await opendkim(data))[0] == 0
+
+    off = relay_config(
+        tmp_path / "off",
+        sink.port,
+        dkim=dkim_section(keys, "e1", add_missing_headers=False),
+    )
+    async with running(off) as relay:
+        await submit(relay, bare)
+        data = (await sink.wait_for(2))[1].data
+    assert not fields(data, "Message-ID") and not fields(data, "Date")
+    assert await dkimpy_verifies(data, zone)
+
+
+async def test_a_retry_after_451_sends_the_same_signed_bytes(
+    tmp_path: Path, sink: Sink, keys: Keys, zone: LoopbackDNS
+) -> None:
+    attempts: list[bytes] = []
+
+    def data_reply(peer: str, envelope: Envelope) -> str | None:
+        attempts.append(envelope.original_content or b"")
+        return "451 4.3.0 Try again later" if len(attempts) == 1 else None
+
+    sink.data_reply = data_reply
+    bare = f"From: <app@{DOMAIN}>\r\nTo: <a@rcpt.test>\r\nSubject: retry\r\n\r\nhello\r\n"
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, "r1", "e1"))
+    async with running(config) as relay:
+        await submit(relay, bare)
+        await sink.wait_for(1)
+    assert len(attempts) == 2
+    assert attempts[0] == attempts[1]  # signature, Message-ID, Date: all made once
+    assert len(signatures(attempts[1])) == 2
+    assert await dkimpy_verifies(attempts[1], zone, 0)
+    assert await dkimpy_verifies(attempts[1], zone, 1)
+
+
+async def test_mail_without_a_key_is_sent_unsigned_and_counted(
+    tmp_path: Path, sink: Sink, keys: Keys, zone: LoopbackDNS
+) -> None:
+    dkim_doc = dkim_section(keys, "r1", map={"*.example.test": DOMAIN, "brand.test": DOMAIN})
+    config = relay_config(tmp_path, sink.port, dkim=dkim_doc)
+    async with running(config) as relay:
+        await submit(relay, MESSAGE)
+        await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@other.test>"))
+        # map: a subdomain and another brand are signed with example.test's key
+        await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@news.example.test>"))
+        await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@brand.test>"))
+        await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@notexample.test>"))
+        got = await sink.wait_for(5)
+        assert dkim_count(relay, DOMAIN, "signed") == 3
+        assert dkim_count(relay, "other.test", "unsigned") == 1
+        assert dkim_count(relay, "notexample.test", "unsigned") == 1
+    by_from = {fields(m.data, "From")[0].split(b"@")[1].rstrip(b">"): m.data for m in got}
+    assert not fields(by_from[b"other.test"], "DKIM-Signature")
+    assert not fields(by_from[b"notexample.test"], "DKIM-Signature")
+    for author in (DOMAIN.encode(), b"news.example.test", b"brand.test"):
+        assert signatures(by_from[author])[0]["d"] == DOMAIN
+        assert await dkimpy_verifies(by_from[author], zone)
+
+
+async def test_refuse_mode_answers_550_for_a_domain_without_a_key(
+    tmp_path: Path, sink: Sink, keys: Keys
+) -> None:
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, "r1", unsigned="refuse"))
+    async with running(config) as relay:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@other.test>"))
+        assert refused.value.code == 550
+        assert "5.7.1" in refused.value.message
+        assert "no DKIM key for other.test" in refused.value.message
+        with pytest.raises(aiosmtplib.SMTPDataError) as broken:
+            await submit(relay, "this is no header\r\n\r\nbody\r\n")
+        assert broken.value.code == 554
+        await submit(relay, MESSAGE)  # a domain with a key is still accepted
+        await sink.wait_for(1)
+        assert dkim_count(relay, "other.test", "refused") == 1
+        assert dkim_count(relay, "", "error") == 1
+        assert dkim_count(relay, DOMAIN, "signed") == 1
+        assert relay.metrics.registry.get_sample_value("warmrelay_received_total") == 1
+    assert len(sink.messages) == 1
+
+
+async def test_a_header_section_that_cannot_be_parsed_is_sent_unsigned(
+    tmp_path: Path, sink: Sink, keys: Keys
+) -> None:
+    config = relay_config(tmp_path, sink.port, dkim=dkim_section(keys, "r1"))
+    async with running(config) as relay:
+        await submit(relay, "this is no header\r\n\r\nbody\r\n")
+        data = (await sink.wait_for(1))[0].data
+        assert dkim_count(relay, "", "error") == 1
+    assert b"DKIM-Signature" not in data and data.endswith(b"this is no header\r\n\r\nbody\r\n")
+
+
+@pytest.mark.parametrize("algorithm", ["rsa", "ed25519"])
+async def test_keygen_writes_a_0600_key_and_a_record_that_verifies(
+    tmp_path: Path,
+    sink: Sink,
+    capsys: pytest.CaptureFixture[str],
+    opendkim: Callable[..., Any],
+    zone: LoopbackDNS,
+    algorithm: str,
+) -> None:
+    out = tmp_path / "new.pem"
+    argv = ["dkim", "keygen", "--domain", "Fresh.Test", "--selector", "k1"]
+    argv += ["--algorithm", algorithm, "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    name, strings = printed.split(" IN TXT ", 1)
+    assert name == "k1._domainkey.fresh.test."
+    parts = re.findall(r'"([^"]*)"', strings)
+    assert all(len(p.encode()) <= 255 for p in parts)
+    assert len(parts) == (2 if algorithm == "rsa" else 1)
+    record = "".join(parts)
+    assert record.startswith(f"v=DKIM1; k={algorithm}; p=")
+
+    before = out.read_bytes()  # never overwritten
+    assert cli.main(argv) == 1
+    assert out.read_bytes() == before
+    assert "exists" in capsys.readouterr().err
+
+    zone.add_txt("k1._domainkey.fresh.test", record)
+    entry = {"selector": "k1", "key_file": str(out)}
+    entry["algorithm"] = "rsa-sha256" if algorithm == "rsa" else "ed25519-sha256"
+    dkim_doc = {"domains": {"fresh.test": {"keys": [entry]}}}
+    async with running(relay_config(tmp_path, sink.port, dkim=dkim_doc)) as relay:
+        await submit(relay, MESSAGE.replace(f"@{DOMAIN}>", "@fresh.test>"))
+        data = (await sink.wait_for(1))[0].data
+    assert signatures(data)[0]["d"] == "fresh.test"
+    assert await dkimpy_verifies(data, zone)
+    assert (await opendkim(data))[0] == 0
+
+
+async def test_a_broken_key_file_stops_the_start_naming_it(tmp_path: Path, keys: Keys) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    small = tmp_path / "small.pem"
+    write_key(small, rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    missing = tmp_path / "missing.pem"
+    entries = [
+        {"selector": "a", "key_file": str(garbage)},
+        {"selector": "b", "key_file": str(missing)},
+        {"selector": "c", "key_file": str(small)},
+        {"selector": "d", "key_file": str(keys.path("e1"))},  # Ed25519 named as RSA
+    ]
+    doc = {"dkim": {"domains": {DOMAIN: {"keys": entries}}}}
+    with pytest.raises(DkimKeyError) as raised:  # what the listener does at start
+        Signer.load(relay_config(tmp_path, 9, **doc))
+    text = str(raised.value)  # every broken key at once, each with its key path and file
+    for i, path in enumerate((garbage, missing, small, keys.path("e1"))):
+        assert f"dkim.domains['{DOMAIN}'].keys[{i}].key_file: " in text
+        assert str(path) in text
+    assert "not a PEM private key" in text and "1024-bit" in text and "not an RSA key" in text
+
+    # the real command: refuses to start, exit 1, the key path on stderr, never "ready"
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(relay_doc(tmp_path, 9, **doc)))
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "warmrelay", "serve", "-c", str(path)),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert str(garbage) in err.decode() and str(missing) in err.decode()
+    assert " ready: " not in err.decode()
+
+    # --workers: the supervisor refuses too, before any worker (no restart loop)
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "warmrelay", "serve", "-c", str(path), "--workers", "2"),
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert str(garbage) in err.decode()
+    assert "exited" not in err.decode() and " ready: " not in err.decode()
+
+
+async def test_reload_keeps_the_keys_when_a_key_breaks_and_takes_a_rotation(
+    tmp_path: Path, sink: Sink, keys: Keys, zone: LoopbackDNS, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_file = tmp_path / "live.pem"
+    key_file.write_bytes(keys.path("r1").read_bytes())
+    key_file.chmod(0o600)
+    doc = relay_doc(tmp_path, sink.port)
+    doc["dkim"] = {"domains": {DOMAIN: {"keys": [{"selector": "r1", "key_file": str(key_file)}]}}}
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    async with running(load_config(path)) as relay:
+        key_file.write_text("broken by a bad deploy\n")
+        with caplog.at_level(logging.ERROR, logger="warmrelay.dkim"):
+            assert await relay.reload(path)  # the rest of the file applies
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any(str(key_file) in e for e in errors)
+        await submit(relay, MESSAGE)  # still signed, with the key loaded at start
+        data = (await sink.wait_for(1))[0].data
+        assert signatures(data)[0]["s"] == "r1" and await dkimpy_verifies(data, zone)
+
+        # a rotation: new selector and file, published first, then SIGHUP
+        doc["dkim"]["domains"][DOMAIN]["keys"] = [keys.entry("r2")]
+        path.write_text(yaml.safe_dump(doc))
+        assert await relay.reload(path)
+        await submit(relay, MESSAGE)
+        data = (await sink.wait_for(2))[1].data
+        assert signatures(data)[0]["s"] == "r2" and await dkimpy_verifies(data, zone)
+
+
+@given(st.lists(st.sampled_from([b"a", b"xy", b" ", b"  ", b"\t", b"\r\n"]), max_size=40))
+def test_relaxed_body_is_dkimpys(parts: list[bytes]) -> None:
+    """Our bytes-method canonicalisation (fast) gives dkimpy's result (the reference)."""
+    from dkim.canonicalization import Relaxed
+
+    body = b"".join(parts)
+    assert relaxed_body(body) == Relaxed.canonicalize_body(body)
