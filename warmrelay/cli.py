@@ -198,6 +198,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pending_in_relay(subject: str | None, action: str) -> int:
+    """The running relay took the change but its state store did not (yet): exit 1."""
+    print(
+        f"{subject}: {action} is in force in the running relay, but its state store failed: "
+        "other relay processes (workers, a fleet) see it only once the store answers again",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_ip(args: argparse.Namespace) -> int:
     """Ask the running relay (admin endpoint); if none runs, write the state store directly."""
     import asyncio
@@ -220,13 +230,7 @@ def cmd_ip(args: argparse.Namespace) -> int:
             with urllib.request.urlopen(request, timeout=10) as r:
                 state = json.loads(r.read())
             if state.get("persisted") == "pending":
-                print(
-                    f"{args.address}: {args.action} is in force in the running relay, but its "
-                    "state store failed: other relay processes (workers, a fleet) see it only "
-                    "once the store answers again",
-                    file=sys.stderr,
-                )
-                return 1
+                return _pending_in_relay(args.address, args.action)
             print(
                 f"{args.address}: {args.action} done by the running relay; state {state['state']}"
             )
@@ -328,13 +332,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
             print(f"{address}: {args.action} NOT recorded: the state store failed", file=sys.stderr)
             return 1
     elif result.get("persisted") == "pending":
-        print(
-            f"{address}: {args.action} is in force in the running relay, but its state store "
-            "failed: other relay processes (workers, a fleet) see it only once the store "
-            "answers again",
-            file=sys.stderr,
-        )
-        return 1
+        return _pending_in_relay(address, args.action)
     if args.action == "list":
         return _print_suppressed(result, address, args.json)
     if args.json:

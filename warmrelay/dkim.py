@@ -86,6 +86,12 @@ def read_private_key(path: Path, algorithm: Algorithm) -> PrivateKey:
         data = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_private_key(data, path, algorithm)
+
+
+def parse_private_key(data: bytes, path: Path, algorithm: Algorithm) -> PrivateKey:
+    """The checks every user of a key file shares (signing, preflight): PEM, unencrypted,
+    the configured algorithm, RSA of at least MIN_RSA_BITS; ValueError says why not."""
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:  # encrypted: nobody is there to type the passphrase

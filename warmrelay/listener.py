@@ -41,6 +41,9 @@ SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 # aiosmtpd answers 500 after the dot for anything over that, but keeps every fragment of
 # the line until its end): the session is answered and closed as the bytes arrive.
 MAX_LINE_BYTES = 1024 * 1024
+# A refusal that is the recipient's fault, not the client's (a suppressed, dead address):
+# it does not spend the session's budget of refused commands.
+_RECIPIENT_VERDICT = "550 5.1.1 "
 
 # aiosmtpd answers some errors itself, without enhanced status codes (RFC 3463).
 _ENHANCED = {
@@ -312,7 +315,7 @@ class RelaySMTP(SMTP):
         if self.relay.closing and not self.in_transaction:
             self.shut_down()  # the transaction ended (250 after DATA, RSET, a refusal)
             return
-        if text[:1] == "5":
+        if text[:1] == "5" and not text.startswith(_RECIPIENT_VERDICT):
             self._bad += 1
             if self._bad == self.relay.config.smtp.max_bad_commands:
                 log.warning("%s: too many refused commands, hanging up", self.client)
@@ -576,10 +579,6 @@ class RelayHandler:
         suppressed = self.suppression.check(address) if self.suppression is not None else None
         if suppressed is not None:
             log.info("%s: <%s> refused: on the suppression list", client, address)
-            if isinstance(server, RelaySMTP):
-                # the address's fault, not the client's: a batch with many dead addresses
-                # must not spend the budget of refused commands and be hung up on
-                server._bad -= 1
             return suppressed.refusal(address)
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"

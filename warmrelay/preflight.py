@@ -40,6 +40,7 @@ import dns.resolver
 
 from warmrelay.admin import json_page
 from warmrelay.config import Config, IPAddress, IPConfig, bind_error
+from warmrelay.dkim import Algorithm, parse_private_key
 from warmrelay.warmup import WarmupState
 
 if TYPE_CHECKING:
@@ -670,37 +671,22 @@ class PublicKey:
     note: str  # e.g. "RSA-2048"
 
 
-def public_key(key_file: Path, algorithm: str) -> PublicKey:
-    """The public half of a PEM private key file; raises ValueError (or OSError) why not."""
+def public_key(key_file: Path, algorithm: Algorithm) -> PublicKey:
+    """The public half of a PEM private key file, checked as signing checks it
+    (dkim.parse_private_key); raises OSError when unreadable, ValueError why not usable."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    data = key_file.read_bytes()
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{key_file} is not an unencrypted PEM private key ({exc})") from None
-    want = "ed25519" if algorithm.startswith("ed25519") else "rsa"
+    key = parse_private_key(key_file.read_bytes(), key_file, algorithm)
     if isinstance(key, rsa.RSAPrivateKey):
-        kind, pub = "rsa", key.public_key()
+        pub = key.public_key()
         spki = pub.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         pkcs1 = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
-        found = PublicKey("rsa", (spki, pkcs1), f"RSA-{key.key_size}")
-    elif isinstance(key, ed25519.Ed25519PrivateKey):
-        kind = "ed25519"
-        raw = key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
-        found = PublicKey("ed25519", (raw,), "Ed25519")
-    else:
-        raise ValueError(f"{key_file} holds a {type(key).__name__}, not an RSA or Ed25519 key")
-    if kind != want:
-        raise ValueError(
-            f"{key_file} holds an {found.note} key, but the configured algorithm is {algorithm}"
-        )
-    return found
+        return PublicKey("rsa", (spki, pkcs1), f"RSA-{key.key_size}")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return PublicKey("ed25519", (raw,), "Ed25519")
 
 
 def dkim_tags(text: str) -> dict[str, str]:
@@ -974,7 +960,9 @@ class Preflight:
         outcome, reason = classify_spf(await evaluation.check(domain))
         return Check(domain, f"spf:{ip.address}", outcome, reason)
 
-    async def _dkim(self, domain: str, selector: str, key_file: Path, algorithm: str) -> Check:
+    async def _dkim(
+        self, domain: str, selector: str, key_file: Path, algorithm: Algorithm
+    ) -> Check:
         check, name = f"dkim:{selector}", f"{selector}._domainkey.{domain}"
         ours = _our_key(domain, selector, key_file, algorithm)
         if isinstance(ours, Check):
@@ -1013,7 +1001,7 @@ class Preflight:
         )
 
 
-def _our_key(domain: str, selector: str, key_file: Path, algorithm: str) -> Check | PublicKey:
+def _our_key(domain: str, selector: str, key_file: Path, algorithm: Algorithm) -> Check | PublicKey:
     """Our public key, or the failed check saying why there is none."""
     try:
         return public_key(key_file, algorithm)
