@@ -109,6 +109,35 @@ def relay_config(
     }
     if delivery:
         cfg["delivery"] = delivery
+    if a.dkim != "none":
+        algorithms = {"rsa": ["rsa"], "ed25519": ["ed25519"], "dual": ["rsa", "ed25519"]}
+        keys = []
+        for alg in algorithms[a.dkim]:
+            key_file = state_dir.parent / f"dkim-{alg}.pem"
+            if not key_file.exists():  # the relay's own keygen: what an operator runs
+                subprocess.run(
+                    [
+                        a.python,
+                        "-m",
+                        "warmrelay",
+                        "dkim",
+                        "keygen",
+                        "--domain",
+                        "bench.test",
+                        "--selector",
+                        alg,
+                        "--algorithm",
+                        alg,
+                        "--out",
+                        str(key_file),
+                    ],
+                    cwd=REPO,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
+            algorithm = "rsa-sha256" if alg == "rsa" else "ed25519-sha256"
+            keys.append({"selector": alg, "key_file": str(key_file), "algorithm": algorithm})
+        cfg["dkim"] = {"domains": {"bench.test": {"keys": keys}}}  # loadgen's From domain
     return cfg
 
 
@@ -541,6 +570,7 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
         "relay_exit": rc,
         "relay_procs": nprocs,
         "workers": a.workers,
+        "dkim": a.dkim,
         "box_busy_pct": round(100.0 * (box1[0] - box0[0]) / max(1, box1[1] - box0[1]), 1),
         "loadgen_cpu_s": load["loadgen_cpu_s"],
         # CPU used by everything else on the machine (other tests, builds...) during the run,
@@ -710,6 +740,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1000,
         help="smtp.max_connections_per_client (the default 100 refuses a load of 100 "
         "sessions plus probes from one IP); 0 = leave the key out (older relays)",
+    )
+    ap.add_argument(
+        "--dkim",
+        choices=("none", "rsa", "ed25519", "dual"),
+        default="none",
+        help="sign the load's From domain (dual: RSA-2048 + Ed25519); keys made by keygen",
     )
     ap.add_argument("--counters", default="sqlite", help="state.counters (sqlite or memory)")
     ap.add_argument(
