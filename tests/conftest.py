@@ -241,7 +241,10 @@ async def http(port: int, method: str, path: str, token: str | None = None) -> t
     """One HTTP/1.1 request to the admin endpoint: (status code, body)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n{auth}\r\n".encode())
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"
+        f"{auth}\r\n".encode()
+    )
     raw = await reader.read()
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")

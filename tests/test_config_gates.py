@@ -108,7 +108,8 @@ def test_check_config_warns_about_an_unset_token_but_passes(tmp_path: Path) -> N
 async def raw_request(port: int, request: str) -> tuple[str, dict[str, str]]:
     """One request over a real socket: (status line, headers with lower-case names)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request.encode())
+    # one request per connection: the server keeps HTTP/1.1 connections open otherwise
+    writer.write(request.replace("\r\n", "\r\nConnection: close\r\n", 1).encode())
     raw = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")

@@ -599,12 +599,12 @@ async def test_cli_exit_0_when_nothing_fails(tmp_path: Path, dns: LoopbackDNS) -
 # -- in the relay -----------------------------------------------------------------------------
 
 
-async def gauges(relay: Any) -> dict[tuple[str, str], float]:
+async def gauges(relay: Any, name: str = "warmrelay_preflight_ok") -> dict[tuple[str, str], float]:
     _, body = await http_get(relay.admin.port, "/metrics")
     return {
         (s.labels["subject"], s.labels["check"]): s.value
         for family in text_string_to_metric_families(body.decode())
-        if family.name == "warmrelay_preflight_ok"
+        if family.name == name
         for s in family.samples
     }
 
@@ -645,11 +645,15 @@ async def test_a_listed_warming_ip_is_paused_before_any_mail_leaves_from_it(
         assert checks[("127.0.0.2", "fcrdns")]["result"] == "pass"
 
         metrics = await gauges(relay)
+        unknown = await gauges(relay, "warmrelay_preflight_unknown")
         assert metrics[("127.0.0.2", "dnsbl:bl.test")] == 0
-        assert metrics[("127.0.0.2", "dnsbl:zen.test")] == -1
+        assert ("127.0.0.2", "dnsbl:zen.test") not in metrics  # unknown: no ok series
+        assert unknown[("127.0.0.2", "dnsbl:zen.test")] == 1
+        assert unknown[("127.0.0.2", "dnsbl:bl.test")] == 0
         assert metrics[("127.0.0.2", "ptr")] == 1
         assert metrics[("127.0.0.3", "helo")] == 0
-        assert len(metrics) == len(page["checks"])
+        assert len(unknown) == len(page["checks"])
+        assert len(metrics) == sum(c["result"] != "unknown" for c in page["checks"])
     warned = [
         r.getMessage()
         for r in caplog.records

@@ -12,7 +12,15 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from warmrelay.config import parse_config
-from warmrelay.control import COMPLETED, PAUSE, PROGRESS, Pause, Progress, next_cooldown
+from warmrelay.control import (
+    COMPLETED,
+    PAUSE,
+    PROGRESS,
+    Completion,
+    Pause,
+    Progress,
+    next_cooldown,
+)
 from warmrelay.counters import MemoryCounters, SqliteCounters
 from warmrelay.replies import Outcome, Reply, ReplyRules, Stage
 from warmrelay.router import Router, RouteReason
@@ -102,7 +110,11 @@ async def test_calendar_pause_does_not_advance() -> None:
 def test_control_records_round_trip_through_json() -> None:
     pause = Pause(days=2).paused(DAY1.date())
     assert PAUSE.loads(PAUSE.dumps(pause)) == pause
-    assert COMPLETED.loads(COMPLETED.dumps(True)) is True
+    done = Completion(True, DAY1.date())
+    assert COMPLETED.loads(COMPLETED.dumps(done)) == done
+    assert COMPLETED.loads("true") == Completion(True, None)  # as earlier versions stored it
+    undone = done.undone(DAY1.date())
+    assert COMPLETED.loads(COMPLETED.dumps(undone)) == undone and not undone.done
     progress = Progress(3, DAY1.date())
     assert PROGRESS.loads(PROGRESS.dumps(progress)) == progress
 

@@ -45,7 +45,7 @@ async def test_gmail_share_of_30_percent(tmp_path: Path) -> None:
                 await asyncio.gather(*(send(relay, [r]) for r in order[batch : batch + 20]))
             got = await sink.wait_for(400)
             st = await status(relay)
-            assert st["ips"][0]["providers"] == {"gmail": {"cap_now": 30, "sent": 30}}
+            assert st["ips"][0]["providers"] == {"gmail": {"cap": 30, "cap_now": 30, "sent": 30}}
             assert st["ips"][0]["sent"] == 100
     await sink.stop()
     by = {(m.peer, m.rcpts[0].split("@")[1]) for m in got}

@@ -1,18 +1,30 @@
-"""Admin HTTP endpoint: GET /metrics, /healthz, /status.
+"""Admin HTTP endpoint on aiohttp.web: pages (GET), actions (POST) and the queue API.
 
-A few lines of HTTP/1.1 on asyncio streams: the relay needs three read-only
-pages, not a web framework.
+A real HTTP server rather than our own parsing: keep-alive, query strings, request
+bodies, correct status lines, and a handler that raises gets a logged ``500`` with a
+JSON body instead of a dropped connection.
+
+Token rules (``admin.token_env``): when a token is configured, every POST and every
+private page needs it — as a bearer token (``Authorization: Bearer T``, what the CLI
+sends) or as the password of HTTP Basic (any user name; what a browser can send for
+the status page). Without a token configured the endpoint is open: check-config warns
+unless it listens on loopback.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+
+from aiohttp import web
 
 log = logging.getLogger("warmrelay.admin")
 
@@ -22,6 +34,9 @@ Action = Callable[[str], Awaitable[Response]]  # gets the path, e.g. /ips/10.0.0
 
 # RFC 6750: a 401 names the scheme the client must use, so tools know to send a bearer token.
 CHALLENGE = 'Bearer realm="warmrelay"'
+# A browser cannot send a bearer token: it may send the token as a Basic password.
+BROWSER_CHALLENGE = 'Basic realm="warmrelay", charset="UTF-8"'
+MAX_BODY_BYTES = 64 * 1024  # JSON requests to the admin API are small
 
 
 def reason_phrase(status: int) -> str:
@@ -32,75 +47,203 @@ def reason_phrase(status: int) -> str:
         return "Unknown"
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, as far as the request shows: logged with every change an operator makes.
+    ``user`` is what the client says (the CLI sends the OS user in X-Warmrelay-User);
+    ``auth`` how it proved it may ask."""
+
+    peer: str
+    auth: str  # "token", "basic", "none" (no token configured)
+    user: str
+
+    def __str__(self) -> str:
+        if self.auth == "forwarded":  # the supervisor already wrote who it was
+            return self.peer
+        return f"{self.user or 'unknown'}@{self.peer} ({self.auth})"
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """What an API handler gets: the matched path parameters, the query, the JSON body."""
+
+    params: dict[str, str]
+    query: dict[str, str]
+    body: dict[str, Any]
+    caller: Caller
+
+
+ApiHandler = Callable[[ApiRequest], Awaitable[Response]]
+CALLER = web.RequestKey("caller", Caller)
+
+
 class AdminServer:
-    """GET pages by exact path; POST actions by path prefix."""
+    """GET pages by exact path; POST actions by path prefix; API routes by pattern."""
 
     def __init__(self, pages: dict[str, Page], actions: dict[str, Action] | None = None) -> None:
         self._pages = pages
         self._actions = actions or {}
-        self.token: str | None = None  # if set: required for POST and for /status
+        self._api: list[tuple[str, str, ApiHandler, bool]] = []
+        self.token: str | None = None  # if set: required for POST and for private pages
         self.private = {"/status"}
-        self._server: asyncio.Server | None = None
+        self.forwarded = False  # callers named by a supervisor (start_unix)
+        self._runner: web.AppRunner | None = None
+        self._site: web.BaseSite | None = None
+
+    def route(self, method: str, pattern: str, handler: ApiHandler, private: bool = True) -> None:
+        """An API route (aiohttp pattern, e.g. ``/queue/{queue_id}``); before ``start``."""
+        self._api.append((method, pattern, handler, private))
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port)
+        await self._start(lambda runner: web.TCPSite(runner, host, port, reuse_address=True))
+
+    async def start_unix(self, path: str) -> None:
+        """Serve on a unix socket (mode 0600): a ``--workers`` worker's queue API, reached
+        only by its supervisor, which checked the caller's token and names the caller in
+        X-Warmrelay-Caller (trusted here: nobody else can connect)."""
+        self.forwarded = True
+        await self._start(lambda runner: web.UnixSite(runner, path))
+        os.chmod(path, 0o600)
+
+    async def _start(self, site: Callable[[web.AppRunner], web.BaseSite]) -> None:
+        app = web.Application(
+            middlewares=[self._errors, self._auth], client_max_size=MAX_BODY_BYTES
+        )
+        for path, page in self._pages.items():
+            app.router.add_get(path, self._page(page), allow_head=True)
+        for prefix, action in self._actions.items():
+            app.router.add_post(prefix + "{tail:.+}", self._action(action))
+        for method, pattern, handler, _ in self._api:
+            app.router.add_route(method, pattern, self._api_handler(handler))
+        # access_log off: a scrape every 15 s is not news; actions log who asked
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = site(self._runner)
+        await self._site.start()
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
+        assert self._runner is not None
+        return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            head = request.decode("latin-1")
-            method, _, rest = head.partition(" ")
-            path = rest.partition(" ")[0].partition("?")[0]
-            if self._needs_token(method, path) and not self._token_ok(head):
-                status, ctype, body = 401, "text/plain", b"bearer token required\n"
-            else:
-                status, ctype, body = await self._dispatch(method, path)
-            extra = f"WWW-Authenticate: {CHALLENGE}\r\n" if status == 401 else ""
-            writer.write(
-                f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+    # -- handlers --------------------------------------------------------------------------
 
-    def _needs_token(self, method: str, path: str) -> bool:
-        return self.token is not None and (method != "GET" or path in self.private)
+    @staticmethod
+    def _page(page: Page) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return _response(*await page())
 
-    def _token_ok(self, head: str) -> bool:
+        return handle
+
+    @staticmethod
+    def _action(action: Action) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return _response(*await action(request.path))
+
+        return handle
+
+    @staticmethod
+    def _api_handler(handler: ApiHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            body: dict[str, Any] = {}
+            if request.can_read_body:
+                try:
+                    parsed = await request.json(loads=json.loads)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return error(400, "the request body is not JSON")
+                if parsed is not None and not isinstance(parsed, dict):
+                    return error(400, "the request body must be a JSON object")
+                body = parsed or {}
+            api = ApiRequest(dict(request.match_info), dict(request.query), body, request[CALLER])
+            return _response(*await handler(api))
+
+        return handle
+
+    def _private(self, request: web.Request) -> bool:
+        if request.method not in ("GET", "HEAD") or request.path in self.private:
+            return True
+        resource = request.match_info.route.resource
+        canonical = resource.canonical if resource is not None else ""
+        return any(
+            private and method == "GET" and pattern == canonical
+            for method, pattern, _, private in self._api
+        )
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        peer = request.remote or "?"
+        user = request.headers.get("X-Warmrelay-User", "")[:64]
+        if self.forwarded:
+            request[CALLER] = Caller("supervisor", "forwarded", "")
+            named = request.headers.get("X-Warmrelay-Caller", "")[:200]
+            if named:
+                request[CALLER] = Caller(named, "forwarded", "")
+            return await handler(request)
+        if self.token is None:
+            request[CALLER] = Caller(peer, "none", user)
+            return await handler(request)
+        auth = self._authenticate(request.headers.get("Authorization", ""))
+        if auth is None and self._private(request):
+            response = error(401, "a valid admin token is required (Authorization: Bearer)")
+            response.headers.add("WWW-Authenticate", CHALLENGE)
+            if request.path == "/" and request.method in ("GET", "HEAD"):
+                response.headers.add("WWW-Authenticate", BROWSER_CHALLENGE)
+            return response
+        request[CALLER] = Caller(peer, auth or "none", user)
+        return await handler(request)
+
+    def _authenticate(self, header: str) -> str | None:
+        """ "token" (bearer), "basic:USER" (browser), or None if the token is not there."""
         assert self.token is not None
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "authorization":
-                scheme, _, given = value.strip().partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(
-                    given.strip().encode(), self.token.encode()
-                )
-        return False
+        scheme, _, given = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            ok = hmac.compare_digest(given.strip().encode(), self.token.encode())
+            return "token" if ok else None
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(given.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            user, _, password = decoded.partition(":")
+            if hmac.compare_digest(password.encode(), self.token.encode()):
+                return f"basic:{user[:64]}"
+        return None
 
-    async def _dispatch(self, method: str, path: str) -> Response:
-        if method == "GET" and path in self._pages:
-            return await self._pages[path]()
-        if method == "POST":
-            for prefix, action in self._actions.items():
-                if path.startswith(prefix):
-                    return await action(path)
-        if path in self._pages or any(path.startswith(p) for p in self._actions):
-            return 405, "text/plain", b"method not allowed\n"
-        return 404, "text/plain", b"not found\n"
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """404/405/413 as JSON; anything a handler raises is logged once, answered 500."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = error(exc.status, exc.reason.lower() if exc.reason else "error")
+            if exc.status == 405:
+                response.headers["Allow"] = exc.headers.get("Allow", "")
+            return response
+        except Exception:
+            log.exception("admin: %s %s failed", request.method, request.path)
+            return error(500, "internal error (logged by the relay)")
+
+
+def _response(status: int, content_type: str, body: bytes) -> web.Response:
+    response = web.Response(status=status, body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+def error(status: int, message: str) -> web.Response:
+    """A JSON error: {"error": ...}."""
+    return _response(*json_page({"error": message}, status))
 
 
 def json_page(data: Any, status: int = 200) -> tuple[int, str, bytes]:

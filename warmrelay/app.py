@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from warmrelay import __version__
+from warmrelay import __version__, sdnotify, statuspage
 from warmrelay.admin import AdminServer, json_page
 from warmrelay.config import (
     Config,
@@ -24,17 +24,20 @@ from warmrelay.config import (
     admin_token,
     bind_error,
     config_warnings,
+    describe_changes,
     load_config,
 )
-from warmrelay.control import Persisted
+from warmrelay.control import IP_ACTIONS, Persisted
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.errors import ConfigError, CounterError
 from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
-from warmrelay.logs import setup_logging
+from warmrelay.logs import apply_log_format, setup_logging
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
 from warmrelay.preflight import RelayPreflight
+from warmrelay.queueapi import QueueApi, worker_socket
+from warmrelay.queueview import summary
 from warmrelay.router import Router
 from warmrelay.scheduler import Clock, Scheduler, utc_now
 from warmrelay.spool import RecoveredMessage, Spool
@@ -85,6 +88,7 @@ class Relay:
         )
         self.admin = AdminServer(
             {
+                "/": self._status_html,
                 "/metrics": self._metrics_page,
                 "/healthz": self._health_page,
                 "/status": self._status_page,
@@ -93,8 +97,11 @@ class Relay:
             },
             {"/ips/": self._ip_action, "/suppression/": self._suppression_action},
         )
+        self.queue_routes(self.admin)
+        self._worker_admin: AdminServer | None = None  # --workers: the queue, for the supervisor
         self.admin.private.add("/suppression")  # addresses are personal data
         self.admin.private.add("/preflight")  # detailed state, as /status
+        self.admin.private.add("/")  # the status page: what /status says
         self._servers: list[asyncio.Server] = []
         self.handler: RelayHandler | None = None
         tls = config.smtp.tls
@@ -144,7 +151,7 @@ class Relay:
         recovered = await self.spool.open()
         recovered += await self._adopt_orphans()
         for item in recovered:
-            self.scheduler.submit(item.message, item.done, item.attempts)
+            self.scheduler.submit(item.message, item.done, item.attempts, item.on_hold)
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start()
@@ -173,6 +180,12 @@ class Relay:
             self._servers.append(server)
         if self.config.admin.listen is not None and self.worker is None:
             await self.admin.start(*self.config.admin.listen)
+        if self.worker is not None:  # the supervisor's queue API forwards to this
+            self._worker_admin = AdminServer({})
+            self.queue_routes(self._worker_admin)
+            await self._worker_admin.start_unix(
+                str(worker_socket(self.config.state.dir, self.worker.index))
+            )
         log.info(
             "warmrelay %s ready: smtp %s, admin %s, %d IP(s)",
             __version__,
@@ -207,6 +220,7 @@ class Relay:
                 )
                 for problem in exc.problems:
                     log.error("reload:   %s", problem)
+                self.metrics.reloaded(False, self.clock().timestamp())
                 return False
         old = self.config
         fixed = {
@@ -241,7 +255,17 @@ class Relay:
             self.handler.configure(applied)
         if self.tls is not None:
             self.tls.reload()
-        log.info("reload: %s applied (%d IPs)", path, len(applied.ips))
+        changes = describe_changes(old, new)
+        log.info(
+            "reload: %s applied (%d IPs): %s",
+            path,
+            len(applied.ips),
+            "; ".join(changes) or "nothing changed",
+            extra={"changes": changes},
+        )
+        if new.log.format != old.log.format and apply_log_format(new.log.format):
+            log.info("reload: log.format is %s from now on", new.log.format)
+        self.metrics.reloaded(True, self.clock().timestamp())
         return True
 
     async def _adopt_orphans(self) -> list[RecoveredMessage]:
@@ -263,7 +287,9 @@ class Relay:
                     moved = await self.spool.store(
                         m.mail_from, pending, data, meta=m.meta, received_at=m.received_at
                     )
-                    adopted.append(RecoveredMessage(moved, {}, item.attempts))
+                    if item.on_hold:
+                        self.spool.record_hold(moved.queue_id, True)
+                    adopted.append(RecoveredMessage(moved, {}, item.attempts, item.on_hold))
                 orphan.remove(m.queue_id)
             await orphan.close()
             log.info("adopted the spool of a former worker: %s", path)
@@ -292,6 +318,8 @@ class Relay:
         await self.suppression.stop()
         await self.counters.close()
         await self.admin.stop()
+        if self._worker_admin is not None:
+            await self._worker_admin.stop()
         if self.tls is not None:
             self.tls.stop()
         log.info("warmrelay stopped; %d message(s) remain spooled", len(self.spool))
@@ -305,6 +333,10 @@ class Relay:
 
     # -- admin pages ------------------------------------------------------------
 
+    def queue_routes(self, admin: AdminServer) -> None:
+        """The queue tools' API (warmrelay.queueapi) on ``admin``: this process's queue."""
+        QueueApi(self.scheduler, self.spool, self.clock).register(admin)
+
     async def _count(self, key: CounterKey) -> int | None:
         try:
             return await self.counters.get(key)
@@ -316,6 +348,10 @@ class Relay:
 
     def spool_size(self) -> int:
         return len(self.spool)
+
+    def spool_oldest(self) -> float | None:
+        """Receive time of the oldest spooled message (None: empty)."""
+        return self.spool.oldest_received_at()
 
     @property
     def counters_up(self) -> bool:
@@ -331,18 +367,32 @@ class Relay:
         for ip in self.config.ips:
             st = self.router.status(ip, now)
             address = str(ip.address)
+            control = self.router.control(address)
+            if ip.warmup is None:
+                role = "pool"
+            elif st.state is WarmupState.WARM:  # warm by the operator's word or the schedule's end
+                role = "completed" if control.completed else "finished"
+            else:
+                role = st.state.value  # warming, not_started, paused
             entry: dict[str, Any] = {
                 "address": address,
                 "helo": ip.helo,
                 "state": st.state.value,
+                "role": role,
                 "warmup_day": st.day if ip.warmup is not None else None,
+                "schedule_days": ip.warmup.schedule.days if ip.warmup is not None else None,
                 "cap": st.cap,
                 "sent": await self._sent(ip, now) if ip.warmup is not None else None,
                 "up": not self.router.is_down(address, now),
             }
-            control = self.router.control(address)
             entry["paused_since"] = (
                 control.paused_since.isoformat() if control.paused_since else None
+            )
+            entry["completed"] = control.completed
+            entry["completed_since"] = (
+                control.completion.on.isoformat()
+                if control.completed and control.completion.on
+                else None
             )
             entry["suspended"] = {
                 provider: {"until": s.until.isoformat(), "reason": s.reason}
@@ -353,16 +403,19 @@ class Relay:
             if ip.warmup is not None and caps is not None and caps.limits:
                 entry["cap_now"] = caps.limits[0].cap  # released so far today (smoothing)
                 entry["providers"] = {}
+                plan = ip.warmup.plan()
                 for name in ip.warmup.providers:
                     pcaps = self.router.caps(ip, now, name)
                     assert pcaps is not None
                     lim = pcaps.limits[-1]
                     key = CounterKey(address, lim.window, lim.scope)
                     entry["providers"][name] = {
+                        "cap": plan.providers[name].daily_cap(st.day, st.cap or 0),  # today's
                         "cap_now": lim.cap,
                         "sent": await self._count(key),
                     }
             ips.append(entry)
+        report = self.preflight.latest
         return {
             "version": __version__,
             "time": now.isoformat(),
@@ -373,11 +426,18 @@ class Relay:
                 "ready": self.scheduler.ready,
                 "deferred": self.scheduler.deferred,
             },
+            "preflight": None if report is None else report.to_json(),
+            "queue": await self.queue_summary(),
+            "reasons": self.scheduler.latest_reasons(),
         }
 
+    async def queue_summary(self, top: int = 10) -> dict[str, Any]:
+        """The qshape summary of this process's queue (the supervisor asks its workers)."""
+        return summary(self.scheduler.views(), self.clock().timestamp(), top)
+
     async def ip_action(self, address: str, action: str) -> dict[str, Any]:
-        """pause | resume | complete an IP; stored, so it survives restarts and every process
-        sees it. ``persisted`` says "pending" when the store failed: in force in this
+        """pause | resume | complete | uncomplete an IP; stored, so it survives restarts and
+        every process sees it. ``persisted`` says "pending" when the store failed: in force in this
         process only until the store takes it (the caller should know)."""
         if address not in {str(ip.address) for ip in self.config.ips}:
             raise KeyError(address)
@@ -386,6 +446,7 @@ class Relay:
             "pause": self.router.pause,
             "resume": self.router.resume,
             "complete": self.router.complete,
+            "uncomplete": self.router.uncomplete,
         }[action](address, now)
         log.warning("operator: %s %s (%s)", action, address, outcome.value)
         entry = next(ip for ip in (await self.status())["ips"] if ip["address"] == address)
@@ -393,8 +454,8 @@ class Relay:
 
     async def _ip_action(self, path: str) -> tuple[int, str, bytes]:
         parts = path.strip("/").split("/")  # ips / ADDRESS / ACTION
-        if len(parts) != 3 or parts[2] not in ("pause", "resume", "complete"):
-            return json_page({"error": "use POST /ips/ADDRESS/pause|resume|complete"}, 400)
+        if len(parts) != 3 or parts[2] not in IP_ACTIONS:
+            return json_page({"error": f"use POST /ips/ADDRESS/{'|'.join(IP_ACTIONS)}"}, 400)
         try:
             return json_page(await self.ip_action(parts[1], parts[2]))
         except KeyError:
@@ -451,6 +512,9 @@ class Relay:
     async def _status_page(self) -> tuple[int, str, bytes]:
         return json_page(await self.status())
 
+    async def _status_html(self) -> tuple[int, str, bytes]:
+        return 200, "text/html; charset=utf-8", statuspage.render(await self.status())
+
     async def _health_page(self) -> tuple[int, str, bytes]:
         """200 while the relay accepts and delivers mail; "degraded: ..." names what is
         wrong (it still delivers, via the pool or other IPs), so alerts can say why."""
@@ -483,13 +547,19 @@ class Relay:
             if ip["warmup_day"] is not None:
                 day = ip["warmup_day"] if ip["state"] != WarmupState.NOT_STARTED.value else 0
                 m.warmup_day.labels(a).set(day)
-                m.warmup_cap.labels(a).set(-1 if ip["cap"] is None else ip["cap"])
+                if ip["cap"] is None:  # warm: no cap, no series
+                    m.drop(m.warmup_cap, a)
+                else:
+                    m.warmup_cap.labels(a).set(ip["cap"])
                 if ip["sent"] is not None:
                     m.warmup_sent.labels(a).set(ip["sent"])
             m.ip_up.labels(a).set(1 if ip["up"] else 0)
             for provider in self.router.control(a).suspended:
                 m.suspended.labels(a, provider).set(1 if provider in ip["suspended"] else 0)
         m.spool_messages.set(status["spool"]["messages"])
+        oldest = self.spool_oldest()
+        now_s = self.clock().timestamp()
+        m.queue_oldest_age.set(0.0 if oldest is None else max(0.0, now_s - oldest))
         m.counters_up.set(1 if self.counters_up else 0)
         self._disk_gauges()
 
@@ -541,21 +611,32 @@ def log_failed_reload(task: asyncio.Task[bool]) -> None:
 
 def run(config: Config, worker: Worker | None = None, path: str | None = None) -> int:
     """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
-    setup_logging()
+    setup_logging(config.log.format, worker=worker.index if worker else None)
 
     async def main() -> None:
         shutdown = asyncio.Event()
         loop = asyncio.get_running_loop()
+        notifies = worker is None  # with --workers, systemd hears from the supervisor only
+
+        def stop() -> None:
+            if notifies and not shutdown.is_set():
+                sdnotify.stopping()
+            shutdown.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, shutdown.set)
+            loop.add_signal_handler(sig, stop)
         relay = Relay(config, worker=worker)
         reloads: set[asyncio.Task[bool]] = set()  # held so a running reload is not collected
 
         def reloaded(task: asyncio.Task[bool]) -> None:
             reloads.discard(task)
             log_failed_reload(task)
+            if notifies:
+                sdnotify.reload_done(task)
 
         def reload(path: str | Config) -> None:
+            if notifies:
+                sdnotify.reloading()
             task = loop.create_task(relay.reload(path))
             reloads.add(task)
             task.add_done_callback(reloaded)
@@ -581,7 +662,13 @@ def run(config: Config, worker: Worker | None = None, path: str | None = None) -
 
             follower = loop.create_task(follow())
         try:
-            await relay.serve(shutdown)
+            await relay.start()
+            if notifies:
+                sdnotify.ready(f"serving: {len(relay.config.ips)} IP(s)")
+            try:
+                await shutdown.wait()
+            finally:
+                await relay.stop()
         finally:
             if follower is not None:
                 follower.cancel()

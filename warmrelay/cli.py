@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from warmrelay import __version__
 from warmrelay.config import (
@@ -16,9 +16,14 @@ from warmrelay.config import (
     config_warnings,
     host_warnings,
     load_config,
+    redact_url,
 )
+from warmrelay.control import IP_ACTIONS
 from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
-from warmrelay.warmup import WarmupState, local_date, plan, status_on
+from warmrelay.warmup import WarmupState, local_date, plan
+
+if TYPE_CHECKING:
+    from warmrelay.router import Router
 
 
 def _fmt_hostport(hp: tuple[str, int]) -> str:
@@ -26,20 +31,140 @@ def _fmt_hostport(hp: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _role(ip: IPConfig, config: Config, now: datetime) -> tuple[str, str, str]:
-    """(role, day, cap) columns for an IP today."""
+def _stored_state(config: Config) -> tuple[Router, str]:
+    """A router holding what the state store says of each IP (pause, completion, first use,
+    results day, suspensions), read without writing, and where that came from. A store
+    that is absent or cannot be read leaves the configuration's view (and says so)."""
+    import asyncio
+
+    from warmrelay.counters import MemoryCounters, SqliteCounters, open_counters
+    from warmrelay.errors import CounterError
+    from warmrelay.router import Router
+
+    backend = config.state.counters
+    if backend == "memory":
+        return Router(config, MemoryCounters()), "state: memory (nothing is kept)"
+    counters = open_counters(backend, config.state.dir)
+    where = str(counters.path) if isinstance(counters, SqliteCounters) else redact_url(backend)
+    router = Router(config, counters)
+
+    async def read() -> bool:
+        try:
+            if isinstance(counters, SqliteCounters) and not counters.path.exists():
+                return False  # never ran here: do not create the file
+            await router.load_control()
+            return True
+        finally:
+            await counters.close()
+
+    try:
+        found = asyncio.run(read())
+    except (CounterError, OSError) as exc:
+        note = f"state: cannot read {where} ({exc}); stored state (pauses...) not shown"
+        return Router(config, MemoryCounters()), note
+    if not found:
+        return Router(config, MemoryCounters()), f"state: nothing stored yet ({where})"
+    return router, f"state: read from {where}"
+
+
+def _role(ip: IPConfig, router: Router, now: datetime) -> tuple[str, str, str]:
+    """(role, day, cap) columns for an IP today, stored state included."""
     if ip.warmup is None:
         return "warm (pool)", "-", "-"
-    st = status_on(ip.warmup.schedule, ip.warmup.start, local_date(now, config.zone))
+    st = router.status(ip, now)
+    control = router.control(str(ip.address))
+    start = router.start(ip)
     days = ip.warmup.schedule.days
+    if st.state is WarmupState.PAUSED:
+        return (
+            f"paused since {control.paused_since}",
+            f"{st.day}/{days}" if st.day > 0 else "-",
+            "0",
+        )
     if st.state is WarmupState.NOT_STARTED:
-        return f"warming from {ip.warmup.start}", "-", "0"
+        return f"warming from {start}", "-", "0"
     if st.state is WarmupState.WARM:
-        return "warm (warmup done)", f"{st.day}", "-"
-    return "warming", f"{st.day}/{days}", f"{st.cap:,}"
+        if control.completed:
+            on = control.completion.on
+            return f"warm (completed{f' on {on}' if on else ''})", "-", "-"
+        return "warm (warmup done)", f"{st.day}/{days}", "-"
+    assert st.cap is not None
+    role = "warming" if start is not None else "warming (starts on first use)"
+    return role, f"{st.day}/{days}", f"{st.cap:,}"
 
 
-def summary(config: Config, now: datetime) -> str:
+def _notes(ip: IPConfig, router: Router, now: datetime, *, start: bool = True) -> list[str]:
+    """What the state store adds about a warming IP, one line each (``start``: with the
+    line on a first-use start)."""
+    if ip.warmup is None:
+        return []
+    address = str(ip.address)
+    c = router.control(address)
+    notes = []
+    if start and ip.warmup.start is None:
+        if c.started is not None:
+            notes.append(f"day 1 was {c.started.on}, its first use (no warmup.start)")
+        else:
+            notes.append("starts on first use: day 1 is the day the relay first sends from it")
+    if c.paused_since is not None:
+        notes.append(
+            f"paused since {c.paused_since}: sends nothing, does not advance "
+            f"(warmrelay ip resume {address})"
+        )
+    if c.completed:
+        on = f" on {c.completion.on}" if c.completion.on else ""
+        notes.append(
+            f"declared complete{on}: warm, in the pool (warmrelay ip uncomplete {address})"
+        )
+    if ip.warmup.progress == "results" and c.progress is not None:
+        notes.append(f"progress: results, day {c.progress.day} as judged on {c.progress.on}")
+    for provider, s in sorted(c.suspended.items()):
+        if router.suspension(address, provider, now) is not None:
+            what = "blocked by" if s.blocked else "suspended for"
+            notes.append(
+                f"{what} {provider or 'an unknown provider'} until "
+                f"{s.until.astimezone(UTC):%Y-%m-%d %H:%M} UTC ({s.reason})"
+            )
+    return notes
+
+
+def _timing_warnings(config: Config, router: Router, now: datetime) -> list[ConfigProblem]:
+    """A warmup that is over (the IP is warm now) or has not begun (start ahead)."""
+    warnings = []
+    today = local_date(now, config.zone)
+    for i, ip in enumerate(config.ips):
+        if ip.warmup is None or router.control(str(ip.address)).completed:
+            continue
+        st = router.status(ip, now)
+        days = ip.warmup.schedule.days
+        if st.state is WarmupState.WARM:
+            warnings.append(
+                ConfigProblem(
+                    f"ips[{i}].warmup",
+                    f"day {st.day} of {days}: {ip.address} is warm now and joins the pool "
+                    "(its warmup is over; the block can go)",
+                )
+            )
+        elif st.state is WarmupState.NOT_STARTED and ip.warmup.start is not None:
+            ahead = (ip.warmup.start - today).days
+            warnings.append(
+                ConfigProblem(
+                    f"ips[{i}].warmup.start",
+                    f"{ip.warmup.start} is {ahead} day(s) ahead: {ip.address} sends nothing "
+                    "until then (leave start out to begin on the day it is first used)",
+                )
+            )
+    return warnings
+
+
+def summary(config: Config, now: datetime, router: Router | None = None) -> str:
+    """What check-config prints: listeners, state, and each IP's role today (with the
+    stored state when ``router`` holds it)."""
+    if router is None:
+        from warmrelay.counters import MemoryCounters
+        from warmrelay.router import Router
+
+        router = Router(config, MemoryCounters())
     lines = [
         "listen "
         + ", ".join(
@@ -51,15 +176,17 @@ def summary(config: Config, now: datetime) -> str:
         + ")",
         "admin "
         + (_fmt_hostport(config.admin.listen) if config.admin.listen else "off")
-        + f"; state {config.state.dir} (counters: {config.state.counters})",
+        + f"; state {config.state.dir} (counters: {redact_url(config.state.counters)})",
         f"timezone {config.timezone}, today {local_date(now, config.zone)}, "
-        f"overflow: {config.overflow}",
+        f"overflow: {config.overflow}, log: {config.log.format}",
         "",
     ]
     rows = [("IP", "HELO", "ROLE", "DAY", "CAP TODAY")]
-    rows += [(str(ip.address), ip.helo, *_role(ip, config, now)) for ip in config.ips]
+    rows += [(str(ip.address), ip.helo, *_role(ip, router, now)) for ip in config.ips]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for ip in config.ips:
+        lines += [f"  {ip.address}: {note}" for note in _notes(ip, router, now)]
     return "\n".join(lines)
 
 
@@ -77,11 +204,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_problems(args.config, "error", exc.problems)
         return 1
+    now = datetime.now(UTC)
+    router, stored = _stored_state(config)
     warnings = config_warnings(config) + host_warnings(config)
+    warnings += _timing_warnings(config, router, now)
     if warnings:
         _print_problems(args.config, "warning", warnings)
     print(f"{args.config}: OK")
-    print(summary(config, datetime.now(UTC)))
+    print(summary(config, now, router))
+    print(stored)
     return 0
 
 
@@ -109,26 +240,61 @@ def _plan_cells(ip: IPConfig, day: int, cap: int) -> list[str]:
     return cells
 
 
+def _plan_start(ip: IPConfig, router: Router, now: datetime, today: date) -> date:
+    """The day 1 that makes the plan's rows match the stored state: today's warmup day
+    (pauses, results progress) counted back, a configured start still ahead, or today
+    for a first use still to come."""
+    st = router.status(ip, now)
+    start = router.start(ip)
+    if st.state is WarmupState.NOT_STARTED and start is not None:
+        return start
+    if st.day >= 1:
+        return today - timedelta(days=st.day - 1)
+    return start or today
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     config = _load_or_exit(args.config)
-    today = local_date(datetime.now(UTC), config.zone)
+    now = datetime.now(UTC)
+    today = local_date(now, config.zone)
     warming = [ip for ip in config.ips if ip.warmup is not None]
     if not warming:
         print("no IP has a warmup block: every IP is warm")
         return 0
+    router, stored = _stored_state(config)
     for n, ip in enumerate(warming):
         assert ip.warmup is not None
         sched = ip.warmup.schedule
-        days = args.days
-        if days is None:  # through the day the IP turns warm, at most 60 rows
-            last = (ip.warmup.start - today).days + sched.days
-            days = max(1, min(60, last + 1))
+        address = str(ip.address)
+        control = router.control(address)
+        start = router.start(ip)
+        if ip.warmup.start is not None:
+            begins = f"start {ip.warmup.start}"
+        elif start is not None:
+            begins = f"started {start} (first use)"
+        else:
+            begins = "starts on first use"
         if n:
             print()
-        print(
-            f"{ip.address} ({ip.helo}): schedule {sched.name}, start {ip.warmup.start}, "
-            f"{sched.days} days"
-        )
+        print(f"{ip.address} ({ip.helo}): schedule {sched.name}, {begins}, {sched.days} days")
+        for note in _notes(ip, router, now, start=False):
+            print(f"  {note}")
+        if control.completed:
+            continue  # warm by the operator's word: no plan
+        st = router.status(ip, now)
+        if st.state is WarmupState.WARM:
+            print(f"  day {st.day} of {sched.days}: warm now, joins the pool")
+        elif start is None:
+            print("  the rows assume it is first used today")
+        elif st.state is WarmupState.PAUSED:
+            print("  the rows assume it resumes today")
+        if ip.warmup.progress == "results":
+            print("  progress: results: the rows are the fastest case (a day repeats until used)")
+        first = _plan_start(ip, router, now, today)
+        days = args.days
+        if days is None:  # through the day the IP turns warm, at most 60 rows
+            last = (first - today).days + sched.days
+            days = max(1, min(60, last + 1))
         if ip.warmup.sending_hours is not None:
             hours = ip.warmup.sending_hours
             print(
@@ -137,7 +303,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             )
         extra = _plan_columns(ip)
         print(f"  {'':2}{'date':<12}{'day':>5}  {'cap':>12}" + "".join(f"{c:>12}" for c in extra))
-        for row in plan(sched, ip.warmup.start, today, days):
+        for row in plan(sched, first, today, days):
             st = row.status
             cells: list[str] = []
             if st.state is WarmupState.NOT_STARTED:
@@ -155,6 +321,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                 + "".join(f"{c:>12}" for c in cells)
                 + note
             )
+    for warning in _timing_warnings(config, router, now):
+        print(f"warning: {warning}", file=sys.stderr)
+    print()
+    print(stored)
     return 0
 
 
@@ -172,7 +342,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.plot and not args.plot.endswith(".svg"):
         print("--plot: the chart is written as SVG; name the file *.svg", file=sys.stderr)
         return 2
-    starts = [ip.warmup.start for ip in config.ips if ip.warmup is not None]
+    starts = [ip.warmup.start for ip in config.ips if ip.warmup and ip.warmup.start]
     start = args.start or (min(starts) if starts else local_date(datetime.now(UTC), config.zone))
     done = completion_day(config, start)
     days = args.days or max(1, min(400, (done or 0) + 3))
@@ -234,6 +404,7 @@ def cmd_ip(args: argparse.Namespace) -> int:
             print(
                 f"{args.address}: {args.action} done by the running relay; state {state['state']}"
             )
+            _still_warm(args.action, state)
             return 0
         except urllib.error.HTTPError as exc:
             print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
@@ -262,7 +433,19 @@ def cmd_ip(args: argparse.Namespace) -> int:
         f"{args.address}: {args.action} recorded in {config.state.dir} (no relay running); "
         f"state {state['state']}"
     )
+    _still_warm(args.action, state)
     return 0
+
+
+def _still_warm(action: str, state: dict[str, Any]) -> None:
+    """``uncomplete`` of an IP whose schedule is over: it stays warm; say why."""
+    if action == "uncomplete" and state.get("state") == WarmupState.WARM.value:
+        print(
+            f"{state.get('address')}: its schedule is over (day {state.get('warmup_day')} of "
+            f"{state.get('schedule_days')}): it stays warm; give it a later warmup.start or a "
+            "longer schedule to warm it again",
+            file=sys.stderr,
+        )
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
@@ -482,7 +665,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from warmrelay.logs import setup_logging
 
-        setup_logging()
+        setup_logging(config.log.format)
         return supervise(config, args.config, args.workers, lock_fd)
     from warmrelay.app import run
 
@@ -514,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="relay processes sharing the listening ports (default 1; one per core)",
     )
     p.set_defaults(func=cmd_serve)
+    from warmrelay import queuecli
+
+    queuecli.add_parser(sub)
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_check_config)
@@ -536,8 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="key file (default DOMAIN.SELECTOR.pem)")
     p.set_defaults(func=cmd_dkim_keygen)
-    p = sub.add_parser("ip", help="pause, resume or complete the warmup of a source IP")
-    p.add_argument("action", choices=["pause", "resume", "complete"])
+    p = sub.add_parser(
+        "ip", help="pause, resume, complete (or uncomplete) the warmup of a source IP"
+    )
+    p.add_argument("action", choices=IP_ACTIONS)
     p.add_argument("address")
     p.add_argument("-c", "--config", required=True)
     p.set_defaults(func=cmd_ip)

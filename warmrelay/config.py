@@ -15,7 +15,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
@@ -415,8 +415,28 @@ class EligibleConfig(_Frozen):
     recipient_domains: tuple[str, ...] = ()
 
 
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def _start_date(value: Any) -> date:
+    """A calendar date written YYYY-MM-DD. A number is refused: pydantic would read
+    20261127 as seconds since 1970 and warm up from some day in 1970 or 2026."""
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and _ISO_DATE.fullmatch(value.strip()):
+        try:
+            return date.fromisoformat(value.strip())
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a date ({exc})") from None
+    raise ValueError(
+        f"must be a date written YYYY-MM-DD (e.g. 2026-11-27), not {_kind(value)}; "
+        "or leave start out to begin on the day the relay first sends from this IP"
+    )
+
+
 class WarmupConfig(_Frozen):
-    start: date
+    # day 1; None: the day the relay first routes mail from the IP (kept in the state store)
+    start: Annotated[date, BeforeValidator(_start_date)] | None = None
     schedule: ScheduleField
     sending_hours: Annotated[SendingHours, BeforeValidator(_sending_hours)] | None = None
     providers: Mapping[str, ProviderCapConfig] = Field(default_factory=dict)
@@ -643,6 +663,12 @@ class SuppressionConfig(_Frozen):
     statuses: tuple[str, ...] = ("5.1.1", "5.1.2", "5.1.10", "5.2.1")
 
 
+class LogConfig(_Frozen):
+    """Log lines on stderr: text (one line per event) or json (one object per line)."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class Config(_Frozen):
     smtp: SmtpConfig = SmtpConfig()
     admin: AdminConfig = AdminConfig()
@@ -660,6 +686,7 @@ class Config(_Frozen):
     dkim: DkimConfig = DkimConfig()
     preflight: PreflightConfig = PreflightConfig()
     suppression: SuppressionConfig = SuppressionConfig()
+    log: LogConfig = LogConfig()
 
     @field_validator("timezone")
     @classmethod
@@ -953,6 +980,116 @@ def load_config(path: str | Path) -> Config:
     if loader.duplicates:
         raise ConfigError(loader.duplicates)
     return config
+
+
+# -- what a reload changes ------------------------------------------------------------
+
+_SECRET_WORDS = ("password", "secret", "token")
+
+
+def _is_secret(name: str) -> bool:
+    """Fields whose value is a secret (``password_hash``); ``*_env`` only names a variable."""
+    lowered = name.lower()
+    return any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith("_env")
+
+
+def redact_url(text: str) -> str:
+    """A URL without its password (``redis://:***@host``, also ``?password=***``)."""
+    if "://" not in text:
+        return text
+    parsed = urlparse(text)
+    netloc = parsed.netloc
+    if parsed.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password|pass|token)=[^&]*", r"\1\2=***", parsed.query)
+    return parsed._replace(netloc=netloc, query=query).geturl()
+
+
+_ABSENT = object()  # a mapping key or an IP that one side does not have
+
+
+def _show(value: Any, name: str = "") -> str:
+    """A configuration value as a YAML editor would write it, secrets left out."""
+    if value is _ABSENT:
+        return "(absent)"
+    if value is None:
+        return "none"
+    if _is_secret(name):
+        return "***"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, Schedule):
+        caps = ", ".join(str(c) for c in value.daily[:4])
+        more = f", ... {value.daily[-1]}" if value.days > 4 else ""
+        label = "" if value.name == "custom" else f"{value.name} "
+        return f"{label}[{caps}{more}] ({value.days} days)"
+    if isinstance(value, BaseModel):
+        fields = [f for f in type(value).model_fields if f in value.model_fields_set]
+        return "{" + ", ".join(f"{f}: {_show(getattr(value, f), f)}" for f in fields) + "}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_show(v, str(k))}" for k, v in value.items()) + "}"
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        host, port = value
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_show(v, name) for v in value) + "]"
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
+def _diff(old: Any, new: Any, path: list[int | str], out: list[str]) -> None:
+    if old == new:
+        return
+    name = str(path[-1]) if path else ""
+    if isinstance(old, BaseModel) and type(old) is type(new):
+        for field in type(old).model_fields:
+            _diff(getattr(old, field), getattr(new, field), [*path, field], out)
+        return
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in [*old, *(k for k in new if k not in old)]:
+            _diff(old.get(key, _ABSENT), new.get(key, _ABSENT), [*path, str(key)], out)
+        return
+    if path == ["ips"]:  # entries by address: one inserted is not a change of all after it
+        before = {str(ip.address): ip for ip in old}
+        after = {str(ip.address): ip for ip in new}
+        for address in [*before, *(a for a in after if a not in before)]:
+            _diff(before.get(address, _ABSENT), after.get(address, _ABSENT), [*path, address], out)
+        return
+    if (
+        isinstance(old, tuple)
+        and isinstance(new, tuple)
+        and len(old) == len(new)
+        and any(isinstance(v, BaseModel) for v in old)
+    ):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            _diff(a, b, [*path, i], out)
+        return
+    before_text, after_text = _show(old, name), _show(new, name)
+    where = format_path(path)
+    if before_text == after_text:  # only a secret part differs
+        out.append(f"{where}: {before_text} (a secret changed; not shown)")
+    else:
+        out.append(f"{where}: {before_text} \u2192 {after_text}")
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """What a reload changes, one "key.path: old \u2192 new" per value, in file order;
+    secrets (password hashes, tokens, passwords in URLs) are never shown. Source IPs are
+    named by address (``ips['127.0.0.2'].warmup.start``), added or removed ones as a whole."""
+    out: list[str] = []
+    _diff(old, new, [], out)
+    return out
 
 
 # -- checks beyond validity ------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Per-IP state the operator and the receivers change: pause, completion, progress, suspensions.
+"""Per-IP state the operator and the receivers change: pause, completion, progress, suspensions,
+and the day a warmup without a configured start began.
 
 Pure data and pure rules. The router persists it through the counters' value
 store so it survives restarts and is shared by relays using one store. Each
@@ -9,11 +10,16 @@ third never overwrite each other, which one blob per IP could not promise.
 Record layout (keys of the value store, values JSON):
 
 - ``ip:{addr}:pause``: ``{"since": date|null, "days": n}`` (they change together)
-- ``ip:{addr}:completed``: ``true``
+- ``ip:{addr}:completed``: ``{"done": bool, "on": date}`` (``true`` in earlier versions);
+  ``warmrelay ip uncomplete`` stores ``done: false`` (never a deletion, see below)
+- ``ip:{addr}:started``: ``{"on": date, "paused_days": n}``: the day a warming IP without
+  ``warmup.start`` first routed mail (written once, first writer wins, by compare-and-set),
+  and the days it had spent paused before (they do not delay its warmup)
 - ``ip:{addr}:progress``: ``{"day": n, "on": date}`` (``progress: results``)
 - ``ip:{addr}:suspended``: sorted list of the providers that ever suspended
   the IP (an index: providers are open-ended, any domain can be one)
-- ``ip:{addr}:suspended:{provider}``: ``{"until", "cooldown_s", "reason"}``
+- ``ip:{addr}:suspended:{provider}``: ``{"until", "cooldown_s", "reason"}`` (and
+  ``"blocked": true`` when a reply blamed the IP's reputation)
 
 Records are never deleted (an expired suspension is still the "previous" one
 that doubles the next cooldown), so "absent" always means "never set", which
@@ -68,6 +74,54 @@ class Pause:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """The operator declared the warmup done (``done``) or undid that, on local date ``on``
+    (None: a record of an earlier version, which kept no date)."""
+
+    done: bool = False
+    on: date | None = None
+
+    def completed(self, today: date) -> Completion:
+        return self if self.done else Completion(True, today)
+
+    def undone(self, today: date) -> Completion:
+        return Completion(False, today) if self.done else self
+
+    def dumps(self) -> str | None:
+        if not self.done and self.on is None:
+            return None  # never set: nothing to store
+        return _json({"done": self.done, "on": self.on.isoformat() if self.on else None})
+
+    @classmethod
+    def loads(cls, text: str | None) -> Completion:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        if isinstance(data, bool):  # earlier versions stored a bare true
+            return cls(data, None)
+        return cls(bool(data.get("done")), _day(data.get("on")))
+
+
+@dataclass(frozen=True)
+class Started:
+    """A warmup without a configured start began ``on`` this local date (its first use);
+    ``paused_days`` were spent paused before it and do not count against it."""
+
+    on: date
+    paused_days: int = 0
+
+    def dumps(self) -> str:
+        return _json({"on": self.on.isoformat(), "paused_days": self.paused_days})
+
+    @classmethod
+    def loads(cls, text: str | None) -> Started | None:
+        if not text:
+            return None
+        data = json.loads(text)
+        return cls(date.fromisoformat(str(data["on"])), int(data.get("paused_days", 0)))
+
+
+@dataclass(frozen=True)
 class Progress:
     """``progress: results``: the current warmup ``day`` and the local date it applies ``on``."""
 
@@ -92,13 +146,17 @@ class Suspension:
     until: datetime
     cooldown_s: float
     reason: str
+    blocked: bool = False  # a reply blaming the IP's reputation, not a throttle
 
     def to_json(self) -> dict[str, object]:
-        return {
+        data: dict[str, object] = {
             "until": self.until.isoformat(),
             "cooldown_s": self.cooldown_s,
             "reason": self.reason,
         }
+        if self.blocked:
+            data["blocked"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> Suspension:
@@ -106,6 +164,7 @@ class Suspension:
             datetime.fromisoformat(str(data["until"])),
             float(str(data["cooldown_s"])),
             str(data.get("reason", "")),
+            bool(data.get("blocked", False)),
         )
 
     def dumps(self) -> str:
@@ -130,7 +189,7 @@ class Record(Generic[T]):
         return f"ip:{address}:{self.name}"
 
 
-def _dump_optional(value: Progress | Suspension | None) -> str | None:
+def _dump_optional(value: Progress | Suspension | Started | None) -> str | None:
     return None if value is None else value.dumps()
 
 
@@ -143,9 +202,8 @@ def _dump_names(names: frozenset[str]) -> str | None:
 
 
 PAUSE: Record[Pause] = Record("pause", Pause.loads, Pause.dumps)
-COMPLETED: Record[bool] = Record(
-    "completed", lambda text: bool(text and json.loads(text)), lambda v: "true" if v else None
-)
+COMPLETED: Record[Completion] = Record("completed", Completion.loads, Completion.dumps)
+STARTED: Record[Started | None] = Record("started", Started.loads, _dump_optional)
 PROGRESS: Record[Progress | None] = Record("progress", Progress.loads, _dump_optional)
 SUSPENDED: Record[frozenset[str]] = Record("suspended", _load_names, _dump_names)
 
@@ -153,6 +211,10 @@ SUSPENDED: Record[frozenset[str]] = Record("suspended", _load_names, _dump_names
 def suspension_record(provider: str) -> Record[Suspension | None]:
     """The suspension of an IP for ``provider`` ("" when the provider is unknown)."""
     return Record(f"suspended:{provider}", Suspension.loads, _dump_optional)
+
+
+# What the operator may do to an IP: `warmrelay ip ACTION ADDRESS`, POST /ips/ADDRESS/ACTION
+IP_ACTIONS = ("pause", "resume", "complete", "uncomplete")
 
 
 class Persisted(enum.Enum):
@@ -172,9 +234,14 @@ class IPControl:
     """What this process knows of one IP's records (re-read on refresh)."""
 
     pause: Pause = Pause()
-    completed: bool = False  # the operator declared the warmup done: the IP is warm
+    completion: Completion = Completion()  # done: the operator declared the IP warm
     progress: Progress | None = None
     suspended: dict[str, Suspension] = field(default_factory=dict)  # by provider
+    started: Started | None = None  # first use of a warmup without a configured start
+
+    @property
+    def completed(self) -> bool:
+        return self.completion.done
 
     @property
     def paused_since(self) -> date | None:
@@ -192,9 +259,18 @@ class IPControl:
     def day_date(self) -> date | None:
         return self.progress.on if self.progress else None
 
+    def start(self, configured: date | None) -> date | None:
+        """Day 1: the configured start, else the stored first use (None: not used yet)."""
+        if configured is not None:
+            return configured
+        return self.started.on if self.started is not None else None
+
     def calendar_day(self, start: date, today: date) -> int:
-        """Days since the start, less the days spent paused: a pause does not advance."""
+        """Days since the start, less the days spent paused: a pause does not advance.
+        Pauses before a first-use start (``started``) are not held against it."""
         day = (today - start).days + 1 - self.pause.days
+        if self.started is not None and self.started.on == start:
+            day += self.started.paused_days
         if self.pause.since is not None:
             day -= max(0, (today - self.pause.since).days)
         return day
@@ -206,7 +282,7 @@ class IPControl:
         day, on = data.get("day"), _day(data.get("day_date"))
         return cls(
             pause=Pause(_day(data.get("paused_since")), int(data.get("paused_days", 0))),
-            completed=bool(data.get("completed", False)),
+            completion=Completion(bool(data.get("completed", False))),
             progress=Progress(int(day), on) if day is not None and on is not None else None,
             suspended={
                 p: Suspension.from_json(s) for p, s in (data.get("suspended") or {}).items()

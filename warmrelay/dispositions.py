@@ -10,6 +10,10 @@ What a receiver took stays taken: a recipient leaves the pending set before
 the spool is asked to write that down, and a spool that cannot write keeps the
 record in memory (see ``spool``) instead of failing, so a full or read-only
 disk never turns a delivery into a resend.
+
+Per provider it also keeps, in memory, the latest deferral and the latest bounce
+(``latest_reasons``, for the status page): what a provider said last is what an
+operator asks first.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from warmrelay.dsn import FailedRecipient, build_dsn
 from warmrelay.errors import WarmrelayError
 from warmrelay.metrics import Metrics
+from warmrelay.providers import ProviderMap
 from warmrelay.replies import Reply
 from warmrelay.spool import Spool, SpooledMessage
 from warmrelay.suppression import SuppressionList
@@ -45,6 +51,23 @@ def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
 
 
+def attempt_outcome(connected: bool, v: Verdicts, throttled: int = 0, blocked: int = 0) -> str:
+    """The outcome label of one attempt (warmrelay_delivery_attempt_seconds): what every
+    recipient got (delivered, bounced, deferred, throttled, blocked), else "mixed";
+    "unreachable" when no next hop took a transaction."""
+    if not connected:
+        return "unreachable"
+    counts = {
+        "delivered": len(v.delivered),
+        "bounced": len(v.failed),
+        "deferred": len(v.retry) + len(v.reroute),
+        "throttled": throttled,
+        "blocked": blocked,
+    }
+    kinds = [k for k, n in counts.items() if n]
+    return kinds[0] if len(kinds) == 1 else "mixed"
+
+
 def retry_delay(attempts: int, first_s: float, max_s: float, expires_in_s: float) -> float:
     """Exponential backoff between ``first_s`` and ``max_s``; the last retry lands on the
     expiry. Once expired (a DSN that could not be stored yet) it keeps backing off: an
@@ -62,6 +85,7 @@ class Recorder:
         accept: Callable[[SpooledMessage, bytes], None],
         read: Callable[[str], bytes],
         suppression: SuppressionList | None = None,
+        providers: Callable[[], ProviderMap] = ProviderMap,
     ) -> None:
         self._spool = spool
         self._metrics = metrics
@@ -69,6 +93,44 @@ class Recorder:
         self._accept = accept  # a stored DSN enters the queue like any message
         self._read = read
         self._suppression = suppression  # hard bounces go on it
+        self._providers = providers  # the configured ones (a reload replaces them)
+        # provider label -> "deferred" / "bounced" -> the latest such reply
+        self._latest: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def provider_label(self, provider: str, domain: str) -> str:
+        """A recognised provider's name, else "other" (an unknown domain is its own provider:
+        as a label, it would make one series per domain). Without a provider (the next hop
+        was never resolved), the domain alone may still name one (gmail.com)."""
+        known = self._providers()
+        name = provider or known.recognise(domain, ())
+        return name if name in known.names else "other"
+
+    def latest_reasons(self) -> dict[str, dict[str, Any]]:
+        """Per provider label, the latest deferral and the latest bounce this process saw:
+        ``{"gmail": {"deferred": {"time", "reply", "ip", "queue_id", "domain",
+        "retry_at"}, "bounced": {"time", "reply", "ip", "queue_id", "domain"}}}`` (a key
+        only once seen; ``retry_at`` null when it is routed again at once)."""
+        return {p: {k: dict(e) for k, e in kinds.items()} for p, kinds in self._latest.items()}
+
+    def _remember(
+        self,
+        provider: str,
+        kind: str,
+        msg: SpooledMessage,
+        i: int,
+        reply: Reply,
+        ip: str,
+        now: datetime,
+        **extra: Any,
+    ) -> None:
+        self._latest.setdefault(provider, {})[kind] = {
+            "time": now.isoformat(),
+            "reply": reply.line[:300],
+            "ip": ip,
+            "queue_id": msg.queue_id,
+            "domain": domain_of(msg.rcpt_tos[i]),
+            **extra,
+        }
 
     async def record(
         self,
@@ -79,16 +141,23 @@ class Recorder:
         ip: str,
         reason: str,
         now: datetime,
+        provider: str = "",
+        retry_in_s: float | None = None,
     ) -> bool:
         """Log, count and write down final recipients; remove them from ``pending`` first.
         Returns True when the message is finished (nothing pending). Failed recipients
-        whose DSN cannot be stored move to ``v.retry``."""
+        whose DSN cannot be stored move to ``v.retry``. ``provider``: the next hop's
+        (recognised from its MX hosts), if resolved; ``retry_in_s``: when ``v.retry`` is
+        tried again (``v.reroute`` is routed again at once)."""
         for i, reply in v.delivered:
             self._log(msg, i, ip, reason, "delivered", reply, now)
         for i, reply, disposition in v.failed:
             self._log(msg, i, ip, reason, disposition, reply, now)
-        for i, reply in (*v.retry, *v.reroute):
-            self._log(msg, i, ip, reason, "deferred", reply, now)
+        retry_at = None if retry_in_s is None else now + timedelta(seconds=retry_in_s)
+        for i, reply in v.retry:
+            self._log(msg, i, ip, reason, "deferred", reply, now, retry_at)
+        for i, reply in v.reroute:
+            self._log(msg, i, ip, reason, "deferred", reply, now, now)
         if v.failed and not await self._notify(msg, v.failed, now):
             v.retry += [(i, reply) for i, reply, _ in v.failed]  # DSN not stored: try later
             v.failed = []
@@ -98,15 +167,36 @@ class Recorder:
                     await self._suppression.bounced(msg.rcpt_tos[i], reply, now, msg.queue_id)
         finals = [(i, "delivered") for i, _ in v.delivered] + [(i, d) for i, _, d in v.failed]
         finishing = pending.issubset(i for i, _ in finals)
+        # one delivery is one domain, so one provider
+        indices = [i for i, _ in (*v.delivered, *v.retry, *v.reroute)] + [i for i, *_ in v.failed]
+        label = (
+            self.provider_label(provider, domain_of(msg.rcpt_tos[indices[0]])) if indices else ""
+        )
         for disposition in {d for _, d in finals}:
             idx = [i for i, d in finals if d == disposition]
             pending.difference_update(idx)  # first: whatever the disk says, they are done
             self._metrics.deliveries.labels(ip, disposition).inc(len(idx))
+            self._metrics.provider_deliveries.labels(ip, label, disposition).inc(len(idx))
             if not finishing:  # a finished message is removed at once: nothing to record
                 self._spool.mark_done(msg.queue_id, idx, disposition)
+        if v.delivered:  # from the 250 the client got to the receiver's acceptance
+            latency = self._metrics.delivery_latency.labels(ip)
+            for _ in v.delivered:
+                latency.observe(max(0.0, now.timestamp() - msg.received_at))
         deferred = len(v.retry) + len(v.reroute)
         if deferred:
             self._metrics.deliveries.labels(ip, "deferred").inc(deferred)
+            self._metrics.provider_deliveries.labels(ip, label, "deferred").inc(deferred)
+            if v.reroute:
+                i, reply = v.reroute[-1]
+                self._remember(label, "deferred", msg, i, reply, ip, now, retry_at=None)
+            else:
+                i, reply = v.retry[-1]
+                at = retry_at.isoformat() if retry_at is not None else None
+                self._remember(label, "deferred", msg, i, reply, ip, now, retry_at=at)
+        bounced = [(i, reply) for i, reply, d in v.failed if d == "bounced"]
+        if bounced:
+            self._remember(label, "bounced", msg, *bounced[-1], ip, now)
         return not pending
 
     def _log(
@@ -118,10 +208,19 @@ class Recorder:
         disposition: str,
         reply: Reply,
         now: datetime,
+        retry_at: datetime | None = None,
     ) -> None:
+        """One line per recipient outcome; a deferral says when it is tried again."""
         rcpt = msg.rcpt_tos[i]
+        if retry_at is None:
+            then = ""
+        elif retry_at <= now:  # throttled or blocked: routed again at once, avoiding the IP
+            then = "; retry now"
+        else:
+            wait_s = (retry_at - now).total_seconds()
+            then = f"; retry at {retry_at.isoformat()} (in {wait_s:.0f}s)"
         log.info(
-            "%s: to=<%s> domain=%s ip=%s reason=%s relay=%s delay=%.2fs %s (%s)",
+            "%s: to=<%s> domain=%s ip=%s reason=%s relay=%s delay=%.2fs %s (%s)%s",
             msg.queue_id,
             rcpt,
             domain_of(rcpt),
@@ -131,6 +230,14 @@ class Recorder:
             max(0.0, now.timestamp() - msg.received_at),
             disposition,
             reply.line[:300],
+            then,
+            extra={
+                "queue_id": msg.queue_id,
+                "rcpt": rcpt,
+                "ip": ip,
+                "reason": reason or None,
+                "disposition": disposition,
+            },
         )
 
     async def _notify(

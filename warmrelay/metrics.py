@@ -7,11 +7,46 @@ or the latest value (``mostrecent``) per gauge.
 A registry per relay (not the global default) keeps several relays in one
 test process apart. Gauges that mirror counters (warmup day, cap, sent) are
 set just before each scrape, from the same code that routes.
+
+No ``_created`` series (they double the series count and nobody graphs them),
+no negative sentinels: a value that does not exist (no cap) is no series.
+Durations are in seconds, timestamps in seconds since the epoch.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
+import os
+import platform
+import time
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+from warmrelay import __version__
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# time from the 250 to a recipient's delivery: a fast hop, a slow one, retries, a held day
+LATENCY_BUCKETS_S = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0,
+    3600.0, 7200.0, 14400.0, 43200.0, 86400.0, 259200.0,
+)  # fmt: skip
+# one SMTP transaction with a next hop: connect, (STARTTLS), envelope, data, the final reply
+ATTEMPT_BUCKETS_S = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def multiprocess_mode() -> bool:
+    """Values live in files of PROMETHEUS_MULTIPROC_DIR (``serve --workers``)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # the supervisor sets it
 
 
 class Metrics:
@@ -27,7 +62,7 @@ class Metrics:
         )
         self.warmup_cap = Gauge(
             "warmrelay_warmup_cap",
-            "Recipients the warming IP may send today (-1 = no cap)",
+            "Recipients the warming IP may send today (no series while it has no cap: warm)",
             ["ip"],
             multiprocess_mode="mostrecent",
             registry=r,
@@ -79,7 +114,8 @@ class Metrics:
         )
         self.deliveries = Counter(
             "warmrelay_deliveries",
-            "Recipient outcomes by source IP (delivered, deferred, bounced, expired)",
+            "Recipient outcomes by source IP (delivered, deferred, bounced, expired); "
+            "warmrelay_provider_deliveries_total has them per provider too",
             ["ip", "outcome"],
             registry=r,
         )
@@ -132,7 +168,16 @@ class Metrics:
         self.preflight_ok = Gauge(
             "warmrelay_preflight_ok",
             "Latest preflight result per subject (IP or signing domain) and check (ptr, helo, "
-            "fcrdns, dnsbl:ZONE, spf:IP, dkim:SELECTOR, dmarc, bind): 1 pass, 0 fail, -1 unknown",
+            "fcrdns, dnsbl:ZONE, spf:IP, dkim:SELECTOR, dmarc, bind): 1 pass, 0 fail; no series "
+            "while the result is unknown (see warmrelay_preflight_unknown)",
+            ["subject", "check"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.preflight_unknown = Gauge(
+            "warmrelay_preflight_unknown",
+            "1 if the latest preflight could not tell (no answer, a refused query) for this "
+            "subject and check, 0 if it could (then warmrelay_preflight_ok has the result)",
             ["subject", "check"],
             multiprocess_mode="mostrecent",
             registry=r,
@@ -160,6 +205,75 @@ class Metrics:
         self.dsn_sent = Counter(
             "warmrelay_dsn", "Delivery status notifications generated", registry=r
         )
+        self.provider_deliveries = Counter(
+            "warmrelay_provider_deliveries",
+            "Recipient outcomes (delivered, deferred, bounced, expired) by source IP and "
+            "mailbox provider (a recognised provider's name, else other); summed over "
+            "provider, each of these outcomes equals warmrelay_deliveries_total's",
+            ["ip", "provider", "outcome"],
+            registry=r,
+        )
+        self.delivery_latency = Histogram(
+            "warmrelay_delivery_latency_seconds",
+            "Time from the 250 the client got (the message's receive time) to a recipient's "
+            "delivery, by the source IP that delivered it",
+            ["ip"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "warmrelay_delivery_attempt_seconds",
+            "Duration of one delivery attempt to a next hop, by outcome (delivered, deferred, "
+            "bounced, throttled, blocked: what every recipient got; mixed; unreachable: no "
+            "next hop took a transaction)",
+            ["outcome"],
+            buckets=ATTEMPT_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_oldest_age = Gauge(
+            "warmrelay_queue_oldest_age_seconds",
+            "Age of the oldest message in the spool (since its 250); 0 when the spool is empty",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "warmrelay_build_info",
+            "Always 1; the labels say which warmrelay and Python run",
+            ["version", "python"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.reload_ok = Gauge(
+            "warmrelay_config_last_reload_successful",
+            "1 if the latest configuration load (start or reload) was applied, 0 if refused",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.reload_success_time = Gauge(
+            "warmrelay_config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (start or the latest good reload), "
+            "seconds since the epoch",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.reloaded(True, time.time())  # the configuration this relay starts with
+
+    def reloaded(self, ok: bool, when: float) -> None:
+        """A configuration load at ``when`` (seconds since the epoch) was applied or refused."""
+        self.reload_ok.set(1 if ok else 0)
+        if ok:
+            self.reload_success_time.set(when)
+
+    @staticmethod
+    def drop(metric: Gauge, *labels: str) -> None:
+        """No series for these labels any more. Values written in multiprocess mode stay in
+        their files (prometheus_client cannot delete them): there the value becomes NaN,
+        which no comparison in a rule or panel takes for a number."""
+        if multiprocess_mode():
+            metric.labels(*labels).set(float("nan"))
+        else:
+            metric.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

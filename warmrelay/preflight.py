@@ -68,9 +68,10 @@ class Outcome(enum.Enum):
     UNKNOWN = "unknown"
 
     @property
-    def gauge(self) -> int:
-        """The value of warmrelay_preflight_ok: 1 pass, 0 fail, -1 unknown."""
-        return {Outcome.PASS: 1, Outcome.FAIL: 0, Outcome.UNKNOWN: -1}[self]
+    def gauge(self) -> int | None:
+        """The value of warmrelay_preflight_ok: 1 pass, 0 fail; None (unknown): no series,
+        warmrelay_preflight_unknown says so instead."""
+        return {Outcome.PASS: 1, Outcome.FAIL: 0, Outcome.UNKNOWN: None}[self]
 
 
 @dataclass(frozen=True)
@@ -1114,10 +1115,14 @@ class RelayPreflight:
         return report
 
     def _gauges(self, report: Report) -> None:
-        gauge = self.metrics.preflight_ok
+        gauge, unknown = self.metrics.preflight_ok, self.metrics.preflight_unknown
         gauge.clear()  # checks of IPs or domains no longer configured go away
+        unknown.clear()
         for c in report.checks:
-            gauge.labels(c.subject, c.check).set(c.outcome.gauge)
+            value = c.outcome.gauge
+            if value is not None:
+                gauge.labels(c.subject, c.check).set(value)
+            unknown.labels(c.subject, c.check).set(1 if value is None else 0)
 
     async def _pause_listed(self, checks: Sequence[Check]) -> list[str]:
         """Pause each warming IP found listed; never let it warm up silently."""

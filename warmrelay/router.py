@@ -8,6 +8,14 @@ recipients from this IP, for this reason), ``Smarthost`` parts and ``Hold``
 parts (not now, retry at T). It also keeps the per-IP state that policy
 depends on (pause, completion, results progression, throttling suspensions),
 persisted through the counters' value store, which is its only I/O.
+
+Mail that a warming IP does not take says why: each overflow part carries the
+``Refusal`` of every warming IP that did not take it (an ``OverflowReason`` and
+its numbers, e.g. ``127.0.0.2 cap 50/50``), shown in the delivery log line as
+``reason=overflow(127.0.0.2 cap 50/50)``. The reasons are worked out by pure
+functions (``unusable``, ``short_of``) from what routing already knows; the only
+extra I/O is reading the counts of an IP with several caps when it ran short.
+Each change of an IP's reason is logged once (INFO), not per recipient.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 
 from warmrelay.config import Config, IPConfig
@@ -27,12 +35,14 @@ from warmrelay.control import (
     COMPLETED,
     PAUSE,
     PROGRESS,
+    STARTED,
     SUSPENDED,
     IPControl,
     Pause,
     Persisted,
     Progress,
     Record,
+    Started,
     Suspension,
     advances,
     legacy_key,
@@ -65,19 +75,79 @@ class RouteReason(enum.Enum):
     POOL = "pool"  # no warming IP in play: ordinary pool traffic
 
 
+class OverflowReason(enum.Enum):
+    """Why a warming IP did not take (all of) a delivery."""
+
+    CAP = "cap"  # the day's cap is used up
+    HOURLY_BUDGET = "hourly budget"  # sending_hours: the share of the cap released so far
+    HOURLY_LIMIT = "hourly limit"  # a preset's published limit per clock hour
+    PROVIDER_CAP = "provider cap"  # the cap for this mailbox provider
+    OUTSIDE_HOURS = "outside sending hours"
+    SUSPENDED = "suspended"  # the provider throttled the IP: cooldown
+    BLOCKED = "blocked"  # the provider blamed the IP's reputation: cooldown
+    PAUSED = "paused"  # by the operator (or preflight: listed on a blocklist)
+    NOT_STARTED = "not started"  # warmup.start is still ahead
+    IP_DOWN = "ip down"  # the address cannot be bound on this host
+    NOT_ELIGIBLE = "not eligible"  # the warmup.eligible rules, or a DSN (null sender)
+    STORE_DOWN = "counters store down"  # no count, no send: never over a cap
+    COMPLETED = "completed"  # declared warm by the operator: in the pool now
+    WARM = "warmup done"  # past the schedule's last day: in the pool now
+
+
+# Reasons that hold for one provider only; the others hold for the IP as a whole.
+PER_PROVIDER = frozenset(
+    {OverflowReason.PROVIDER_CAP, OverflowReason.SUSPENDED, OverflowReason.BLOCKED}
+)
+# The IP is warm: it is part of the pool, so mail it does not take as a warming IP has
+# not overflowed (logged once as a change, never shown on a delivery line)
+JOINED_POOL = frozenset({OverflowReason.COMPLETED, OverflowReason.WARM})
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A warming IP that did not take a delivery, and why: ``127.0.0.2 cap 50/50``."""
+
+    address: str
+    reason: OverflowReason
+    detail: str = ""
+    provider: str | None = None  # for PER_PROVIDER reasons
+
+    @property
+    def text(self) -> str:
+        """The reason without the address: ``cap 50/50``."""
+        return self.reason.value + (f" {self.detail}" if self.detail else "")
+
+    def __str__(self) -> str:
+        return f"{self.address} {self.text}"
+
+
+def explain(reason: RouteReason, refusals: Sequence[Refusal]) -> str:
+    """The ``reason=`` of a delivery log line: ``overflow(127.0.0.2 cap 50/50)``."""
+    if not refusals:
+        return reason.value
+    return f"{reason.value}({', '.join(str(r) for r in refusals)})"
+
+
 @dataclass(frozen=True)
 class Route:
     """Send ``count`` recipients from ``source``. From a warming IP the route owns the
-    ``reservation`` of those recipients under its caps (see warmrelay.reservation)."""
+    ``reservation`` of those recipients under its caps (see warmrelay.reservation).
+    Overflow and pool routes carry the ``refusals`` of the warming IPs that did not
+    take them."""
 
     source: IPConfig
     count: int
     reason: RouteReason
     reservation: Reservation | None = None
+    refusals: tuple[Refusal, ...] = ()
 
     @property
     def address(self) -> str:
         return str(self.source.address)
+
+    @property
+    def log_reason(self) -> str:
+        return explain(self.reason, self.refusals)
 
 
 @dataclass(frozen=True)
@@ -86,6 +156,11 @@ class Smarthost:
 
     count: int
     reason: RouteReason = RouteReason.OVERFLOW
+    refusals: tuple[Refusal, ...] = ()
+
+    @property
+    def log_reason(self) -> str:
+        return explain(self.reason, self.refusals)
 
 
 @dataclass(frozen=True)
@@ -95,6 +170,7 @@ class Hold:
     count: int
     retry_at: datetime
     why: str
+    refusals: tuple[Refusal, ...] = ()
 
 
 Part = Route | Smarthost | Hold
@@ -111,6 +187,78 @@ class RoutePlan:
     @property
     def holds(self) -> list[Hold]:
         return [p for p in self.parts if isinstance(p, Hold)]
+
+
+def _when(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def unusable(
+    address: str,
+    status: WarmupStatus,
+    control: IPControl,
+    start: date | None,
+    admitted: bool,
+    schedule_days: int,
+) -> Refusal | None:
+    """Why an IP with a warmup block is not a warming IP for this delivery at all (None:
+    it is one). Pure: from the status and stored state routing already has."""
+    if status.state is WarmupState.PAUSED:
+        return Refusal(address, OverflowReason.PAUSED, f"since {control.paused_since}")
+    if status.state is WarmupState.NOT_STARTED:
+        return Refusal(address, OverflowReason.NOT_STARTED, f"(day 1: {start})")
+    if status.state is WarmupState.WARM:
+        if control.completed:
+            on = control.completion.on
+            return Refusal(address, OverflowReason.COMPLETED, f"on {on}" if on else "")
+        return Refusal(address, OverflowReason.WARM, f"after {schedule_days} days")
+    if not admitted:
+        return Refusal(address, OverflowReason.NOT_ELIGIBLE)
+    return None
+
+
+def held_back(
+    address: str,
+    provider: str | None,
+    down_until: datetime | None,
+    suspension: Suspension | None,
+) -> Refusal | None:
+    """A warming IP that may not send now: down on this host, or suspended by a provider."""
+    if down_until is not None:
+        return Refusal(address, OverflowReason.IP_DOWN, f"until {_when(down_until)}")
+    if suspension is not None:
+        who = provider or "this provider"
+        if suspension.blocked:
+            detail = f"by {who} until {_when(suspension.until)}"
+            return Refusal(address, OverflowReason.BLOCKED, detail, provider)
+        detail = f"for {who} until {_when(suspension.until)}"
+        return Refusal(address, OverflowReason.SUSPENDED, detail, provider)
+    return None
+
+
+def short_of(
+    address: str, caps: Caps, counts: Sequence[int] | None, provider: str | None
+) -> Refusal:
+    """Which cap a warming IP ran short of (``counts``: the counts under ``caps.limits``
+    after the reservation; None when they could not be read). Pure."""
+    if caps.outside_hours:
+        return Refusal(address, OverflowReason.OUTSIDE_HOURS)
+    limits = caps.limits
+    known = counts is not None
+    used = list(counts) if counts is not None else [lim.cap for lim in limits]
+    # the limit with the least room left; on a tie, the smallest cap
+    i = min(range(len(limits)), key=lambda k: (limits[k].cap - used[k], limits[k].cap))
+    lim = limits[i]
+    numbers = f"{used[i] if known else '?'}/{lim.cap}"
+    if lim.scope.startswith("provider:"):
+        name = lim.scope.removeprefix("provider:")
+        return Refusal(address, OverflowReason.PROVIDER_CAP, f"{name} {numbers}", provider)
+    if lim.scope == "hour":
+        return Refusal(address, OverflowReason.HOURLY_LIMIT, f"{numbers} this hour")
+    if caps.released < 1.0:
+        detail = f"{numbers} released of {caps.status.cap}"
+        return Refusal(address, OverflowReason.HOURLY_BUDGET, detail)
+    return Refusal(address, OverflowReason.CAP, numbers)
 
 
 NO_POOL_RETRY = timedelta(minutes=1)
@@ -140,6 +288,9 @@ class Router:
         self._control: dict[str, IPControl] = {str(ip.address): IPControl() for ip in config.ips}
         self._pending: list[tuple[str, Change]] = []  # changes the store failed to take, in order
         self._loaded_at = float("-inf")
+        # the reason each IP (per provider for PER_PROVIDER ones) last did not take mail:
+        # a change is logged once, not per recipient
+        self._overflowing: dict[tuple[str, str], OverflowReason] = {}
 
     @property
     def ips(self) -> Sequence[IPConfig]:
@@ -150,21 +301,32 @@ class Router:
 
     # -- status ------------------------------------------------------------------
 
+    def start(self, ip: IPConfig) -> date | None:
+        """Day 1 of a warming IP: ``warmup.start``, else the stored day of its first use
+        (None: not used yet, or no warmup block)."""
+        if ip.warmup is None:
+            return None
+        return self._control[str(ip.address)].start(ip.warmup.start)
+
     def status(self, ip: IPConfig, now: datetime) -> WarmupStatus:
-        """Where the IP stands: warmup day and cap, or warm, paused, not started."""
+        """Where the IP stands: warmup day and cap, or warm, paused, not started. An IP
+        whose start is its first use is on day 1 until it is used (it may be today)."""
         today = now.astimezone(self._zone).date()
         c = self._control[str(ip.address)]
+        start = self.start(ip)
         if c.paused_since is not None:
             day = c.day if c.day is not None else 0
             if ip.warmup is not None and ip.warmup.progress == "calendar":
-                day = c.calendar_day(ip.warmup.start, today)
+                day = c.calendar_day(start, today) if start is not None else 0
             return WarmupStatus(WarmupState.PAUSED, day, 0, today.isoformat())
         if ip.warmup is None or c.completed:
             return WarmupStatus(WarmupState.WARM, 0, None, today.isoformat())
         if ip.warmup.progress == "results" and c.day is not None:
             day = c.day
+        elif start is None:
+            day = 1
         else:
-            day = c.calendar_day(ip.warmup.start, today)
+            day = c.calendar_day(start, today)
         return status_for_day(ip.warmup.schedule, day, today)
 
     def caps(self, ip: IPConfig, now: datetime, provider: str | None = None) -> Caps | None:
@@ -206,6 +368,7 @@ class Router:
         self.ledger = old.ledger
         self._rr_weights = dict(old._rr_weights)
         self._pending = old._pending  # still to be written, in order
+        self._overflowing = dict(old._overflowing)  # a reload is not a change of reason
         for address, control in old._control.items():
             if address in self._control:  # shown until the next reload re-reads the store
                 self._control[address] = control
@@ -231,10 +394,19 @@ class Router:
         except CounterError:
             pass  # the store is down: keep the state we have; warming IPs pause anyway
 
-    async def _load(self, address: str) -> IPControl:
-        """Every record of one IP (the blob of an earlier version is migrated first)."""
+    async def load_control(self) -> None:
+        """Read every IP's records now, writing nothing (``check-config``, ``schedule``);
+        raises CounterError when the store cannot be read."""
+        for address in self._control:
+            self._control[address] = await self._load(address, migrate=False)
+
+    async def _load(self, address: str, *, migrate: bool = True) -> IPControl:
+        """Every record of one IP (the blob of an earlier version is migrated first, or
+        with ``migrate`` false only read)."""
         get = self._counters.get_value
         legacy = await get(legacy_key(address))
+        if legacy is not None and not migrate:
+            return IPControl.from_legacy(legacy)
         if legacy is not None:
             await self._migrate(address, legacy)
         suspended: dict[str, Suspension] = {}
@@ -245,9 +417,10 @@ class Router:
                 suspended[provider] = found
         return IPControl(
             pause=PAUSE.loads(await get(PAUSE.key(address))),
-            completed=COMPLETED.loads(await get(COMPLETED.key(address))),
+            completion=COMPLETED.loads(await get(COMPLETED.key(address))),
             progress=PROGRESS.loads(await get(PROGRESS.key(address))),
             suspended=suspended,
+            started=STARTED.loads(await get(STARTED.key(address))),
         )
 
     async def _migrate(self, address: str, text: str) -> None:
@@ -257,7 +430,7 @@ class Router:
         old = IPControl.from_legacy(text)
         facts = [
             (PAUSE.key(address), PAUSE.dumps(old.pause) if old.pause != Pause() else None),
-            (COMPLETED.key(address), COMPLETED.dumps(old.completed)),
+            (COMPLETED.key(address), COMPLETED.dumps(old.completion)),
             (PROGRESS.key(address), PROGRESS.dumps(old.progress)),
         ]
         if old.suspended:
@@ -283,7 +456,8 @@ class Router:
         assert ip.warmup is not None
         address = str(ip.address)
         known = self._control[address]
-        if known.completed or today < ip.warmup.start:
+        start = known.start(ip.warmup.start)
+        if known.completed or start is None or today < start:
             return
         if known.progress is not None and known.progress.on >= today:
             return  # judged today already: no I/O on the routing path
@@ -298,7 +472,9 @@ class Router:
         """The progress after judging every finished day since ``progress``."""
         assert ip.warmup is not None
         address, schedule = str(ip.address), ip.warmup.schedule
-        day, on = (progress.day, progress.on) if progress else (1, ip.warmup.start)
+        start = self.start(ip)
+        assert start is not None  # _advance judges only IPs that have begun
+        day, on = (progress.day, progress.on) if progress else (1, start)
         while on < today and day <= schedule.days:
             window = on.isoformat()
             sent = await self._counters.get(CounterKey(address, window))
@@ -355,10 +531,39 @@ class Router:
         return outcome
 
     async def complete(self, address: str, now: datetime) -> Persisted:
-        known = self._control[address].completed
-        done, outcome = await self._write(COMPLETED, address, lambda _: True, known)
-        self._control[address].completed = done
+        today = now.astimezone(self._zone).date()
+        known = self._control[address].completion
+        done, outcome = await self._write(COMPLETED, address, lambda c: c.completed(today), known)
+        self._control[address].completion = done
         return outcome
+
+    async def uncomplete(self, address: str, now: datetime) -> Persisted:
+        """Undo ``complete``: the IP warms again at the day its progression says (stored as
+        ``done: false``; records are never deleted)."""
+        today = now.astimezone(self._zone).date()
+        known = self._control[address].completion
+        done, outcome = await self._write(COMPLETED, address, lambda c: c.undone(today), known)
+        self._control[address].completion = done
+        return outcome
+
+    async def _first_use(self, ip: IPConfig, now: datetime) -> None:
+        """A warming IP without ``warmup.start`` routes mail for the first time: today is
+        its day 1, stored once for every process and relay on the store (the first
+        writer wins; everyone reads back what is stored)."""
+        address = str(ip.address)
+        c = self._control[address]
+        mine = Started(now.astimezone(self._zone).date(), c.pause.days)
+        stored, _ = await self._write(
+            STARTED, address, lambda s: s if s is not None else mine, c.started
+        )
+        c.started = stored
+        if stored == mine:
+            log.info(
+                "%s: warmup day 1 is %s, its first use (no warmup.start configured)",
+                address,
+                mine.on,
+                extra={"ip": address},
+            )
 
     async def throttled(
         self,
@@ -369,16 +574,19 @@ class Router:
         reason: str,
         *,
         cooldown: tuple[float, float] | None = None,
+        blocked: bool | None = None,
     ) -> Suspension:
         """A provider said this IP sends too much: suspend it there for a cooldown that
         doubles on repeats (from the stored previous suspension, whichever process wrote
-        it). ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks)."""
+        it). ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks);
+        ``blocked`` (by default: a cooldown was given) records it as a block."""
         address, key = str(ip.address), provider or ""
         base_s, max_s = cooldown or self._config.throttle.cooldown(provider)
+        is_block = cooldown is not None if blocked is None else blocked
 
         def suspend(previous: Suspension | None) -> Suspension | None:
             seconds = next_cooldown(previous, now, base_s, max_s)
-            return Suspension(now + timedelta(seconds=seconds), seconds, reason)
+            return Suspension(now + timedelta(seconds=seconds), seconds, reason, is_block)
 
         throttle_key = self.counter_key(ip, now, "throttled")
         with contextlib.suppress(CounterError):  # progress may miss it; the suspension holds
@@ -400,12 +608,27 @@ class Router:
         await self.refresh(now)
         parts: list[Part] = []
         remaining = n
-        states = [self.status(ip, now).state for ip in self.ips]  # once per delivery
-        warming = [
-            ip
-            for ip, state in zip(self.ips, states, strict=True)
-            if state is WarmupState.WARMING and self._admits(ip, traffic)
-        ]
+        statuses = [self.status(ip, now) for ip in self.ips]  # once per delivery
+        refusals: list[Refusal] = []  # why warming IPs did not take (all of) it
+        warming: list[IPConfig] = []
+        for ip, st in zip(self.ips, statuses, strict=True):
+            if ip.warmup is None:
+                continue
+            address = str(ip.address)
+            why = unusable(
+                address,
+                st,
+                self._control[address],
+                self.start(ip),
+                self._admits(ip, traffic),
+                ip.warmup.schedule.days,
+            )
+            if why is None:
+                warming.append(ip)
+            else:
+                self._note(why)
+                if why.reason not in JOINED_POOL:
+                    refusals.append(why)
         more_room_at = next_window_start(now, self._zone)
         if warming:
             start = next(self._rotation) % len(warming)
@@ -415,17 +638,21 @@ class Router:
                 address = str(ip.address)
                 down_until = self._down_until.get(address) if self.is_down(address, now) else None
                 suspension = self.suspension(address, provider, now)
-                if down_until is not None or suspension is not None:
+                stopped = held_back(address, provider, down_until, suspension)
+                if stopped is not None:
                     # held mail comes back when the IP may send again, not at midnight
                     if down_until is not None:
                         more_room_at = min(more_room_at, down_until)
                     if suspension is not None:
                         more_room_at = min(more_room_at, suspension.until)
+                    refusals.append(self._note(stopped))
                     continue
                 caps = self.caps(ip, now, provider)
                 assert caps is not None
                 more_room_at = min(more_room_at, caps.next_change)
-                if caps.closed:
+                if caps.closed:  # a cap of 0 now: shown as used up, nothing asked of the store
+                    full = [lim.cap for lim in caps.limits]
+                    refusals.append(self._note(short_of(address, caps, full, provider)))
                     continue
                 limits = [
                     Limit(CounterKey(address, lim.window, lim.scope), lim.cap)
@@ -435,15 +662,86 @@ class Router:
                     granted = await self._counters.reserve(limits, remaining)
                 except CounterError:  # no count, no send: never over a cap
                     more_room_at = min(more_room_at, now + STORE_RETRY)
+                    refusals.append(self._note(Refusal(address, OverflowReason.STORE_DOWN)))
                     continue
                 if granted:
                     keys = tuple(lim.key for lim in limits)
                     held = Reservation(self._counters, keys, granted, self.ledger)
                     parts.append(Route(ip, granted, RouteReason.WARMUP, held))
                     remaining -= granted
+                    self._taking(address, provider)
+                    if ip.warmup is not None and self.start(ip) is None:
+                        await self._first_use(ip, now)
+                if remaining:
+                    counts = await self._counts_after(limits)
+                    refusals.append(self._note(short_of(address, caps, counts, provider)))
         if remaining:
-            parts.append(self._overflow(remaining, now, bool(warming), more_room_at, states))
+            states = [st.state for st in statuses]
+            parts.append(
+                self._overflow(remaining, now, bool(warming), more_room_at, states, refusals)
+            )
         return RoutePlan(tuple(parts))
+
+    async def _counts_after(self, limits: Sequence[Limit]) -> list[int] | None:
+        """The counts under ``limits`` once a reservation ran short of them. With one limit
+        no I/O: a short grant filled it to its cap. None when the store cannot say."""
+        if len(limits) == 1:
+            return [limits[0].cap]
+        try:
+            return [await self._counters.get(lim.key) for lim in limits]
+        except CounterError:
+            return None
+
+    def _note(self, refusal: Refusal) -> Refusal:
+        """Log, once per change, that an IP stopped taking warmup mail and why."""
+        if refusal.reason is OverflowReason.NOT_ELIGIBLE:  # a matter of the message
+            return refusal
+        scope = (refusal.provider or "") if refusal.reason in PER_PROVIDER else ""
+        key = (refusal.address, scope)
+        if self._overflowing.get(key) is refusal.reason:
+            return refusal
+        self._overflowing[key] = refusal.reason
+        args: tuple[object, ...]
+        if refusal.reason in JOINED_POOL:
+            message = "%s is warm (%s): it takes pool traffic now"
+            args = (refusal.address, refusal.text)
+        else:
+            where = {
+                "pool": "the warm pool",
+                "hold": "nowhere: it is held until there is room",
+                "smarthost": "the smarthost",
+            }[self._config.overflow]
+            what = f"mail to {refusal.provider or 'this provider'}" if scope else "mail"
+            message = "%s stops taking warmup %s (%s); it goes to %s"
+            args = (refusal.address, what, refusal.text, where)
+        log.info(
+            message,
+            *args,
+            extra={"ip": refusal.address, "overflow": refusal.reason.value, "provider": scope},
+        )
+        return refusal
+
+    def overflow_reasons(self, address: str) -> dict[str, str]:
+        """Why ``address`` last did not take warmup mail, as logged: by provider ("" for the
+        IP as a whole); empty while it takes mail (for /status)."""
+        return {
+            scope: reason.value
+            for (ip, scope), reason in self._overflowing.items()
+            if ip == address
+        }
+
+    def _taking(self, address: str, provider: str | None) -> None:
+        """A warming IP took mail (for ``provider``): what stopped it is over."""
+        for scope in dict.fromkeys(("", provider or "")):
+            was = self._overflowing.pop((address, scope), None)
+            if was is not None:
+                log.info(
+                    "%s takes warmup mail%s again (was: %s)",
+                    address,
+                    f" to {scope}" if scope else "",
+                    was.value,
+                    extra={"ip": address, "provider": scope},
+                )
 
     def _admits(self, ip: IPConfig, traffic: Traffic | None) -> bool:
         """Eligibility rules; and never a DSN (null sender): bounces from a cold IP hurt it."""
@@ -459,22 +757,25 @@ class Router:
         warming_in_play: bool,
         more_room_at: datetime,
         states: Sequence[WarmupState],
+        refusals: Sequence[Refusal] = (),
     ) -> Part:
         policy = self._config.overflow
+        why = tuple(refusals)
         if warming_in_play and policy == "hold":
-            return Hold(n, more_room_at, "warming IPs are at their cap")
+            text = ", ".join(str(r) for r in why) or "warming IPs are at their cap"
+            return Hold(n, more_room_at, text, why)
         if warming_in_play and policy == "smarthost":
-            return Smarthost(n)
+            return Smarthost(n, RouteReason.OVERFLOW, why)
         warm = [ip for ip, st in zip(self.ips, states, strict=True) if st is WarmupState.WARM]
         pool = [ip for ip in warm if not self.is_down(str(ip.address), now)]
         if not pool:
             if policy == "smarthost":
-                return Smarthost(n, RouteReason.POOL)
+                return Smarthost(n, RouteReason.POOL, why)
             if not warm:
-                return Hold(n, next_window_start(now, self._zone), "no IP may send yet")
-            return Hold(n, now + NO_POOL_RETRY, "every pool IP is down")
+                return Hold(n, next_window_start(now, self._zone), "no IP may send yet", why)
+            return Hold(n, now + NO_POOL_RETRY, "every pool IP is down", why)
         reason = RouteReason.OVERFLOW if warming_in_play else RouteReason.POOL
-        return Route(self._pick_weighted(pool), n, reason)
+        return Route(self._pick_weighted(pool), n, reason, refusals=why)
 
     def _pick_weighted(self, pool: Sequence[IPConfig]) -> IPConfig:
         """Smooth weighted round robin (as nginx): even spread, exact long-run ratios."""

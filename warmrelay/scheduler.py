@@ -33,12 +33,13 @@ from datetime import UTC, datetime
 
 from warmrelay.config import Config
 from warmrelay.dispatcher import Connected, Dispatcher, Endpoint
-from warmrelay.dispositions import Recorder, Verdicts, domain_of, retry_delay
+from warmrelay.dispositions import Recorder, Verdicts, attempt_outcome, domain_of, retry_delay
 from warmrelay.eligibility import Traffic, header_block
 from warmrelay.errors import NextHopError, SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHop, NextHopResolver
 from warmrelay.providers import provider_map
+from warmrelay.queueview import Attempt, MessageView, QueueState, RecipientView
 from warmrelay.readyqueue import ReadyQueues
 from warmrelay.replies import Outcome, Reply, ReplyRules
 from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
@@ -76,6 +77,44 @@ class _Message:
     message: SpooledMessage
     pending: set[int]
     attempts: int = 0
+    # what the queue tools show and act on
+    timers: dict[int, tuple[asyncio.TimerHandle, Delivery, float]] = field(default_factory=dict)
+    on_hold: bool = False  # the operator's hold: deliveries park in ``parked`` until release
+    parked: list[Delivery] = field(default_factory=list)
+    history: dict[int, list[Attempt]] = field(default_factory=dict)  # per recipient, last few
+    last_ip: str | None = None
+    last_reply: str | None = None
+
+
+HISTORY_MAX = 10  # attempts kept per recipient for `queue show`
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a queue action applies to: some queue ids, the recipients at one domain, or all."""
+
+    queue_ids: tuple[str, ...] = ()
+    domain: str | None = None
+    everything: bool = False
+
+    def messages(self, queued: Mapping[str, _Message]) -> list[str]:
+        if self.everything:
+            return list(queued)
+        if self.domain is not None:
+            d = self.domain.lower()
+            return [
+                q
+                for q, m in queued.items()
+                if any(domain_of(m.message.rcpt_tos[i]) == d for i in m.pending)
+            ]
+        return [q for q in self.queue_ids if q in queued]
+
+    def recipients(self, state: _Message) -> list[int]:
+        """The pending recipients it names in one message (a domain: only those there)."""
+        if self.domain is None:
+            return sorted(state.pending)
+        d = self.domain.lower()
+        return sorted(i for i in state.pending if domain_of(state.message.rcpt_tos[i]) == d)
 
 
 @dataclass
@@ -135,7 +174,13 @@ class Scheduler:
         self._room = asyncio.Event()  # set while the backlog is short enough to take more
         self._room.set()
         self._recorder = Recorder(
-            spool, metrics, lambda: self._config.smtp.hostname, self.accept, self._data, suppression
+            spool,
+            metrics,
+            lambda: self._config.smtp.hostname,
+            self.accept,
+            self._data,
+            suppression,
+            lambda: self._providers,
         )
 
     def configure(self, config: Config, router: Router, resolver: NextHopResolver) -> None:
@@ -199,19 +244,26 @@ class Scheduler:
         self._metrics.spool_messages.set(len(self._messages))
 
     def submit(
-        self, message: SpooledMessage, done: Mapping[int, str] | None = None, attempts: int = 0
+        self,
+        message: SpooledMessage,
+        done: Mapping[int, str] | None = None,
+        attempts: int = 0,
+        on_hold: bool = False,
     ) -> None:
-        """Queue a spooled message's unfinished recipients, grouped by domain, as due now."""
+        """Queue a spooled message's unfinished recipients, grouped by domain, as due now
+        (parked instead while an operator holds it)."""
         pending = {i for i in range(len(message.rcpt_tos)) if not done or i not in done}
         if not pending:
             self._spool.remove(message.queue_id)
             return
-        self._messages[message.queue_id] = _Message(message, pending, attempts)
+        state = _Message(message, pending, attempts, on_hold=on_hold)
+        self._messages[message.queue_id] = state
         by_domain: dict[str, list[int]] = {}
         for i in sorted(pending):
             by_domain.setdefault(domain_of(message.rcpt_tos[i]), []).append(i)
         for domain, indices in by_domain.items():
-            self._due.put_nowait(Delivery(message.queue_id, domain, tuple(indices), attempts))
+            delivery = Delivery(message.queue_id, domain, tuple(indices), attempts)
+            (state.parked.append if on_hold else self._due.put_nowait)(delivery)
         self._metrics.spool_messages.set(len(self._messages))
 
     def _backlog(self) -> int:
@@ -285,13 +337,19 @@ class Scheduler:
         if self._stopping:
             return
         loop = asyncio.get_running_loop()
+        state = self._messages.get(delivery.queue_id)
+        seq = next(self._held_seq)
 
         def fire() -> None:
             self._timers.discard(handle)
+            if state is not None:
+                state.timers.pop(seq, None)
             self._due.put_nowait(delivery)
 
         handle = loop.call_later(max(0.0, delay_s), fire)
         self._timers.add(handle)
+        if state is not None:  # the queue tools show when, and flush cancels it
+            state.timers[seq] = (handle, delivery, self._clock().timestamp() + max(0.0, delay_s))
 
     def _hold(self, delivery: Delivery, retry_at: datetime, now: datetime) -> None:
         """Keep a held delivery until ``retry_at``. The one timer fires at the earliest moment
@@ -343,6 +401,9 @@ class Scheduler:
         if not indices:
             return
         d = Delivery(d.queue_id, d.domain, indices, d.attempts, d.last)
+        if state.on_hold:  # the operator holds it: wait for `queue release`
+            state.parked.append(d)
+            return
         now = self._clock()
         if now.timestamp() >= msg.received_at + self._delivery.queue_lifetime_s:
             last = d.last or Reply(451, "4.4.7 queue lifetime exceeded", "")
@@ -415,6 +476,9 @@ class Scheduler:
         if state is None:
             return
         msg = state.message
+        if state.on_hold:  # held while it waited for a connection: its reservation goes back
+            state.parked.append(Delivery(d.queue_id, d.domain, chunk, d.attempts, d.last))
+            return
         if route is not None:
             ip, endpoint, hops = route.address, self._dispatcher.endpoint(route.source), s.hops
         else:
@@ -430,6 +494,7 @@ class Scheduler:
             )
             return
         rcpts = [msg.rcpt_tos[i] for i in chunk]
+        started = asyncio.get_running_loop().time()
         result = await self._dispatcher.send(endpoint, hops, msg.mail_from, rcpts, data)
         now = self._clock()
         if result.connected is Connected.BIND_FAILED:
@@ -467,6 +532,10 @@ class Scheduler:
             # the counting rule: accepted at RCPT and handed over (or refused for good)
             if reply.accepted and outcome in (Outcome.DELIVERED, Outcome.BOUNCED):
                 kept += 1
+        connected = result.connected is Connected.YES
+        self._metrics.attempt_seconds.labels(
+            attempt_outcome(connected, v, len(throttled), len(blocked))
+        ).observe(asyncio.get_running_loop().time() - started)
         if route is not None and route.reservation is not None:
             route.reservation.keep(kept)
             # settled before anything is recorded (a DSN, a reroute): the counts are right by
@@ -491,7 +560,7 @@ class Scheduler:
                     len(blocked),
                 )
                 v.retry += blocked
-        await self._record(d, v, now, ip=ip, reason=s.part.reason.value)
+        await self._record(d, v, now, ip=ip, reason=s.part.log_reason, provider=s.provider)
 
     async def _suspend(
         self,
@@ -532,27 +601,239 @@ class Scheduler:
     # -- dispositions ---------------------------------------------------------
 
     async def _record(
-        self, d: Delivery, v: Verdicts, now: datetime, *, ip: str = "none", reason: str = ""
+        self,
+        d: Delivery,
+        v: Verdicts,
+        now: datetime,
+        *,
+        ip: str = "none",
+        reason: str = "",
+        provider: str = "",
     ) -> None:
         state = self._messages[d.queue_id]
         msg = state.message
-        finished = await self._recorder.record(msg, state.pending, v, ip=ip, reason=reason, now=now)
+        self._remember(state, v, ip, now)
+        attempts = d.attempts + 1  # of the recipients retried after a backoff, if any
+        expires_in = msg.received_at + self._delivery.queue_lifetime_s - now.timestamp()
+        delay = retry_delay(
+            attempts, self._delivery.retry_first_s, self._delivery.retry_max_s, expires_in
+        )
+        finished = await self._recorder.record(
+            msg,
+            state.pending,
+            v,
+            ip=ip,
+            reason=reason,
+            now=now,
+            provider=provider,
+            retry_in_s=delay,
+        )
         if v.reroute:  # no backoff: routed afresh now, the router avoids what failed
             again = tuple(i for i, _ in v.reroute)
             self._due.put_nowait(
                 Delivery(d.queue_id, d.domain, again, d.attempts, v.reroute[-1][1])
             )
         if v.retry:
-            attempts = d.attempts + 1
             state.attempts = max(state.attempts, attempts)
             self._spool.record_attempt(d.queue_id, state.attempts)
-            expires_in = msg.received_at + self._delivery.queue_lifetime_s - now.timestamp()
-            delay = retry_delay(
-                attempts, self._delivery.retry_first_s, self._delivery.retry_max_s, expires_in
-            )
             retry = Delivery(
                 d.queue_id, d.domain, tuple(i for i, _ in v.retry), attempts, v.retry[-1][1]
             )
             self._later(retry, delay)
         if finished:
             self._forget(d.queue_id)
+
+    def _remember(self, state: _Message, v: Verdicts, ip: str, now: datetime) -> None:
+        """Each recipient's latest attempts, for `queue show` (memory only, a few each)."""
+        at = now.timestamp()
+        rows: list[tuple[int, str, Reply]] = [(i, "delivered", r) for i, r in v.delivered]
+        rows += [(i, disposition, r) for i, r, disposition in v.failed]
+        rows += [(i, "deferred", r) for i, r in (*v.retry, *v.reroute)]
+        for i, disposition, reply in rows:
+            attempts = state.history.setdefault(i, [])
+            attempts.append(Attempt(at, ip, disposition, reply.line[:300]))
+            del attempts[:-HISTORY_MAX]
+            state.last_reply = reply.line[:300]
+        if rows:
+            state.last_ip = ip
+
+    # -- the queue tools (admin API, `warmrelay queue ...`) --------------------------------
+
+    def latest_reasons(self) -> dict[str, dict[str, object]]:
+        """The latest deferral and bounce per provider (status page, /status)."""
+        return self._recorder.latest_reasons()
+
+    def views(self) -> list[MessageView]:
+        """Every queued message as the queue tools show it, oldest first."""
+        held: dict[str, float] = {}
+        for at, _, _, delivery in self._held:
+            held[delivery.queue_id] = min(at, held.get(delivery.queue_id, at))
+        states = sorted(self._messages.values(), key=lambda m: m.message.received_at)
+        return [self._view(m, held.get(m.message.queue_id)) for m in states]
+
+    def view(self, queue_id: str) -> MessageView | None:
+        state = self._messages.get(queue_id)
+        if state is None:
+            return None
+        held = [at for at, _, _, d in self._held if d.queue_id == queue_id]
+        return self._view(state, min(held, default=None))
+
+    def _view(self, state: _Message, held_until: float | None) -> MessageView:
+        msg = state.message
+        next_retry = min((at for _, _, at in state.timers.values()), default=None)
+        if state.on_hold:
+            where = QueueState.ON_HOLD
+        elif next_retry is not None and held_until is None:
+            where = QueueState.DEFERRED
+        elif held_until is not None and next_retry is None:
+            where = QueueState.HELD
+        else:  # due, routing, on a ready queue, being sent (or some of each)
+            where = QueueState.ACTIVE if not (next_retry or held_until) else QueueState.DEFERRED
+        recipients = tuple(
+            RecipientView(
+                address,
+                "pending" if i in state.pending else "done",
+                tuple(state.history.get(i, ())),
+            )
+            for i, address in enumerate(msg.rcpt_tos)
+        )
+        return MessageView(
+            msg.queue_id,
+            msg.mail_from,
+            msg.received_at,
+            msg.size,
+            where,
+            recipients,
+            state.attempts,
+            next_retry,
+            held_until,
+            state.last_ip,
+            state.last_reply,
+        )
+
+    def flush(self, target: Target) -> list[str]:
+        """Retry now what waits for a retry or a window (the router may hold it again);
+        mail an operator holds stays held. Returns the queue ids that were flushed."""
+        flushed = []
+        for queue_id in target.messages(self._messages):
+            state = self._messages[queue_id]
+            if state.on_hold:
+                continue
+            wanted = set(target.recipients(state))
+            moved = False
+            for seq, (handle, delivery, _) in list(state.timers.items()):
+                if wanted & set(delivery.indices):
+                    handle.cancel()
+                    self._timers.discard(handle)
+                    del state.timers[seq]
+                    self._due.put_nowait(replace(delivery, after=None, turn=None))
+                    moved = True
+            for delivery in self._take_held(queue_id, wanted):
+                self._due.put_nowait(delivery)
+                moved = True
+            if moved:
+                flushed.append(queue_id)
+        return flushed
+
+    def _take_held(self, queue_id: str, wanted: set[int]) -> list[Delivery]:
+        """Held deliveries of a message (for ``wanted`` recipients) out of the heap."""
+        taken = [
+            e[3] for e in self._held if e[3].queue_id == queue_id and wanted & set(e[3].indices)
+        ]
+        if taken:
+            ids = {id(d) for d in taken}
+            self._held = [e for e in self._held if id(e[3]) not in ids]
+            heapq.heapify(self._held)
+        return taken
+
+    def hold(self, target: Target) -> list[str]:
+        """The operator's hold: nothing of these messages is sent until ``release`` (kept
+        across restarts). A send already under way finishes."""
+        changed = []
+        for queue_id in target.messages(self._messages):
+            state = self._messages[queue_id]
+            if state.on_hold:
+                continue
+            state.on_hold = True
+            for handle, delivery, _ in state.timers.values():
+                handle.cancel()
+                self._timers.discard(handle)
+                state.parked.append(delivery)
+            state.timers.clear()
+            state.parked += self._take_held(queue_id, set(state.pending))
+            self._spool.record_hold(queue_id, True)
+            changed.append(queue_id)
+        return changed
+
+    def release(self, target: Target) -> list[str]:
+        """End the operator's hold: the parked deliveries are due now."""
+        changed = []
+        for queue_id in target.messages(self._messages):
+            state = self._messages[queue_id]
+            if not state.on_hold:
+                continue
+            state.on_hold = False
+            for delivery in state.parked:
+                self._due.put_nowait(replace(delivery, after=None, turn=None))
+            state.parked.clear()
+            self._spool.record_hold(queue_id, False)
+            changed.append(queue_id)
+        return changed
+
+    async def delete(self, target: Target, who: str) -> list[str]:
+        """Drop the named recipients without a DSN (the operator's decision, logged with
+        who asked). A send under way may still hand them over: its result is then moot."""
+        return await self._finish(target, who, None)
+
+    async def bounce(self, target: Target, reason: str, who: str) -> list[str]:
+        """Fail the named recipients now with a DSN to the sender that gives ``reason``."""
+        return await self._finish(target, who, reason)
+
+    async def _finish(self, target: Target, who: str, bounce_reason: str | None) -> list[str]:
+        done = []
+        now = self._clock()
+        for queue_id in target.messages(self._messages):
+            state = self._messages.get(queue_id)
+            if state is None:
+                continue
+            indices = target.recipients(state)
+            if not indices:
+                continue
+            msg = state.message
+            if bounce_reason is not None:
+                log.warning(
+                    "%s: %d recipient(s) bounced by %s: %s",
+                    queue_id,
+                    len(indices),
+                    who,
+                    bounce_reason,
+                )
+                reply = Reply(554, f"5.0.0 Returned by the relay's operator: {bounce_reason}", "")
+                verdicts = Verdicts(failed=[(i, reply, "bounced") for i in indices])
+                await self._record(Delivery(queue_id, "", tuple(indices)), verdicts, now)
+                if any(i in state.pending for i in indices):  # the DSN could not be stored
+                    continue
+                if not state.pending:
+                    self._drop_waiting(state)
+            else:
+                for i in indices:
+                    log.warning(
+                        "%s: to=<%s> deleted by %s (no DSN)", queue_id, msg.rcpt_tos[i], who
+                    )
+                state.pending.difference_update(indices)
+                self._metrics.deliveries.labels("none", "deleted").inc(len(indices))
+                if state.pending:
+                    self._spool.mark_done(queue_id, indices, "deleted")
+                else:
+                    self._drop_waiting(state)
+                    self._forget(queue_id)
+            done.append(queue_id)
+        return done
+
+    def _drop_waiting(self, state: _Message) -> None:
+        for handle, _, _ in state.timers.values():
+            handle.cancel()
+            self._timers.discard(handle)
+        state.timers.clear()
+        state.parked.clear()
+        self._take_held(state.message.queue_id, set(range(len(state.message.rcpt_tos))))

@@ -109,7 +109,8 @@ def completion_day(config: Config, start: date) -> int | None:
     last = None
     for ip in config.ips:
         if ip.warmup is not None:
-            end = ip.warmup.start + timedelta(days=ip.warmup.schedule.days - 1)
+            first = ip.warmup.start or start  # no start: first used on the first day
+            end = first + timedelta(days=ip.warmup.schedule.days - 1)
             last = end if last is None else max(last, end)
     return None if last is None else (last - start).days + 1
 

@@ -92,26 +92,32 @@ class RecoveredMessage:
     message: SpooledMessage
     done: Mapping[int, str]
     attempts: int
+    on_hold: bool = False  # an operator holds it (`warmrelay queue hold`) until released
 
 
 @dataclass
 class _Progress:
     """Records of one message the spool could not write yet (merged: ``done`` records are
-    a set, ``attempts`` a maximum, so their order on disk never mattered)."""
+    a set, ``attempts`` a maximum, so their order on disk never mattered; ``hold`` is the
+    operator's latest word)."""
 
     done: dict[int, str] = field(default_factory=dict)
     attempts: int = 0
+    hold: bool | None = None
 
     def merge(self, other: _Progress) -> None:
         self.done.update(other.done)
         self.attempts = max(self.attempts, other.attempts)
+        if other.hold is not None:
+            self.hold = other.hold
 
     def lines(self) -> str:
         by_disposition: dict[str, list[int]] = {}
         for i, disposition in sorted(self.done.items()):
             by_disposition.setdefault(disposition, []).append(i)
         text = "".join(f"done {','.join(map(str, idx))} {d}\n" for d, idx in by_disposition.items())
-        return text + (f"attempts {self.attempts}\n" if self.attempts else "")
+        text += f"attempts {self.attempts}\n" if self.attempts else ""
+        return text + ("" if self.hold is None else "hold\n" if self.hold else "release\n")
 
 
 @dataclass(eq=False)
@@ -265,6 +271,7 @@ class Spool:
         msg, _ = _decode((self.queue / f"{queue_id}.msg").read_bytes(), queue_id)
         done: dict[int, str] = {}
         attempts = 0
+        on_hold = False
         with contextlib.suppress(FileNotFoundError):
             text = (self.queue / f"{queue_id}.state").read_bytes().decode(errors="replace")
             for line in text.splitlines(keepends=True):
@@ -279,11 +286,13 @@ class Spool:
                         done.update(dict.fromkeys(idx, args[1]))
                     elif kind == "attempts" and len(args) == 1:
                         attempts = max(attempts, int(args[0]))
+                    elif kind in ("hold", "release") and not args:
+                        on_hold = kind == "hold"
                     else:
                         raise ValueError("unknown record")
                 except ValueError as exc:
                     log.warning("%s.state: ignored line %r: %s", queue_id, line, exc)
-        return RecoveredMessage(msg, done, attempts)
+        return RecoveredMessage(msg, done, attempts, on_hold)
 
     def _quarantine(self, name: str, reason: str) -> None:
         target = self.quarantine / name
@@ -436,6 +445,12 @@ class Spool:
         """Record the attempt count so that backoff and lifetime go on after a restart."""
         self._known(queue_id)
         self._record(queue_id, _Progress(attempts=int(attempts)))
+
+    def record_hold(self, queue_id: str, on_hold: bool) -> None:
+        """Record an operator's hold (or its release): a held message stays held across
+        restarts until released."""
+        self._known(queue_id)
+        self._record(queue_id, _Progress(hold=on_hold))
 
     def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all final; .msg goes first, since an orphan
@@ -682,3 +697,22 @@ class Spool:
             if fd >= 0:
                 os.close(fd)
         self._queue_fd = self._lock_fd = -1
+
+    def oldest_received_at(self) -> float | None:
+        """When the oldest message still spooled was received (its 250), seconds since the
+        epoch; None when the spool holds none. In memory: no disk access."""
+        return min((m.received_at for m in self._messages.values()), default=None)
+
+    @staticmethod
+    def oldest_on_disk(directories: Iterable[Path]) -> float | None:
+        """The same for spools this process has not opened (the supervisor of ``--workers``
+        reads its workers'): from the queue file names alone, since a queue id begins with
+        the time it was stored in ms and sorts by it."""
+        names = (p.stem for d in directories for p in (d / "queue").glob("*.msg"))
+        oldest = min((n for n in names if _ID_RE.fullmatch(n)), default=None)
+        if oldest is None:
+            return None
+        ms = 0
+        for char in oldest[:9]:  # the top 45 of 80 bits
+            ms = ms * 32 + _ALPHABET.index(char)
+        return ms / 1000

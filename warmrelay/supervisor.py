@@ -35,9 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from warmrelay import __version__
+from warmrelay import __version__, sdnotify
 from warmrelay.config import Config
 from warmrelay.errors import WarmrelayError
+from warmrelay.logs import pass_worker_line
 
 log = logging.getLogger("warmrelay.supervisor")
 
@@ -173,8 +174,11 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
         raise RuntimeError("prometheus_client was imported before the supervisor set it up")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
+    from warmrelay.admin import AdminServer
     from warmrelay.app import Relay, log_failed_reload
     from warmrelay.metrics import render_all_processes
+    from warmrelay.queueapi import FleetQueueApi, worker_socket
+    from warmrelay.spool import Spool
 
     holders, ports = reserve_ports(config)
     procs: dict[int, asyncio.subprocess.Process] = {}
@@ -202,6 +206,18 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
             await self.update_gauges()
             body = render_all_processes(str(metrics_dir))
             return 200, "text/plain; version=0.0.4; charset=utf-8", body
+
+        def spool_oldest(self) -> float | None:
+            return Spool.oldest_on_disk(config.state.dir.glob("spool*"))
+
+        async def queue_summary(self, top: int = 10) -> dict[str, Any]:
+            return await self.fleet_queue.summary_of(top)
+
+        def queue_routes(self, admin: AdminServer) -> None:
+            """Each worker has its own spool: ask them all (unix sockets), merge."""
+            sockets = [worker_socket(config.state.dir, i) for i in range(workers)]
+            self.fleet_queue = FleetQueueApi(sockets)
+            self.fleet_queue.register(admin)
 
         async def ip_action(self, address: str, action: str) -> dict[str, Any]:
             result = await super().ip_action(address, action)
@@ -237,7 +253,7 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
             assert proc.stderr is not None
             async for raw in proc.stderr:
                 line = raw.decode(errors="replace")
-                sys.stderr.write(f"[w{index}] {line}")
+                pass_worker_line(line, index, relay.config.log.format)
                 if ready_at is None and " ready: " in line:
                     ready_at = loop.time()
                     ready.set()
@@ -282,8 +298,10 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
         def reloaded(task: asyncio.Task[bool]) -> None:
             reloads.discard(task)
             log_failed_reload(task)
+            sdnotify.reload_done(task)
 
         def on_sighup() -> None:
+            sdnotify.reloading()
             task = loop.create_task(reload())
             reloads.add(task)
             task.add_done_callback(reloaded)
@@ -314,7 +332,9 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
                 admin,
                 workers,
             )
+            sdnotify.ready(f"serving: {workers} workers, {len(config.ips)} IP(s)")
         await stopping.wait()
+        sdnotify.stopping()
         log.info("stopping %d workers", workers)
         signal_workers(signal.SIGTERM)
         await asyncio.gather(*tasks, return_exceptions=True)

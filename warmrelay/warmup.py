@@ -228,7 +228,7 @@ class WarmupPlan:
     """Everything that decides a warming IP's caps: pure data, no clock."""
 
     schedule: Schedule
-    start: date
+    start: date | None  # None: the day the relay first routes mail from the IP (stored)
     sending_hours: SendingHours | None = None
     providers: Mapping[str, ProviderCap] = field(default_factory=dict)
 
@@ -249,6 +249,8 @@ class Caps:
     status: WarmupStatus
     limits: tuple[CapLimit, ...]
     next_change: datetime  # when more budget may appear (next hour or next day)
+    released: float = 1.0  # share of the day's cap released so far (sending_hours smoothing)
+    outside_hours: bool = False  # sending_hours say not now: the IP sends nothing
 
     @property
     def closed(self) -> bool:
@@ -272,8 +274,8 @@ def caps_at(
     - a per-provider cap, smoothed the same way as the day's cap.
     """
     local = now.astimezone(zone)
-    if status is None:
-        status = status_on(plan.schedule, plan.start, local.date())
+    if status is None:  # without a start (first use), today would be day 1
+        status = status_on(plan.schedule, plan.start or local.date(), local.date())
     next_day = next_window_start(now, zone)
     next_hour = (local.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)).astimezone(
         zone
@@ -286,7 +288,8 @@ def caps_at(
     if plan.sending_hours is not None:
         slot = plan.sending_hours.slot(local)
         if slot is None:
-            return Caps(status, (CapLimit(status.window, "all", 0),), next_hour)
+            closed = (CapLimit(status.window, "all", 0),)
+            return Caps(status, closed, next_hour, 0.0, outside_hours=True)
         fraction = (slot + 1) / plan.sending_hours.slots
     limits = [CapLimit(status.window, "all", math.floor(status.cap * fraction))]
     if plan.schedule.hourly is not None:
@@ -297,7 +300,7 @@ def caps_at(
         pcap = provider_cap.daily_cap(status.day, status.cap)
         limits.append(CapLimit(status.window, f"provider:{provider}", math.floor(pcap * fraction)))
     smoothed = hourly or plan.sending_hours is not None
-    return Caps(status, tuple(limits), next_hour if smoothed else next_day)
+    return Caps(status, tuple(limits), next_hour if smoothed else next_day, fraction)
 
 
 @dataclass(frozen=True)

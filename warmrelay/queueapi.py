@@ -1,0 +1,225 @@
+"""The queue tools' admin API: list, summary, show, flush, hold, release, delete, bounce.
+
+``GET /queue`` (filters ``domain``, ``ip``, ``state``, ``min_age_s``), ``GET
+/queue/summary`` (qshape), ``GET /queue/{id}``; ``POST /queue/{action}`` with a JSON
+body ``{"queue_ids": [...]}`` or ``{"domain": "..."}`` or ``{"all": true}`` (bounce
+also ``"reason"``). Every change is logged with who asked. All of it is private: a
+configured admin token is required, as for ``/status`` (addresses are personal data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from warmrelay.admin import AdminServer, ApiRequest, Caller, Response, json_page
+from warmrelay.errors import SpoolError
+from warmrelay.queueview import Filter, MessageView, merge_summaries, summary
+from warmrelay.scheduler import Scheduler, Target
+from warmrelay.spool import Spool
+
+log = logging.getLogger("warmrelay.queue")
+
+ACTIONS = ("flush", "hold", "release", "delete", "bounce")
+HEADERS_MAX = 100  # header fields shown by `queue show`
+
+
+def target_of(body: dict[str, Any]) -> Target:
+    """The action's target from a request body; ValueError says what is missing."""
+    ids = body.get("queue_ids") or []
+    domain = body.get("domain")
+    everything = body.get("all") is True
+    if not isinstance(ids, list) or not all(isinstance(q, str) for q in ids):
+        raise ValueError("queue_ids must be a list of queue ids")
+    if domain is not None and not isinstance(domain, str):
+        raise ValueError("domain must be a string")
+    if sum(map(bool, (ids, domain, everything))) != 1:
+        raise ValueError('give exactly one of "queue_ids", "domain" or "all": true')
+    return Target(tuple(ids), domain.lower() if domain else None, everything)
+
+
+def headers_of(data: bytes) -> tuple[tuple[str, str], ...]:
+    """The message's header fields (unfolded), for `queue show`."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 2] if end >= 0 else data
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(head)
+    return tuple((k, " ".join(str(v).split())) for k, v in parsed.items()[:HEADERS_MAX])
+
+
+class QueueApi:
+    """The queue of one relay process (its scheduler and spool)."""
+
+    def __init__(self, scheduler: Scheduler, spool: Spool, clock: Callable[[], datetime]) -> None:
+        self.scheduler = scheduler
+        self.spool = spool
+        self.clock = clock
+
+    def register(self, admin: AdminServer) -> None:
+        admin.route("GET", "/queue", self.list)
+        admin.route("GET", "/queue/summary", self.summary)
+        admin.route("GET", "/queue/{queue_id}", self.show)
+        admin.route("POST", "/queue/{action}", self.act)
+
+    def _now(self) -> float:
+        return self.clock().timestamp()
+
+    async def list(self, request: ApiRequest) -> Response:
+        try:
+            wanted = Filter.from_query(request.query)
+        except ValueError as exc:
+            return json_page({"error": str(exc)}, 400)
+        now = self._now()
+        views = [v for v in self.scheduler.views() if wanted.matches(v, now)]
+        return json_page({"count": len(views), "messages": [v.to_json(now) for v in views]})
+
+    async def summary(self, request: ApiRequest) -> Response:
+        top = request.query.get("top", "50")
+        if not top.isdigit():
+            return json_page({"error": f"top={top!r}: a number of domains"}, 400)
+        return json_page(summary(self.scheduler.views(), self._now(), int(top)))
+
+    async def show(self, request: ApiRequest) -> Response:
+        queue_id = request.params["queue_id"]
+        view = self.scheduler.view(queue_id)
+        if view is None:
+            return json_page({"error": f"no message {queue_id} in the queue"}, 404)
+        return json_page(self.detail(view))
+
+    def detail(self, view: MessageView) -> dict[str, Any]:
+        out = view.to_json(self._now(), detail=True)
+        try:
+            out["headers"] = [list(h) for h in headers_of(self.spool.read_data(view.queue_id))]
+        except SpoolError as exc:
+            out["headers_error"] = str(exc)
+        return out
+
+    async def act(self, request: ApiRequest) -> Response:
+        action = request.params["action"]
+        if action not in ACTIONS:
+            return json_page({"error": f"unknown action {action!r}: {', '.join(ACTIONS)}"}, 404)
+        try:
+            target = target_of(request.body)
+        except ValueError as exc:
+            return json_page({"error": str(exc)}, 400)
+        who = str(request.caller)
+        if action == "bounce":
+            reason = request.body.get("reason")
+            if not isinstance(reason, str) or not reason.strip():
+                return json_page({"error": 'bounce needs a "reason" (it goes into the DSN)'}, 400)
+            ids = await self.scheduler.bounce(target, " ".join(reason.split())[:200], who)
+        elif action == "delete":
+            ids = await self.scheduler.delete(target, who)
+        else:
+            ids = {
+                "flush": self.scheduler.flush,
+                "hold": self.scheduler.hold,
+                "release": self.scheduler.release,
+            }[action](target)
+        log.warning("operator: queue %s by %s: %d message(s) %s", action, who, len(ids), _ids(ids))
+        missing = [q for q in target.queue_ids if q not in ids]
+        return json_page(
+            {"action": action, "count": len(ids), "queue_ids": ids, "not_done": missing}
+        )
+
+
+def _ids(ids: list[str], most: int = 20) -> str:
+    shown = " ".join(ids[:most])
+    return shown + (f" (+{len(ids) - most})" if len(ids) > most else "")
+
+
+def worker_socket(state_dir: Path, index: int) -> Path:
+    """Where worker ``index`` of ``serve --workers`` serves its queue to the supervisor."""
+    return state_dir / f"worker-{index}.sock"
+
+
+class FleetQueueApi:
+    """The supervisor's queue API (``serve --workers``): each worker has its own spool and
+    scheduler, so every request goes to all workers (unix sockets in state.dir) and the
+    answers are merged; an action names the queue ids some worker did."""
+
+    def __init__(self, sockets: Sequence[Path]) -> None:
+        self.sockets = list(sockets)
+
+    def register(self, admin: AdminServer) -> None:
+        admin.route("GET", "/queue", self.list)
+        admin.route("GET", "/queue/summary", self.summary)
+        admin.route("GET", "/queue/{queue_id}", self.show)
+        admin.route("POST", "/queue/{action}", self.act)
+
+    async def _ask(
+        self, method: str, path: str, request: ApiRequest, body: dict[str, Any] | None = None
+    ) -> list[tuple[int, int, Any]]:
+        """(worker index, status, JSON) from every worker that answers."""
+
+        async def one(index: int, sock: Path) -> tuple[int, int, Any] | None:
+            try:
+                async with (
+                    aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s,
+                    s.request(
+                        method,
+                        f"http://worker{path}",
+                        params=request.query,
+                        json=body,
+                        headers={"X-Warmrelay-Caller": str(request.caller)},
+                        timeout=aiohttp.ClientTimeout(total=30),
+                    ) as r,
+                ):
+                    return index, r.status, await r.json(loads=json.loads)
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.warning("queue: worker %d did not answer %s %s: %s", index, method, path, exc)
+                return None
+
+        answers = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.sockets)))
+        return [a for a in answers if a is not None]
+
+    async def list(self, request: ApiRequest) -> Response:
+        messages: list[dict[str, Any]] = []
+        for index, status, body in await self._ask("GET", "/queue", request):
+            if status != 200:
+                return json_page(body, status)
+            messages += [{**m, "worker": index} for m in body["messages"]]
+        messages.sort(key=lambda m: (m["received_at"], m["queue_id"]))
+        return json_page({"count": len(messages), "messages": messages})
+
+    async def summary(self, request: ApiRequest) -> Response:
+        top = request.query.get("top", "50")
+        if not top.isdigit():
+            return json_page({"error": f"top={top!r}: a number of domains"}, 400)
+        return json_page(await self.summary_of(int(top), request.caller))
+
+    async def summary_of(self, top: int, caller: Caller | None = None) -> dict[str, Any]:
+        every = ApiRequest({}, {"top": "1000000"}, {}, caller or Caller("status", "none", ""))
+        parts = [
+            b for _, status, b in await self._ask("GET", "/queue/summary", every) if status == 200
+        ]
+        return merge_summaries(parts, top)
+
+    async def show(self, request: ApiRequest) -> Response:
+        queue_id = request.params["queue_id"]
+        for index, status, body in await self._ask("GET", f"/queue/{queue_id}", request):
+            if status == 200:
+                return json_page({**body, "worker": index})
+        return json_page({"error": f"no message {queue_id} in the queue"}, 404)
+
+    async def act(self, request: ApiRequest) -> Response:
+        action = request.params["action"]
+        answers = await self._ask("POST", f"/queue/{action}", request, request.body)
+        done: list[str] = []
+        for _, status, body in answers:
+            if status != 200:
+                return json_page(body, status)
+            done += body["queue_ids"]
+        requested = request.body.get("queue_ids") or []
+        missing = [q for q in requested if q not in done]
+        return json_page(
+            {"action": action, "count": len(done), "queue_ids": done, "not_done": missing}
+        )
