@@ -158,13 +158,16 @@ class Recorder:
             self._log(msg, i, ip, reason, "deferred", reply, now, retry_at)
         for i, reply in v.reroute:
             self._log(msg, i, ip, reason, "deferred", reply, now, now)
-        if v.failed and not await self._notify(msg, v.failed, now):
-            v.retry += [(i, reply) for i, reply, _ in v.failed]  # DSN not stored: try later
-            v.failed = []
+        # the list first, then the DSN: by the time the sender reads of the bounce, a new
+        # message to that address is refused (a DSN that cannot be stored yet does not make
+        # the receiver's verdict less final)
         if self._suppression is not None:  # a final bounce saying the address is dead
             for i, reply, disposition in v.failed:
                 if disposition == "bounced":
                     await self._suppression.bounced(msg.rcpt_tos[i], reply, now, msg.queue_id)
+        if v.failed and not await self._notify(msg, v.failed, now):
+            v.retry += [(i, reply) for i, reply, _ in v.failed]  # DSN not stored: try later
+            v.failed = []
         finals = [(i, "delivered") for i, _ in v.delivered] + [(i, d) for i, _, d in v.failed]
         finishing = pending.issubset(i for i, _ in finals)
         # one delivery is one domain, so one provider

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from warmrelay.errors import CounterError
+
+log = logging.getLogger("warmrelay.counters")
 
 
 @dataclass(frozen=True)
@@ -97,3 +100,121 @@ async def update_value(
             return new
         await asyncio.sleep(random.uniform(0, min(CAS_BACKOFF_MAX_S, 0.001 * 2**attempt)))
     raise CounterError(f"value {key!r} changed by others {attempts} times in a row")
+
+
+# -- coalescing: the reservations waiting in one process, applied as one batch ---------------
+
+MAX_BATCH = 256  # operations per batch: one transaction or one script stays short
+
+
+@dataclass(eq=False)
+class Pending:
+    """One reserve (``caps`` given: grant up to ``n`` under every cap) or release (``caps``
+    None: take ``n`` off every key, not below 0) waiting for its batch. ``keys`` are the
+    backend's names for the counters."""
+
+    keys: tuple[str, ...]
+    caps: tuple[int, ...] | None
+    n: int
+    future: asyncio.Future[int]
+
+
+Apply = Callable[[list[Pending]], Awaitable[list[int]]]
+
+
+class Coalescer:
+    """Reservations and releases made while the previous batch is with the store wait
+    here; then all of them go as one batch (one write transaction, one script run).
+
+    ``apply(batch)`` must evaluate the operations in order against the running counts, as
+    one atomic step, and return each one's grant (0 for a release), or raise
+    ``CounterError``: then every operation of the batch fails with it (none is granted).
+    One batch is with the store at a time, so a batch is whatever arrived meanwhile: one
+    operation when idle (no added wait), up to ``MAX_BATCH`` under load.
+
+    A caller cancelled before its batch left is dropped from it; one cancelled while its
+    batch was with the store has its grant given back (released in the next batch), as
+    nobody will use it.
+    """
+
+    def __init__(self, apply: Apply) -> None:
+        self._apply = apply
+        self._pending: list[Pending] = []
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def submit(self, keys: Sequence[str], caps: Sequence[int] | None, n: int) -> int:
+        future = self._enqueue(keys, caps, n)
+        return await future
+
+    def give_back(self, keys: Sequence[str], n: int) -> None:
+        """Release ``n`` on ``keys`` in a coming batch; nobody waits for it (a failure is
+        logged: the count stays too high, never too low)."""
+        future = self._enqueue(keys, None, n)
+        future.add_done_callback(_log_lost_give_back)
+
+    def _enqueue(
+        self, keys: Sequence[str], caps: Sequence[int] | None, n: int
+    ) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._pending.append(Pending(tuple(keys), None if caps is None else tuple(caps), n, future))
+        if self._drainer is None or self._drainer.get_loop() is not loop:  # (a loop closed)
+            self._drainer = loop.create_task(self._drain())
+        return future
+
+    async def idle(self) -> None:
+        """Until every queued operation was applied (or failed): for ``close``."""
+        while self._drainer is not None:
+            await asyncio.shield(self._drainer)
+
+    async def _drain(self) -> None:
+        batch: list[Pending] = []
+        try:
+            while self._pending:
+                # a cancelled reserve is dropped; a release is made all the same (as before)
+                batch = [
+                    op
+                    for op in self._pending[:MAX_BATCH]
+                    if op.caps is None or not op.future.done()
+                ]
+                del self._pending[:MAX_BATCH]
+                if not batch:
+                    continue
+                try:
+                    grants = await self._apply(batch)
+                except CounterError as exc:
+                    _fail(batch, exc)
+                    continue
+                except Exception as exc:  # a bug: still no caller may hang or be granted
+                    log.exception("counters batch failed")
+                    _fail(batch, CounterError(f"counters batch failed: {exc!r}"))
+                    continue
+                for op, granted in zip(batch, grants, strict=True):
+                    if not op.future.done():
+                        op.future.set_result(granted)
+                    elif op.caps is not None and granted:  # cancelled meanwhile
+                        self.give_back(op.keys, granted)
+                batch = []
+        finally:
+            if self._drainer is asyncio.current_task():
+                self._drainer = None
+                # cancelled itself (loop shutting down): nobody may wait forever
+                for op in [*batch, *self._pending]:
+                    op.future.cancel()
+                self._pending.clear()
+
+
+def _fail(batch: Sequence[Pending], exc: CounterError) -> None:
+    for op in batch:
+        if not op.future.done():
+            error = CounterError(*exc.args)
+            error.__cause__ = exc.__cause__
+            op.future.set_exception(error)
+
+
+def _log_lost_give_back(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning(
+            "a cancelled reservation could not be given back (%s): counted for its window",
+            future.exception(),
+        )

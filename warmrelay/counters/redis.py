@@ -1,7 +1,13 @@
 """Redis counters: one budget shared by a fleet of relays.
 
-Each reservation is one Lua script run atomically on the server (no
-read-then-write race between relays); keys expire after their window. Works
+Reservations are Lua scripts run atomically on the server (no read-then-write
+race between relays); keys expire after their window. The reservations and
+releases waiting in one process go as one batch (``Coalescer``): one EVALSHA
+evaluates them in arrival order against the running counts, one round trip
+for all of them. The keys of one IP share a hash slot; a batch holding
+several IPs sends one script per IP (together, one round trip's wait), and if
+any of them fails every operation of the batch fails (what the others granted
+is given back). Works
 with Redis 6/7 and Valkey. While the server cannot be reached every call
 raises ``CounterError`` at once for a short back-off, so the router sends
 nothing from warming IPs (never over a cap) and the relay keeps delivering
@@ -10,6 +16,9 @@ via the pool; the first call that succeeds again logs the recovery.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import json
 import logging
 import os
 import re
@@ -21,7 +30,7 @@ from urllib.parse import urlparse
 from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
-from warmrelay.counters.base import CounterKey, Limit
+from warmrelay.counters.base import Coalescer, CounterKey, Limit, Pending
 from warmrelay.errors import CounterError
 
 log = logging.getLogger("warmrelay.counters")
@@ -32,32 +41,62 @@ PASSWORD_ENV = "WARMRELAY_REDIS_PASSWORD"
 SCAN_COUNT = 1000  # keys per SCAN step and per MGET
 _GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")  # escaped in a SCAN MATCH pattern
 
-_RESERVE = """
-local n = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-local granted = n
-for i, key in ipairs(KEYS) do
-  local room = tonumber(ARGV[i + 2]) - tonumber(redis.call('GET', key) or '0')
-  if room < granted then granted = room end
+# A batch of reservations and releases, evaluated in order against the running counts (so
+# two of one batch never together exceed a cap), then every changed key written once.
+# ARGV[1]: the TTL; ARGV[2]: the operations as JSON (one argument, cheap to encode), each
+# [n, key index, cap, key index, cap, ...] for a reservation of n, [-n, key index, ...]
+# for a release of n. Returns each operation's grant (0 for a release), as JSON.
+_BATCH = """
+local ttl = tonumber(ARGV[1])
+local ops = cjson.decode(ARGV[2])
+local counts, dirty, out = {}, {}, {}
+local function count(i)
+  local c = counts[i]
+  if c == nil then
+    c = tonumber(redis.call('GET', KEYS[i]) or '0')
+    counts[i] = c
+  end
+  return c
 end
-if granted < 0 then granted = 0 end
-if granted > 0 then
-  for _, key in ipairs(KEYS) do
-    redis.call('INCRBY', key, granted)
-    redis.call('EXPIRE', key, ttl)
+for o, op in ipairs(ops) do
+  local n = op[1]
+  local granted = 0
+  if n > 0 then
+    granted = n
+    for j = 2, #op, 2 do
+      local room = op[j + 1] - count(op[j])
+      if room < granted then granted = room end
+    end
+    if granted < 0 then granted = 0 end
+    if granted > 0 then
+      for j = 2, #op, 2 do
+        local i = op[j]
+        counts[i] = counts[i] + granted
+        dirty[i] = 'r'
+      end
+    end
+  else
+    for j = 2, #op do
+      local i = op[j]
+      local left = count(i) + n
+      if left < 0 then left = 0 end
+      if left ~= counts[i] then
+        counts[i] = left
+        dirty[i] = dirty[i] or 'l'
+      end
+    end
+  end
+  out[o] = granted
+end
+for i, how in pairs(dirty) do
+  if how == 'r' then
+    redis.call('SET', KEYS[i], counts[i], 'EX', ttl)
+  else
+    redis.call('SET', KEYS[i], counts[i], 'KEEPTTL')
   end
 end
-return granted
+return cjson.encode(out)
 """
-_RELEASE = """
-for _, key in ipairs(KEYS) do
-  local left = tonumber(redis.call('GET', key) or '0') - tonumber(ARGV[1])
-  if left < 0 then left = 0 end
-  redis.call('SET', key, left, 'KEEPTTL')
-end
-return 0
-"""
-
 _COMPARE_AND_SET = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[1] == '1' then
@@ -86,8 +125,8 @@ class RedisCounters:
             url, max_connections=32, timeout=5, **options
         )
         self._redis = aioredis.Redis(connection_pool=pool)
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._release = self._redis.register_script(_RELEASE)
+        self._batch = self._redis.register_script(_BATCH)
+        self._batches = Coalescer(self._apply)
         self._compare_and_set = self._redis.register_script(_COMPARE_AND_SET)
         self.healthy = True
         self._failed_at = float("-inf")
@@ -116,16 +155,44 @@ class RedisCounters:
         parsed = urlparse(self.url)
         return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 6379}"
 
+    async def _apply(self, batch: list[Pending]) -> list[int]:
+        """One script per hash slot (IP) for the operations of ``batch``, run together."""
+        groups = _by_slot(batch)
+        calls = [_script_args(group) for group in groups]
+
+        async def run_all() -> list[Any]:
+            results = await asyncio.gather(
+                *(self._batch(keys=keys, args=args) for keys, args in calls),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # all or nothing for the callers: what was granted goes back
+                for group, result in zip(groups, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        for op, granted in zip(group, _grants(result), strict=True):
+                            if op.caps is not None and granted:
+                                self._batches.give_back(op.keys, granted)
+                raise failed[0]
+            return results
+
+        results = await self._call("reserve", run_all())
+        if len(groups) == 1:
+            return _grants(results[0])
+        grants: dict[int, int] = {}
+        for group, result in zip(groups, results, strict=True):
+            for op, granted in zip(group, _grants(result), strict=True):
+                grants[id(op)] = granted
+        return [grants[id(op)] for op in batch]
+
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         if n <= 0 or not limits:
             return 0
         keys = [_key(lim.key) for lim in limits]
-        args = [n, KEY_TTL_S, *(lim.cap for lim in limits)]
-        return int(await self._call("reserve", self._reserve(keys=keys, args=args)))
+        return await self._batches.submit(keys, [lim.cap for lim in limits], n)
 
     async def release(self, keys: Sequence[CounterKey], n: int) -> None:
         if n > 0 and keys:
-            await self._call("release", self._release(keys=[_key(k) for k in keys], args=[n]))
+            await self._batches.submit([_key(k) for k in keys], None, n)
 
     async def get(self, key: CounterKey) -> int:
         value = await self._call("get", self._redis.get(_key(key)))
@@ -180,4 +247,52 @@ class RedisCounters:
         return found
 
     async def close(self) -> None:
+        await self._batches.idle()  # queued reservations and releases are made first
         await self._redis.aclose()
+
+
+def _grants(reply: Any) -> list[int]:
+    """The script's answer: one grant per operation, in order."""
+    return [int(g) for g in json.loads(reply)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _slot(key: str) -> str:
+    """The hash tag of one of our keys (the IP): what Redis Cluster places by."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start else key
+
+
+def _by_slot(batch: Sequence[Pending]) -> list[list[Pending]]:
+    """``batch`` split so that no script touches two hash slots, each part in arrival
+    order (operations of different parts share no key: their order does not matter). An
+    operation over several IPs (not made by the router) joins their parts."""
+    parent: dict[str, str] = {}
+
+    def root(slot: str) -> str:
+        while parent.setdefault(slot, slot) != slot:
+            slot = parent[slot]
+        return slot
+
+    for op in batch:
+        first = root(_slot(op.keys[0]))
+        for key in op.keys[1:]:
+            parent[root(_slot(key))] = first
+    groups: dict[str, list[Pending]] = {}
+    for op in batch:
+        groups.setdefault(root(_slot(op.keys[0])), []).append(op)
+    return list(groups.values())
+
+
+def _script_args(group: Sequence[Pending]) -> tuple[list[str], list[int | str]]:
+    """KEYS and ARGV of ``_BATCH`` for ``group``."""
+    index: dict[str, int] = {}
+    ops: list[list[int]] = []
+    for op in group:
+        at = [index.setdefault(key, len(index) + 1) for key in op.keys]
+        if op.caps is None:
+            ops.append([-op.n, *at])
+        else:
+            ops.append([op.n, *(x for pair in zip(at, op.caps, strict=True) for x in pair)])
+    return list(index), [KEY_TTL_S, json.dumps(ops, separators=(",", ":"))]
