@@ -55,18 +55,20 @@ async def test_three_relays_on_one_redis_share_the_cap(tmp_path: Path, sink: Sin
 
 
 async def test_workers_on_sqlite_share_the_cap(tmp_path: Path, sink: Sink) -> None:
+    """8 workers on 2 cores, 480 messages in 48 concurrent sessions, a cap of 100: the
+    coalesced reservations of all workers never give the warming IP one more."""
     doc = relay_doc(tmp_path, sink.port, cap=100)
-    relay = await RelayProcess(doc, tmp_path, "--workers", "3").start()
-    await blast([relay.smtp_port], 300, sessions_per_port=30)
-    await sink.wait_for(300, timeout_s=60)
+    relay = await RelayProcess(doc, tmp_path, "--workers", "8").start(timeout_s=60)
+    await blast([relay.smtp_port], 480, sessions_per_port=48)
+    await sink.wait_for(480, timeout_s=120)
     _, metrics = await http_get(relay.admin_port, "/metrics")
     text = metrics.decode()
-    assert "warmrelay_received_total 300.0" in text  # summed over the workers
+    assert "warmrelay_received_total 480.0" in text  # summed over the workers
     assert 'warmrelay_warmup_sent{ip="127.0.0.2"} 100.0' in text
-    workers = {line.split()[0] for line in relay.log if line.startswith("[w")}
-    assert workers == {"[w0]", "[w1]", "[w2]"}
+    served = {line.split()[0] for line in relay.log if "delivered" in line}
+    assert len(served) >= 4, served  # the kernel spread the sessions over the workers
     assert await relay.terminate() == 0
-    assert sink.by_peer() == {"127.0.0.2": 100, "127.0.0.3": 200}
+    assert sink.by_peer() == {"127.0.0.2": 100, "127.0.0.3": 380}
 
 
 async def test_redis_down_pauses_warming_ips_and_loses_nothing(tmp_path: Path, sink: Sink) -> None:

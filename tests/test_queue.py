@@ -94,6 +94,12 @@ async def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
+def proc_text(path: str) -> str:
+    """A /proc file (memory, never blocks on a disk)."""
+    with open(path) as f:
+        return f.read()
+
+
 def write(tmp_path: Path, document: dict[str, Any]) -> Path:
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -330,6 +336,11 @@ async def test_the_supervisor_merges_the_workers_queues(tmp_path: Path, sink: Si
                     "app@sender.test", [f"r{n}@one.test"], b"Subject: x\r\n\r\nx\r\n"
                 )
         deferred = await until_deferred(relay.admin_port, 12)
+        assert relay.proc is not None
+        children = proc_text(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").split()
+        assert len(children) == 2
+        for pid in children:  # a worker serves no HTTP: aiohttp (~8 MB) stays out
+            assert "aiohttp" not in proc_text(f"/proc/{pid}/maps")
         workers = {m["worker"] for m in deferred}
         assert workers == {0, 1}, "all sessions went to one worker: cannot tell merging apart"
         shape = json.loads((await cli(path, "summary", "--json")).stdout)

@@ -18,17 +18,18 @@ import binascii
 import hmac
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
+from warmrelay.adminapi import ApiHandler, ApiRequest, Caller, Response, json_page
+
+__all__ = ["AdminServer", "ApiHandler", "ApiRequest", "Caller", "Response", "json_page"]
+
 log = logging.getLogger("warmrelay.admin")
 
-Response = tuple[int, str, bytes]
 Page = Callable[[], Awaitable[Response]]
 Action = Callable[[str], Awaitable[Response]]  # gets the path, e.g. /ips/10.0.0.7/pause
 
@@ -47,33 +48,6 @@ def reason_phrase(status: int) -> str:
         return "Unknown"
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who asked, as far as the request shows: logged with every change an operator makes.
-    ``user`` is what the client says (the CLI sends the OS user in X-Warmrelay-User);
-    ``auth`` how it proved it may ask."""
-
-    peer: str
-    auth: str  # "token", "basic", "none" (no token configured)
-    user: str
-
-    def __str__(self) -> str:
-        if self.auth == "forwarded":  # the supervisor already wrote who it was
-            return self.peer
-        return f"{self.user or 'unknown'}@{self.peer} ({self.auth})"
-
-
-@dataclass(frozen=True)
-class ApiRequest:
-    """What an API handler gets: the matched path parameters, the query, the JSON body."""
-
-    params: dict[str, str]
-    query: dict[str, str]
-    body: dict[str, Any]
-    caller: Caller
-
-
-ApiHandler = Callable[[ApiRequest], Awaitable[Response]]
 CALLER = web.RequestKey("caller", Caller)
 
 
@@ -86,7 +60,6 @@ class AdminServer:
         self._api: list[tuple[str, str, ApiHandler, bool]] = []
         self.token: str | None = None  # if set: required for POST and for private pages
         self.private = {"/status"}
-        self.forwarded = False  # callers named by a supervisor (start_unix)
         self._runner: web.AppRunner | None = None
         self._site: web.BaseSite | None = None
 
@@ -96,14 +69,6 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> None:
         await self._start(lambda runner: web.TCPSite(runner, host, port, reuse_address=True))
-
-    async def start_unix(self, path: str) -> None:
-        """Serve on a unix socket (mode 0600): a ``--workers`` worker's queue API, reached
-        only by its supervisor, which checked the caller's token and names the caller in
-        X-Warmrelay-Caller (trusted here: nobody else can connect)."""
-        self.forwarded = True
-        await self._start(lambda runner: web.UnixSite(runner, path))
-        os.chmod(path, 0o600)
 
     async def _start(self, site: Callable[[web.AppRunner], web.BaseSite]) -> None:
         app = web.Application(
@@ -180,12 +145,6 @@ class AdminServer:
     ) -> web.StreamResponse:
         peer = request.remote or "?"
         user = request.headers.get("X-Warmrelay-User", "")[:64]
-        if self.forwarded:
-            request[CALLER] = Caller("supervisor", "forwarded", "")
-            named = request.headers.get("X-Warmrelay-Caller", "")[:200]
-            if named:
-                request[CALLER] = Caller(named, "forwarded", "")
-            return await handler(request)
         if self.token is None:
             request[CALLER] = Caller(peer, "none", user)
             return await handler(request)
@@ -244,7 +203,3 @@ def _response(status: int, content_type: str, body: bytes) -> web.Response:
 def error(status: int, message: str) -> web.Response:
     """A JSON error: {"error": ...}."""
     return _response(*json_page({"error": message}, status))
-
-
-def json_page(data: Any, status: int = 200) -> tuple[int, str, bytes]:
-    return status, "application/json", (json.dumps(data, indent=2) + "\n").encode()

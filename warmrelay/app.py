@@ -13,11 +13,11 @@ import signal
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from warmrelay import __version__, sdnotify, statuspage
-from warmrelay.admin import AdminServer, json_page
+from warmrelay.adminapi import json_page
 from warmrelay.config import (
     Config,
     IPConfig,
@@ -44,6 +44,9 @@ from warmrelay.spool import RecoveredMessage, Spool
 from warmrelay.suppression import SuppressionList
 from warmrelay.tlsfiles import TlsFiles
 from warmrelay.warmup import WarmupState
+
+if TYPE_CHECKING:
+    from warmrelay.admin import AdminServer
 
 log = logging.getLogger("warmrelay")
 
@@ -86,7 +89,19 @@ class Relay:
         self.preflight = RelayPreflight(
             lambda: self.config, lambda: self.router, self.metrics, clock
         )
-        self.admin = AdminServer(
+        # the admin endpoint (aiohttp) exists where it is served: a worker of --workers
+        # answers only its supervisor's queue requests, on a unix socket (no aiohttp)
+        self._admin: AdminServer | None = None if worker is not None else self._make_admin()
+        self._queue_socket: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self.handler: RelayHandler | None = None
+        tls = config.smtp.tls
+        self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
+
+    def _make_admin(self) -> AdminServer:
+        from warmrelay.admin import AdminServer
+
+        admin = AdminServer(
             {
                 "/": self._status_html,
                 "/metrics": self._metrics_page,
@@ -97,16 +112,19 @@ class Relay:
             },
             {"/ips/": self._ip_action, "/suppression/": self._suppression_action},
         )
-        self.queue_routes(self.admin)
-        self._worker_admin: AdminServer | None = None  # --workers: the queue, for the supervisor
-        self.admin.private.add("/suppression")  # addresses are personal data
-        self.admin.private.add("/preflight")  # detailed state, as /status
-        self.admin.private.add("/")  # the status page: what /status says
-        self._servers: list[asyncio.Server] = []
-        self.handler: RelayHandler | None = None
-        tls = config.smtp.tls
-        self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
-        self.admin.token = self.admin_token
+        self.queue_routes(admin)
+        admin.private.add("/suppression")  # addresses are personal data
+        admin.private.add("/preflight")  # detailed state, as /status
+        admin.private.add("/")  # the status page: what /status says
+        admin.token = self.admin_token
+        return admin
+
+    @property
+    def admin(self) -> AdminServer:
+        """The admin endpoint (not in a worker of --workers: its supervisor serves it)."""
+        if self._admin is None:
+            raise RuntimeError("a worker of --workers has no admin endpoint")
+        return self._admin
 
     @property
     def smtp_ports(self) -> list[int]:
@@ -181,11 +199,9 @@ class Relay:
         if self.config.admin.listen is not None and self.worker is None:
             await self.admin.start(*self.config.admin.listen)
         if self.worker is not None:  # the supervisor's queue API forwards to this
-            self._worker_admin = AdminServer({})
-            self.queue_routes(self._worker_admin)
-            await self._worker_admin.start_unix(
-                str(worker_socket(self.config.state.dir, self.worker.index))
-            )
+            api = QueueApi(self.scheduler, self.spool, self.clock)
+            path = worker_socket(self.config.state.dir, self.worker.index)
+            self._queue_socket = await api.serve_unix(path)
         log.info(
             "warmrelay %s ready: smtp %s, admin %s, %d IP(s)",
             __version__,
@@ -317,9 +333,11 @@ class Relay:
         await self.spool.close()
         await self.suppression.stop()
         await self.counters.close()
-        await self.admin.stop()
-        if self._worker_admin is not None:
-            await self._worker_admin.stop()
+        if self._admin is not None:
+            await self._admin.stop()
+        if self._queue_socket is not None:
+            self._queue_socket.close()
+            await self._queue_socket.wait_closed()
         if self.tls is not None:
             self.tls.stop()
         log.info("warmrelay stopped; %d message(s) remain spooled", len(self.spool))

@@ -38,7 +38,7 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from warmrelay.admin import json_page
+from warmrelay.adminapi import json_page
 from warmrelay.config import Config, IPAddress, IPConfig, bind_error
 from warmrelay.dkim import Algorithm, parse_private_key
 from warmrelay.warmup import WarmupState

@@ -12,25 +12,28 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
-from warmrelay.admin import AdminServer, ApiRequest, Caller, Response, json_page
+from warmrelay.adminapi import ApiRequest, Caller, Response, json_page
 from warmrelay.errors import SpoolError
 from warmrelay.queueview import Filter, MessageView, merge_summaries, summary
 from warmrelay.scheduler import Scheduler, Target
 from warmrelay.spool import Spool
 
+if TYPE_CHECKING:
+    from warmrelay.admin import AdminServer
+
 log = logging.getLogger("warmrelay.queue")
 
 ACTIONS = ("flush", "hold", "release", "delete", "bounce")
 HEADERS_MAX = 100  # header fields shown by `queue show`
+WORKER_TIMEOUT_S = 30.0  # a worker's answer to its supervisor
 
 
 def target_of(body: dict[str, Any]) -> Target:
@@ -71,6 +74,51 @@ class QueueApi:
 
     def _now(self) -> float:
         return self.clock().timestamp()
+
+    async def dispatch(
+        self, method: str, path: str, query: dict[str, str], body: dict[str, Any], caller: Caller
+    ) -> Response:
+        """The routes of ``register`` without an HTTP server (a worker's queue socket)."""
+        parts = path.strip("/").split("/")
+        if parts[0] != "queue" or len(parts) > 2:
+            return json_page({"error": "not found"}, 404)
+        if method == "GET" and len(parts) == 1:
+            return await self.list(ApiRequest({}, query, body, caller))
+        if method == "GET" and parts[1] == "summary":
+            return await self.summary(ApiRequest({}, query, body, caller))
+        if method == "GET":
+            return await self.show(ApiRequest({"queue_id": parts[1]}, query, body, caller))
+        if method == "POST" and len(parts) == 2:
+            return await self.act(ApiRequest({"action": parts[1]}, query, body, caller))
+        return json_page({"error": "method not allowed"}, 405)
+
+    async def serve_unix(self, path: Path) -> asyncio.Server:
+        """A ``serve --workers`` worker's queue, for its supervisor only (mode 0600 in
+        state.dir): one request per connection, a JSON line each way. The supervisor has
+        checked the caller's token and names the caller in the request."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request = json.loads(await reader.readline())
+                status, _, body = await self.dispatch(
+                    str(request["method"]),
+                    str(request["path"]),
+                    {str(k): str(v) for k, v in (request.get("query") or {}).items()},
+                    request.get("body") or {},
+                    Caller(str(request.get("caller") or "supervisor"), "forwarded", ""),
+                )
+                writer.write(b'{"status": %d, "body": ' % status + body.rstrip() + b"}\n")
+                await writer.drain()
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                log.warning("queue socket %s: bad request: %s", path, exc)
+            except Exception:  # a bug: logged, the supervisor hears no answer
+                log.exception("queue socket %s: request failed", path)
+            finally:
+                writer.close()
+
+        server = await asyncio.start_unix_server(handle, path=str(path))
+        os.chmod(path, 0o600)
+        return server
 
     async def list(self, request: ApiRequest) -> Response:
         try:
@@ -156,25 +204,28 @@ class FleetQueueApi:
         admin.route("POST", "/queue/{action}", self.act)
 
     async def _ask(
-        self, method: str, path: str, request: ApiRequest, body: dict[str, Any] | None = None
+        self, method: str, path: str, request_: ApiRequest, body: dict[str, Any] | None = None
     ) -> list[tuple[int, int, Any]]:
         """(worker index, status, JSON) from every worker that answers."""
 
         async def one(index: int, sock: Path) -> tuple[int, int, Any] | None:
+            request = {
+                "method": method,
+                "path": path,
+                "query": request_.query,
+                "body": body,
+                "caller": str(request_.caller),
+            }
             try:
-                async with (
-                    aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s,
-                    s.request(
-                        method,
-                        f"http://worker{path}",
-                        params=request.query,
-                        json=body,
-                        headers={"X-Warmrelay-Caller": str(request.caller)},
-                        timeout=aiohttp.ClientTimeout(total=30),
-                    ) as r,
-                ):
-                    return index, r.status, await r.json(loads=json.loads)
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                try:
+                    writer.write(json.dumps(request).encode() + b"\n")
+                    await writer.drain()
+                    answer = json.loads(await asyncio.wait_for(reader.read(), WORKER_TIMEOUT_S))
+                finally:
+                    writer.close()
+                return index, int(answer["status"]), answer["body"]
+            except (OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
                 log.warning("queue: worker %d did not answer %s %s: %s", index, method, path, exc)
                 return None
 
