@@ -163,7 +163,7 @@ class QueueApi:
             reason = request.body.get("reason")
             if not isinstance(reason, str) or not reason.strip():
                 return json_page({"error": 'bounce needs a "reason" (it goes into the DSN)'}, 400)
-            ids = await self.scheduler.bounce(target, " ".join(reason.split())[:200], who)
+            ids = await self.scheduler.bounce(target, reason, who)
         elif action == "delete":
             ids = await self.scheduler.delete(target, who)
         else:

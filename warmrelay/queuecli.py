@@ -28,6 +28,7 @@ from warmrelay.queueview import (
     QueueState,
     RecipientView,
     format_summary,
+    operator_bounce,
     summary,
 )
 
@@ -260,11 +261,8 @@ async def _act(
         from warmrelay.dsn import FailedRecipient, build_dsn
 
         now = datetime.now(UTC)
-        reason = " ".join(args.reason.split())[:200]
         failed = [
-            FailedRecipient(
-                m.rcpt_tos[i], "5.0.0", f"Returned by the relay's operator: {reason}", None, now
-            )
+            FailedRecipient(m.rcpt_tos[i], "5.0.0", operator_bounce(args.reason), None, now)
             for i in indices
         ]
         dsn = build_dsn(

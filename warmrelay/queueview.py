@@ -137,6 +137,12 @@ class Filter:
         return self.min_age_s is None or view.age_s(now) >= self.min_age_s
 
 
+def operator_bounce(reason: str) -> str:
+    """The diagnostic a sender reads in the DSN of `warmrelay queue bounce` (status 5.0.0:
+    nothing the receiver said; the operator's decision), on one line, bounded."""
+    return "Returned by the relay's operator: " + " ".join(reason.split())[:200]
+
+
 # qshape's age buckets (minutes): how long mail has waited, per destination
 BUCKETS_MIN = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 

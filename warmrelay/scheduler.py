@@ -39,7 +39,7 @@ from warmrelay.errors import NextHopError, SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHop, NextHopResolver
 from warmrelay.providers import provider_map
-from warmrelay.queueview import Attempt, MessageView, QueueState, RecipientView
+from warmrelay.queueview import Attempt, MessageView, QueueState, RecipientView, operator_bounce
 from warmrelay.readyqueue import ReadyQueues
 from warmrelay.replies import Outcome, Reply, ReplyRules
 from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
@@ -808,7 +808,7 @@ class Scheduler:
                     who,
                     bounce_reason,
                 )
-                reply = Reply(554, f"5.0.0 Returned by the relay's operator: {bounce_reason}", "")
+                reply = Reply(554, "5.0.0 " + operator_bounce(bounce_reason), "")
                 verdicts = Verdicts(failed=[(i, reply, "bounced") for i in indices])
                 await self._record(Delivery(queue_id, "", tuple(indices)), verdicts, now)
                 if any(i in state.pending for i in indices):  # the DSN could not be stored
