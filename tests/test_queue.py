@@ -343,6 +343,11 @@ async def test_the_supervisor_merges_the_workers_queues(tmp_path: Path, sink: Si
             assert "aiohttp" not in proc_text(f"/proc/{pid}/maps")
         workers = {m["worker"] for m in deferred}
         assert workers == {0, 1}, "all sessions went to one worker: cannot tell merging apart"
+        _, st = await api(relay.admin_port, "GET", "/status")  # what the status page shows
+        assert st["queue"]["messages"] == 12
+        newest = max(m["received_at"] for m in deferred)
+        latest = st["reasons"]["other"]["deferred"]
+        assert latest["reply"].startswith("451 4.7.1") and latest["time"] >= newest
         shape = json.loads((await cli(path, "summary", "--json")).stdout)
         assert shape["messages"] == 12 and shape["domains"][0] == {
             "domain": "one.test",

@@ -446,8 +446,12 @@ class Relay:
             },
             "preflight": None if report is None else report.to_json(),
             "queue": await self.queue_summary(),
-            "reasons": self.scheduler.latest_reasons(),
+            "reasons": await self.latest_reasons(),
         }
+
+    async def latest_reasons(self) -> dict[str, dict[str, Any]]:
+        """The latest deferral and bounce per provider (the supervisor asks its workers)."""
+        return self.scheduler.latest_reasons()
 
     async def queue_summary(self, top: int = 10) -> dict[str, Any]:
         """The qshape summary of this process's queue (the supervisor asks its workers)."""

@@ -80,6 +80,8 @@ class QueueApi:
     ) -> Response:
         """The routes of ``register`` without an HTTP server (a worker's queue socket)."""
         parts = path.strip("/").split("/")
+        if method == "GET" and parts == ["reasons"]:  # for the supervisor's status page
+            return json_page(self.scheduler.latest_reasons())
         if parts[0] != "queue" or len(parts) > 2:
             return json_page({"error": "not found"}, 404)
         if method == "GET" and len(parts) == 1:
@@ -253,6 +255,20 @@ class FleetQueueApi:
             b for _, status, b in await self._ask("GET", "/queue/summary", every) if status == 200
         ]
         return merge_summaries(parts, top)
+
+    async def reasons_of(self) -> dict[str, dict[str, Any]]:
+        """The latest deferral and bounce per provider over all workers (the newest wins)."""
+        ask = ApiRequest({}, {}, {}, Caller("status", "none", ""))
+        merged: dict[str, dict[str, Any]] = {}
+        for _, status, body in await self._ask("GET", "/reasons", ask):
+            if status != 200:
+                continue
+            for provider, kinds in body.items():
+                mine = merged.setdefault(provider, {})
+                for kind, entry in kinds.items():
+                    if kind not in mine or entry["time"] > mine[kind]["time"]:
+                        mine[kind] = entry
+        return merged
 
     async def show(self, request: ApiRequest) -> Response:
         queue_id = request.params["queue_id"]

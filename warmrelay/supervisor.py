@@ -210,6 +210,9 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
         def spool_oldest(self) -> float | None:
             return Spool.oldest_on_disk(config.state.dir.glob("spool*"))
 
+        async def latest_reasons(self) -> dict[str, dict[str, Any]]:
+            return await self.fleet_queue.reasons_of()
+
         async def queue_summary(self, top: int = 10) -> dict[str, Any]:
             return await self.fleet_queue.summary_of(top)
 
