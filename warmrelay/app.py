@@ -375,7 +375,7 @@ class Relay:
     def counters_up(self) -> bool:
         return bool(getattr(self.counters, "healthy", True))
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self, queue: bool = True) -> dict[str, Any]:
         """What every IP's records say now (re-read: other processes change them too);
         counts the store cannot give while it fails are null, the page still answers."""
         now = self.clock()
@@ -445,8 +445,10 @@ class Relay:
                 "deferred": self.scheduler.deferred,
             },
             "preflight": None if report is None else report.to_json(),
-            "queue": await self.queue_summary(),
-            "reasons": await self.latest_reasons(),
+            # a walk over every queued message (and, with --workers, a question to each
+            # worker): for the pages people read, not for every scrape (``queue=False``)
+            "queue": await self.queue_summary() if queue else None,
+            "reasons": await self.latest_reasons() if queue else None,
         }
 
     async def latest_reasons(self) -> dict[str, dict[str, Any]]:
@@ -471,7 +473,9 @@ class Relay:
             "uncomplete": self.router.uncomplete,
         }[action](address, now)
         log.warning("operator: %s %s (%s)", action, address, outcome.value)
-        entry = next(ip for ip in (await self.status())["ips"] if ip["address"] == address)
+        entry = next(
+            ip for ip in (await self.status(queue=False))["ips"] if ip["address"] == address
+        )
         return {**entry, "persisted": outcome.value}
 
     async def _ip_action(self, path: str) -> tuple[int, str, bytes]:
@@ -563,7 +567,7 @@ class Relay:
         """Gauges that mirror counters and state are set just before a scrape."""
         self.check_source_ips()
         m = self.metrics
-        status = await self.status()
+        status = await self.status(queue=False)
         for ip in status["ips"]:
             a = ip["address"]
             if ip["warmup_day"] is not None:
