@@ -37,6 +37,7 @@ from warmrelay.control import (
     PROGRESS,
     STARTED,
     SUSPENDED,
+    Completion,
     IPControl,
     Pause,
     Persisted,
@@ -518,32 +519,34 @@ class Router:
 
     async def pause(self, address: str, now: datetime) -> Persisted:
         today = now.astimezone(self._zone).date()
-        known = self._control[address].pause
-        pause, outcome = await self._write(PAUSE, address, lambda p: p.paused(today), known)
-        self._control[address].pause = pause
-        return outcome
+        return await self._change_pause(address, lambda p: p.paused(today))
 
     async def resume(self, address: str, now: datetime) -> Persisted:
         today = now.astimezone(self._zone).date()
-        known = self._control[address].pause
-        pause, outcome = await self._write(PAUSE, address, lambda p: p.resumed(today), known)
-        self._control[address].pause = pause
-        return outcome
+        return await self._change_pause(address, lambda p: p.resumed(today))
 
     async def complete(self, address: str, now: datetime) -> Persisted:
         today = now.astimezone(self._zone).date()
-        known = self._control[address].completion
-        done, outcome = await self._write(COMPLETED, address, lambda c: c.completed(today), known)
-        self._control[address].completion = done
-        return outcome
+        return await self._change_completion(address, lambda c: c.completed(today))
 
     async def uncomplete(self, address: str, now: datetime) -> Persisted:
         """Undo ``complete``: the IP warms again at the day its progression says (stored as
         ``done: false``; records are never deleted)."""
         today = now.astimezone(self._zone).date()
-        known = self._control[address].completion
-        done, outcome = await self._write(COMPLETED, address, lambda c: c.undone(today), known)
-        self._control[address].completion = done
+        return await self._change_completion(address, lambda c: c.undone(today))
+
+    async def _change_pause(self, address: str, change: Callable[[Pause], Pause]) -> Persisted:
+        control = self._control[address]
+        control.pause, outcome = await self._write(PAUSE, address, change, control.pause)
+        return outcome
+
+    async def _change_completion(
+        self, address: str, change: Callable[[Completion], Completion]
+    ) -> Persisted:
+        control = self._control[address]
+        control.completion, outcome = await self._write(
+            COMPLETED, address, change, control.completion
+        )
         return outcome
 
     async def _first_use(self, ip: IPConfig, now: datetime) -> None:

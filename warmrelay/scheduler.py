@@ -683,12 +683,12 @@ class Scheduler:
         next_retry = min((at for _, _, at in state.timers.values()), default=None)
         if state.on_hold:
             where = QueueState.ON_HOLD
-        elif next_retry is not None and held_until is None:
+        elif next_retry is not None:  # (some of it may also be held: the retry shows first)
             where = QueueState.DEFERRED
-        elif held_until is not None and next_retry is None:
+        elif held_until is not None:
             where = QueueState.HELD
-        else:  # due, routing, on a ready queue, being sent (or some of each)
-            where = QueueState.ACTIVE if not (next_retry or held_until) else QueueState.DEFERRED
+        else:  # due, routing, on a ready queue, being sent
+            where = QueueState.ACTIVE
         recipients = tuple(
             RecipientView(
                 address,
@@ -720,20 +720,24 @@ class Scheduler:
             if state.on_hold:
                 continue
             wanted = set(target.recipients(state))
-            moved = False
-            for seq, (handle, delivery, _) in list(state.timers.items()):
-                if wanted & set(delivery.indices):
-                    handle.cancel()
-                    self._timers.discard(handle)
-                    del state.timers[seq]
-                    self._due.put_nowait(replace(delivery, after=None, turn=None))
-                    moved = True
-            for delivery in self._take_held(queue_id, wanted):
-                self._due.put_nowait(delivery)
-                moved = True
-            if moved:
+            waiting = self._cancel_timers(state, wanted) + self._take_held(queue_id, wanted)
+            for delivery in waiting:
+                self._due.put_nowait(replace(delivery, after=None, turn=None))
+            if waiting:
                 flushed.append(queue_id)
         return flushed
+
+    def _cancel_timers(self, state: _Message, wanted: set[int] | None = None) -> list[Delivery]:
+        """The deliveries of a message waiting for a retry (for ``wanted`` recipients, or
+        all), their timers cancelled."""
+        taken = []
+        for seq, (handle, delivery, _) in list(state.timers.items()):
+            if wanted is None or wanted & set(delivery.indices):
+                handle.cancel()
+                self._timers.discard(handle)
+                del state.timers[seq]
+                taken.append(delivery)
+        return taken
 
     def _take_held(self, queue_id: str, wanted: set[int]) -> list[Delivery]:
         """Held deliveries of a message (for ``wanted`` recipients) out of the heap."""
@@ -755,11 +759,7 @@ class Scheduler:
             if state.on_hold:
                 continue
             state.on_hold = True
-            for handle, delivery, _ in state.timers.values():
-                handle.cancel()
-                self._timers.discard(handle)
-                state.parked.append(delivery)
-            state.timers.clear()
+            state.parked += self._cancel_timers(state)
             state.parked += self._take_held(queue_id, set(state.pending))
             self._spool.record_hold(queue_id, True)
             changed.append(queue_id)
@@ -831,9 +831,6 @@ class Scheduler:
         return done
 
     def _drop_waiting(self, state: _Message) -> None:
-        for handle, _, _ in state.timers.values():
-            handle.cancel()
-            self._timers.discard(handle)
-        state.timers.clear()
+        self._cancel_timers(state)
         state.parked.clear()
         self._take_held(state.message.queue_id, set(range(len(state.message.rcpt_tos))))
