@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from warmrelay.counters import CounterKey, Counters, Limit, SqliteCounters, open_counters
+from warmrelay.counters.base import new_release_id
 from warmrelay.errors import CounterError
 
 IP = "127.0.0.2"
@@ -76,7 +77,7 @@ async def mix(spec: str, tasks: int, ops: int, seed: int) -> None:
             try:
                 if mine and rng.random() < 0.5:
                     give = rng.randint(1, mine)
-                    await counters.release(KINDS[kind], give)
+                    await counters.release(KINDS[kind], give, new_release_id())
                     mine -= give
                 else:
                     got = await counters.reserve(limits, rng.randint(1, 4))

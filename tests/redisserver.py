@@ -20,7 +20,7 @@ def free_port() -> int:
 class RedisServer:
     """Started and stopped by the test; counts persist across a restart (appendonly)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             if os.environ.get("CI"):
@@ -28,6 +28,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.workdir = workdir
+        self.extra = extra  # more server options, e.g. "--enable-debug-command", "yes"
         self.port = free_port()
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -53,6 +54,7 @@ class RedisServer:
             "",
             "--protected-mode",
             "no",
+            *self.extra,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )

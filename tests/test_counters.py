@@ -46,7 +46,9 @@ async def test_partial_grant_then_nothing(counters: Counters) -> None:
 
 async def test_release_gives_room_back(counters: Counters) -> None:
     assert await counters.reserve([Limit(KEY, 3)], 3) == 3
-    await counters.release([KEY], 2)
+    await counters.release([KEY], 2, "r1")
+    assert await counters.get(KEY) == 1
+    await counters.release([KEY], 2, "r1")  # the same release again: applied once
     assert await counters.get(KEY) == 1
     assert await counters.reserve([Limit(KEY, 3)], 5) == 2
 

@@ -11,10 +11,14 @@ cancellation included), and every open reservation is registered in a
 ``Ledger`` that settles whatever is left at shutdown.
 
 A release the store refuses (disk full, Redis away) would leave the count too
-high for the rest of the window: the ledger keeps it (summed per key) and
-gives it back when the store answers again: on a timer with backoff, and at
-once when a reserve or release shows that the store answers. One ERROR line per
-failure episode, one WARNING when it is made good.
+high for the rest of the window: the ledger keeps it and gives it back when the
+store answers again: on a timer with backoff, and at once when a reserve or
+release shows that the store answers. A refused release may have been applied
+all the same (the store ran it, its answer was lost to a timeout or a dropped
+connection), so every retry carries the reservation's release id and the store
+applies each id once: a retry never gives back twice, which would let the IP
+send over its cap. One ERROR line per failure episode, one WARNING when it is
+made good.
 """
 
 from __future__ import annotations
@@ -22,18 +26,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from warmrelay.counters import CounterKey, Counters
+from warmrelay.counters.base import RELEASE_ID_TTL_S, new_release_id
 from warmrelay.errors import CounterError
 
 log = logging.getLogger("warmrelay.router")
 
 RELEASE_RETRY_FIRST_S = 1.0  # then doubling: a failing store is not hammered
 RELEASE_RETRY_MAX_S = 60.0
+# a release not made by then is given up (the store may have forgotten its id): its window
+# is long over, and the count stays too high, never too low
+RELEASE_RETRY_GIVE_UP_S = RELEASE_ID_TTL_S / 2
 
 _Keys = tuple[CounterKey, ...]
+
+
+class _Unreleased:
+    """A release the store refused: retried with the same id until it is made."""
+
+    __slots__ = ("counters", "keys", "n", "since")
+
+    def __init__(self, counters: Counters, keys: _Keys, n: int, since: float) -> None:
+        self.counters, self.keys, self.n, self.since = counters, keys, n, since
 
 
 class Ledger:
@@ -42,7 +60,7 @@ class Ledger:
     def __init__(self) -> None:
         self.open: set[Reservation] = set()
         self.on_change: Callable[[], None] | None = None  # ``unreleased`` changed
-        self._unreleased: dict[tuple[Counters, _Keys], int] = {}
+        self._unreleased: dict[str, _Unreleased] = {}  # by release id
         self._retrier: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -50,7 +68,7 @@ class Ledger:
     @property
     def unreleased(self) -> int:
         """Recipients still counted although their reservation was settled."""
-        return sum(self._unreleased.values())
+        return sum(u.n for u in self._unreleased.values())
 
     def register(self, reservation: Reservation) -> None:
         """A new reservation: the store just answered a reserve, so retry the refused ones."""
@@ -58,15 +76,15 @@ class Ledger:
         if self._unreleased:
             self._wake.set()
 
-    async def release(self, counters: Counters, keys: _Keys, n: int) -> None:
+    async def release(self, counters: Counters, keys: _Keys, n: int, release_id: str) -> None:
         """Give ``n`` back on ``keys``, or keep it to retry. Runs as its own task: a cancelled
         caller (drain timeout) still returns its budget, or records that it could not."""
-        task = asyncio.ensure_future(self._release(counters, keys, n))
+        task = asyncio.ensure_future(self._release(counters, keys, n, release_id))
         await asyncio.shield(task)
 
-    async def _release(self, counters: Counters, keys: _Keys, n: int) -> None:
+    async def _release(self, counters: Counters, keys: _Keys, n: int, release_id: str) -> None:
         try:
-            await counters.release(keys, n)
+            await counters.release(keys, n, release_id)
         except CounterError as exc:  # the count stays high: safe, never over the cap
             if not self._unreleased:  # once per episode, not per reservation
                 log.error(
@@ -76,13 +94,13 @@ class Ledger:
                     keys[0].ip,
                     exc,
                 )
-            self._keep(counters, keys, n)
+            self._keep(release_id, _Unreleased(counters, keys, n, time.monotonic()))
             return
         if self._unreleased:  # the store answers again: the refused ones too, now
             self._wake.set()
 
-    def _keep(self, counters: Counters, keys: _Keys, n: int) -> None:
-        self._unreleased[(counters, keys)] = self._unreleased.get((counters, keys), 0) + n
+    def _keep(self, release_id: str, unreleased: _Unreleased) -> None:
+        self._unreleased[release_id] = unreleased
         self._changed()
         if self._retrier is None and not self._closing:
             self._retrier = asyncio.get_running_loop().create_task(self._retry())
@@ -103,17 +121,26 @@ class Ledger:
             self._retrier = None
 
     async def _give_back(self) -> bool:
-        """One try of every refused release; True once none is left."""
+        """One try of every refused release, each with its own id (applied at most once
+        however often it is tried); True once none is left."""
         given = 0
-        for (counters, keys), n in list(self._unreleased.items()):
+        for release_id, u in list(self._unreleased.items()):
+            if time.monotonic() - u.since > RELEASE_RETRY_GIVE_UP_S:
+                log.error(
+                    "gave up giving back %d reserved on %s after %.0f h: counted for its window",
+                    u.n,
+                    u.keys[0].ip,
+                    RELEASE_RETRY_GIVE_UP_S / 3600,
+                )
+                del self._unreleased[release_id]
+                self._changed()
+                continue
             try:
-                await counters.release(keys, n)
+                await u.counters.release(u.keys, u.n, release_id)
             except CounterError:
                 return False
-            given += n
-            left = self._unreleased.pop((counters, keys)) - n
-            if left > 0:  # more were refused meanwhile
-                self._unreleased[(counters, keys)] = left
+            given += u.n
+            del self._unreleased[release_id]
             self._changed()
         if given:
             log.warning("gave back %d reserved recipient(s) whose release had failed", given)
@@ -153,6 +180,7 @@ class Reservation:
         self.keys = tuple(keys)
         self.count = count
         self.kept = 0
+        self.release_id = new_release_id()  # its one release, however often it is retried
         self._ledger = ledger
         self._settled = False
         ledger.register(self)
@@ -167,7 +195,7 @@ class Reservation:
         self._ledger.open.discard(self)
         give_back = self.count - self.kept
         if give_back > 0:
-            await self._ledger.release(self._counters, self.keys, give_back)
+            await self._ledger.release(self._counters, self.keys, give_back, self.release_id)
 
     async def __aenter__(self) -> Reservation:
         return self

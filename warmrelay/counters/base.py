@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,12 @@ class Counters(Protocol):
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int: ...
 
-    async def release(self, keys: Sequence[CounterKey], n: int) -> None: ...
+    async def release(self, keys: Sequence[CounterKey], n: int, release_id: str) -> None:
+        """Take ``n`` off every key (not below 0), once per ``release_id``: a release whose
+        answer was lost (a timeout, a dropped connection) may have been applied, so the
+        caller retries it with the same id and the store applies it at most once. The
+        store remembers applied ids for ``RELEASE_ID_TTL_S``."""
+        ...
 
     async def get(self, key: CounterKey) -> int: ...
 
@@ -73,6 +79,15 @@ class Counters(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+RELEASE_ID_TTL_S = 2 * 86400  # applied release ids are remembered this long (a retry comes
+# within seconds or minutes; the ledger gives up on one after RELEASE_RETRY_GIVE_UP_S)
+
+
+def new_release_id() -> str:
+    """A release id unique across processes and hosts (a fleet shares one store)."""
+    return os.urandom(9).hex()
 
 
 def grantable(counts: Sequence[int], caps: Sequence[int], n: int) -> int:
@@ -110,16 +125,19 @@ MAX_BATCH = 256  # operations per batch: one transaction or one script stays sho
 @dataclass(eq=False)
 class Pending:
     """One reserve (``caps`` given: grant up to ``n`` under every cap) or release (``caps``
-    None: take ``n`` off every key, not below 0) waiting for its batch. ``keys`` are the
-    backend's names for the counters."""
+    None: take ``n`` off every key, not below 0, unless ``release_id`` was applied
+    before) waiting for its batch. ``keys`` are the backend's names for the counters."""
 
     keys: tuple[str, ...]
     caps: tuple[int, ...] | None
     n: int
     future: asyncio.Future[int]
+    release_id: str = ""
 
 
-Apply = Callable[[list[Pending]], Awaitable[list[int]]]
+# Each operation's grant (0 for a release) or the error that kept it from the store
+Answer = int | CounterError
+Apply = Callable[[list[Pending]], Awaitable[list[Answer]]]
 
 
 class Coalescer:
@@ -127,8 +145,11 @@ class Coalescer:
     here; then all of them go as one batch (one write transaction, one script run).
 
     ``apply(batch)`` must evaluate the operations in order against the running counts, as
-    one atomic step, and return each one's grant (0 for a release), or raise
-    ``CounterError``: then every operation of the batch fails with it (none is granted).
+    one atomic step per part it sends (Redis: one script per IP), and return each one's
+    answer: its grant (0 for a release), or the ``CounterError`` of its part; or raise
+    ``CounterError``: then every operation of the batch fails with it. A failed operation
+    may still have been applied (the store ran it, the answer was lost): a failed release
+    is retried with its id, a failed reserve leaves the count too high (never too low).
     One batch is with the store at a time, so a batch is whatever arrived meanwhile: one
     operation when idle (no added wait), up to ``MAX_BATCH`` under load.
 
@@ -142,22 +163,26 @@ class Coalescer:
         self._pending: list[Pending] = []
         self._drainer: asyncio.Task[None] | None = None
 
-    async def submit(self, keys: Sequence[str], caps: Sequence[int] | None, n: int) -> int:
-        future = self._enqueue(keys, caps, n)
+    async def submit(
+        self, keys: Sequence[str], caps: Sequence[int] | None, n: int, release_id: str = ""
+    ) -> int:
+        future = self._enqueue(keys, caps, n, release_id)
         return await future
 
     def give_back(self, keys: Sequence[str], n: int) -> None:
         """Release ``n`` on ``keys`` in a coming batch; nobody waits for it (a failure is
         logged: the count stays too high, never too low)."""
-        future = self._enqueue(keys, None, n)
+        future = self._enqueue(keys, None, n, new_release_id())
         future.add_done_callback(_log_lost_give_back)
 
     def _enqueue(
-        self, keys: Sequence[str], caps: Sequence[int] | None, n: int
+        self, keys: Sequence[str], caps: Sequence[int] | None, n: int, release_id: str
     ) -> asyncio.Future[int]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._pending.append(Pending(tuple(keys), None if caps is None else tuple(caps), n, future))
+        self._pending.append(
+            Pending(tuple(keys), None if caps is None else tuple(caps), n, future, release_id)
+        )
         if self._drainer is None or self._drainer.get_loop() is not loop:  # (a loop closed)
             self._drainer = loop.create_task(self._drain())
         return future
@@ -181,7 +206,7 @@ class Coalescer:
                 if not batch:
                     continue
                 try:
-                    grants = await self._apply(batch)
+                    answers = await self._apply(batch)
                 except CounterError as exc:
                     _fail(batch, exc)
                     continue
@@ -189,11 +214,13 @@ class Coalescer:
                     log.exception("counters batch failed")
                     _fail(batch, CounterError(f"counters batch failed: {exc!r}"))
                     continue
-                for op, granted in zip(batch, grants, strict=True):
-                    if not op.future.done():
-                        op.future.set_result(granted)
-                    elif op.caps is not None and granted:  # cancelled meanwhile
-                        self.give_back(op.keys, granted)
+                for op, answer in zip(batch, answers, strict=True):
+                    if isinstance(answer, CounterError):
+                        _fail([op], answer)
+                    elif not op.future.done():
+                        op.future.set_result(answer)
+                    elif op.caps is not None and answer:  # cancelled meanwhile
+                        self.give_back(op.keys, answer)
                 batch = []
         finally:
             if self._drainer is asyncio.current_task():

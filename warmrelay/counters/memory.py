@@ -13,6 +13,7 @@ class MemoryCounters:
     def __init__(self) -> None:
         self._counts: dict[CounterKey, int] = {}
         self._values: dict[str, str] = {}
+        self._released: set[str] = set()  # lost with the process, as the counts are
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         granted = grantable(
@@ -23,7 +24,10 @@ class MemoryCounters:
                 self._counts[lim.key] = self._counts.get(lim.key, 0) + granted
         return granted
 
-    async def release(self, keys: Sequence[CounterKey], n: int) -> None:
+    async def release(self, keys: Sequence[CounterKey], n: int, release_id: str) -> None:
+        if release_id in self._released:
+            return
+        self._released.add(release_id)
         for key in keys:
             self._counts[key] = max(0, self._counts.get(key, 0) - n)
 

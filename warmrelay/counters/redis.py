@@ -5,9 +5,10 @@ race between relays); keys expire after their window. The reservations and
 releases waiting in one process go as one batch (``Coalescer``): one EVALSHA
 evaluates them in arrival order against the running counts, one round trip
 for all of them. The keys of one IP share a hash slot; a batch holding
-several IPs sends one script per IP (together, one round trip's wait), and if
-any of them fails every operation of the batch fails (what the others granted
-is given back). Works
+several IPs sends one script per IP (together, one round trip's wait); each
+operation gets its own script's answer. A release carries an id that the
+script records (with an expiry) atomically with the counts, so a release whose
+answer was lost is applied once however often it is retried. Works
 with Redis 6/7 and Valkey. While the server cannot be reached every call
 raises ``CounterError`` at once for a short back-off, so the router sends
 nothing from warming IPs (never over a cap) and the relay keeps delivering
@@ -28,9 +29,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from warmrelay.counters.base import Coalescer, CounterKey, Limit, Pending
+from warmrelay.counters.base import (
+    RELEASE_ID_TTL_S,
+    Answer,
+    Coalescer,
+    CounterKey,
+    Limit,
+    Pending,
+)
 from warmrelay.errors import CounterError
 
 log = logging.getLogger("warmrelay.counters")
@@ -44,12 +54,24 @@ _GLOB_SPECIAL = re.compile(r"[\\*?\[\]]")  # escaped in a SCAN MATCH pattern
 # A batch of reservations and releases, evaluated in order against the running counts (so
 # two of one batch never together exceed a cap), then every changed key written once.
 # ARGV[1]: the TTL; ARGV[2]: the operations as JSON (one argument, cheap to encode), each
-# [n, key index, cap, key index, cap, ...] for a reservation of n, [-n, key index, ...]
-# for a release of n. Returns each operation's grant (0 for a release), as JSON.
+# [n, key index, cap, key index, cap, ...] for a reservation of n, [-n, id index, key
+# index, ...] for a release of n (id index 0: no id); ARGV[3]: the TTL of release ids.
+# A release whose id key exists was applied before and changes nothing (its first answer
+# was lost: a timeout, a dropped connection). Returns each operation's grant (0 for a
+# release), as JSON. Every read comes before the first write (a script is not rolled back
+# when a command fails), and the ids are written before the counts: a script cut short
+# between them leaves a count too high (a release lost), never a release applied twice.
 _BATCH = """
 local ttl = tonumber(ARGV[1])
 local ops = cjson.decode(ARGV[2])
-local counts, dirty, out = {}, {}, {}
+local id_ttl = tonumber(ARGV[3])
+local counts, dirty, out, applied = {}, {}, {}, {}
+local function fresh(i)
+  if i == 0 then return true end
+  if applied[i] or redis.call('EXISTS', KEYS[i]) == 1 then return false end
+  applied[i] = true
+  return true
+end
 local function count(i)
   local c = counts[i]
   if c == nil then
@@ -75,8 +97,8 @@ for o, op in ipairs(ops) do
         dirty[i] = 'r'
       end
     end
-  else
-    for j = 2, #op do
+  elseif fresh(op[2]) then
+    for j = 3, #op do
       local i = op[j]
       local left = count(i) + n
       if left < 0 then left = 0 end
@@ -87,6 +109,9 @@ for o, op in ipairs(ops) do
     end
   end
   out[o] = granted
+end
+for i, _ in pairs(applied) do
+  redis.call('SET', KEYS[i], '1', 'EX', id_ttl)
 end
 for i, how in pairs(dirty) do
   if how == 'r' then
@@ -117,7 +142,13 @@ def _key(key: CounterKey) -> str:
 class RedisCounters:
     def __init__(self, url: str) -> None:
         self.url = url
-        options: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 2.0,
+            # never re-sent by the client library: a script whose answer timed out may have
+            # run (our own retries are idempotent: releases carry ids)
+            "retry": Retry(NoBackoff(), 0),
+        }
         if not urlparse(url).password and os.environ.get(PASSWORD_ENV):
             options["password"] = os.environ[PASSWORD_ENV]
         # a bounded pool that makes callers wait for a free connection, never fail for lack of one
@@ -138,25 +169,33 @@ class RedisCounters:
         try:
             result = await coro
         except (RedisError, OSError) as exc:
-            if self.healthy:
-                log.error(
-                    "counters store %s unreachable (%s): warming IPs pause, mail goes via the pool",
-                    self._where(),
-                    exc,
-                )
-            self.healthy, self._failed_at = False, time.monotonic()
-            raise CounterError(f"counters store {self._where()}: {exc}") from exc
+            raise self._failed(exc) from exc
         if not self.healthy:
             log.warning("counters store %s reachable again", self._where())
             self.healthy = True
         return result
 
+    def _failed(self, exc: BaseException) -> CounterError:
+        """Log once per episode, back off; the error to give the caller."""
+        if self.healthy:
+            log.error(
+                "counters store %s unreachable (%s): warming IPs pause, mail goes via the pool",
+                self._where(),
+                exc,
+            )
+        self.healthy, self._failed_at = False, time.monotonic()
+        error = CounterError(f"counters store {self._where()}: {exc}")
+        error.__cause__ = exc
+        return error
+
     def _where(self) -> str:
         parsed = urlparse(self.url)
         return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 6379}"
 
-    async def _apply(self, batch: list[Pending]) -> list[int]:
-        """One script per hash slot (IP) for the operations of ``batch``, run together."""
+    async def _apply(self, batch: list[Pending]) -> list[Answer]:
+        """One script per hash slot (IP) for the operations of ``batch``, run together;
+        each operation gets the answer of its own script: one IP's failure is not
+        reported as another's (whose script ran)."""
         groups = _by_slot(batch)
         calls = [_script_args(group) for group in groups]
 
@@ -166,23 +205,23 @@ class RedisCounters:
                 return_exceptions=True,
             )
             failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:  # all or nothing for the callers: what was granted goes back
-                for group, result in zip(groups, results, strict=True):
-                    if not isinstance(result, BaseException):
-                        for op, granted in zip(group, _grants(result), strict=True):
-                            if op.caps is not None and granted:
-                                self._batches.give_back(op.keys, granted)
-                raise failed[0]
+            if len(failed) == len(results):
+                raise failed[0]  # nothing answered: the store fails for all
             return results
 
-        results = await self._call("reserve", run_all())
-        if len(groups) == 1:
-            return _grants(results[0])
-        grants: dict[int, int] = {}
+        results = await self._call("batch", run_all())
+        answers: dict[int, Answer] = {}
         for group, result in zip(groups, results, strict=True):
-            for op, granted in zip(group, _grants(result), strict=True):
-                grants[id(op)] = granted
-        return [grants[id(op)] for op in batch]
+            if isinstance(result, BaseException):
+                if not isinstance(result, RedisError | OSError):
+                    raise result  # a bug, not the store: Coalescer fails the whole batch
+                error = self._failed(result)
+                for op in group:
+                    answers[id(op)] = error
+            else:
+                for op, granted in zip(group, _grants(result), strict=True):
+                    answers[id(op)] = granted
+        return [answers[id(op)] for op in batch]
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         if n <= 0 or not limits:
@@ -190,9 +229,9 @@ class RedisCounters:
         keys = [_key(lim.key) for lim in limits]
         return await self._batches.submit(keys, [lim.cap for lim in limits], n)
 
-    async def release(self, keys: Sequence[CounterKey], n: int) -> None:
+    async def release(self, keys: Sequence[CounterKey], n: int, release_id: str) -> None:
         if n > 0 and keys:
-            await self._batches.submit([_key(k) for k in keys], None, n)
+            await self._batches.submit([_key(k) for k in keys], None, n, release_id)
 
     async def get(self, key: CounterKey) -> int:
         value = await self._call("get", self._redis.get(_key(key)))
@@ -292,7 +331,11 @@ def _script_args(group: Sequence[Pending]) -> tuple[list[str], list[int | str]]:
     for op in group:
         at = [index.setdefault(key, len(index) + 1) for key in op.keys]
         if op.caps is None:
-            ops.append([-op.n, *at])
+            marker = 0
+            if op.release_id:  # in the slot of the counts it changes
+                name = f"warmrelay:{{{_slot(op.keys[0])}}}:released:{op.release_id}"
+                marker = index.setdefault(name, len(index) + 1)
+            ops.append([-op.n, marker, *at])
         else:
             ops.append([op.n, *(x for pair in zip(at, op.caps, strict=True) for x in pair)])
-    return list(index), [KEY_TTL_S, json.dumps(ops, separators=(",", ":"))]
+    return list(index), [KEY_TTL_S, json.dumps(ops, separators=(",", ":")), RELEASE_ID_TTL_S]

@@ -59,7 +59,15 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from warmrelay.counters.base import Coalescer, CounterKey, Limit, Pending, grantable
+from warmrelay.counters.base import (
+    RELEASE_ID_TTL_S,
+    Answer,
+    Coalescer,
+    CounterKey,
+    Limit,
+    Pending,
+    grantable,
+)
 from warmrelay.errors import CounterError
 
 T = TypeVar("T")
@@ -76,6 +84,10 @@ CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS released (
+    id TEXT PRIMARY KEY,
+    at REAL NOT NULL
+) WITHOUT ROWID;
 """
 _UPSERT = (
     "INSERT INTO counters(key, count, updated) VALUES(?, ?, ?) "
@@ -85,6 +97,7 @@ _IN_MAX = 500  # keys per SELECT ... IN (...) (older SQLite allow 999 parameters
 CHECKPOINT_EVERY = 1000  # our commits between two checkpoints of the log (off the lock)
 _KEEP_S = 8 * 86400.0  # rows untouched for this long belong to windows long past
 BACKOFF_S = 1.0  # after a failure, do not touch the file again before this
+PRUNE_EVERY_S = 3600.0  # applied release ids older than RELEASE_ID_TTL_S go this often
 
 
 class SqliteCounters:
@@ -100,6 +113,7 @@ class SqliteCounters:
         self._lock = WriterLock(path.with_name(path.name + ".lock"))
         self._batches = Coalescer(self._apply)
         self._commits = 0  # since the last checkpoint
+        self._pruned_at = time.monotonic()  # (at connect, too)
         self._checkpointing: asyncio.Future[None] | None = None
         self.healthy = True
         self._failed_at = float("-inf")
@@ -122,6 +136,7 @@ class SqliteCounters:
                     db.execute("PRAGMA wal_autocheckpoint=0")
                     db.executescript(_SCHEMA)
                     db.execute("DELETE FROM counters WHERE updated < ?", (time.time() - _KEEP_S,))
+                    _prune_released(db)
             except BaseException:
                 db.close()
                 raise
@@ -252,10 +267,14 @@ class SqliteCounters:
             self.healthy = True
         return result
 
-    async def _apply(self, batch: list[Pending]) -> list[int]:
+    async def _apply(self, batch: list[Pending]) -> list[Answer]:
         """One write transaction for every reservation and release of ``batch``."""
         keys = list(dict.fromkeys(key for op in batch for key in op.keys))
-        return await self._write(lambda db, commit: _transact(db, batch, keys, commit))
+        prune = time.monotonic() - self._pruned_at >= PRUNE_EVERY_S
+        if prune:
+            self._pruned_at = time.monotonic()
+        grants = await self._write(lambda db, commit: _transact(db, batch, keys, commit, prune))
+        return list(grants)
 
     async def reserve(self, limits: Sequence[Limit], n: int) -> int:
         if n <= 0 or not limits:
@@ -263,10 +282,10 @@ class SqliteCounters:
         keys = [lim.key.encode() for lim in limits]
         return await self._batches.submit(keys, [lim.cap for lim in limits], n)
 
-    async def release(self, keys: Sequence[CounterKey], n: int) -> None:
+    async def release(self, keys: Sequence[CounterKey], n: int, release_id: str) -> None:
         if n <= 0 or not keys:
             return
-        await self._batches.submit([k.encode() for k in keys], None, n)
+        await self._batches.submit([k.encode() for k in keys], None, n, release_id)
 
     async def get(self, key: CounterKey) -> int:
         encoded = key.encode()
@@ -351,12 +370,20 @@ def _transact(
     batch: Sequence[Pending],
     keys: Sequence[str],
     commit: Callable[[], None],
+    prune: bool = False,
 ) -> list[int]:
     """Evaluate ``batch`` in order against the running counts inside one write
     transaction (``keys``: every key of the batch, once); write the keys that changed;
-    COMMIT. Each operation's grant. Short: the other processes wait meanwhile."""
+    COMMIT. Each operation's grant. Short: the other processes wait meanwhile.
+
+    A release with an id is applied only if the id is new: it is recorded in the same
+    transaction as the counts, so a release retried after an unknown outcome (the
+    transaction committed, the answer was lost) changes nothing the second time."""
     db.execute("BEGIN IMMEDIATE")
     try:
+        if prune:
+            _prune_released(db)
+        now = time.time()
         counts = dict.fromkeys(keys, 0)
         for at in range(0, len(keys), _IN_MAX):
             chunk = keys[at : at + _IN_MAX]
@@ -366,7 +393,10 @@ def _transact(
         changed: set[str] = set()
         grants: list[int] = []
         for op in batch:
-            if op.caps is None:  # a release: never below 0
+            if op.caps is None:  # a release: never below 0, once per id
+                if op.release_id and not _first_release(db, op.release_id, now):
+                    grants.append(0)
+                    continue
                 for key in op.keys:
                     left = max(0, counts[key] - op.n)
                     if left != counts[key]:
@@ -381,7 +411,6 @@ def _transact(
                 changed.update(op.keys)
             grants.append(granted)
         if changed:
-            now = time.time()
             db.executemany(_UPSERT, [(key, counts[key], now) for key in sorted(changed)])
         commit()
         db.execute("COMMIT")
@@ -389,6 +418,18 @@ def _transact(
     except BaseException:
         _rollback(db)
         raise
+
+
+def _first_release(db: sqlite3.Connection, release_id: str, now: float) -> bool:
+    """Record ``release_id`` as applied; False if it was before."""
+    cursor = db.execute(
+        "INSERT INTO released(id, at) VALUES(?, ?) ON CONFLICT(id) DO NOTHING", (release_id, now)
+    )
+    return cursor.rowcount == 1
+
+
+def _prune_released(db: sqlite3.Connection) -> None:
+    db.execute("DELETE FROM released WHERE at < ?", (time.time() - RELEASE_ID_TTL_S,))
 
 
 def _rollback(db: sqlite3.Connection) -> None:
