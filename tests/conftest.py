@@ -46,6 +46,8 @@ class Sink:
     rcpt_reply: Callable[[str, str], str | None] | None = None
     data_reply: Callable[[str, Envelope], str | None] | None = None
     delay_s: float = 0.0
+    data_gate: asyncio.Event | None = None  # when given, DATA waits until it is set
+    in_data: int = 0  # transactions that reached DATA (waiting at the gate or done)
     smtputf8: bool = True  # offer SMTPUTF8 (a receiver without it must get no UTF-8 address)
     tls_context: ssl.SSLContext | None = None
     credentials: tuple[str, str] | None = None  # require AUTH (after STARTTLS) with these
@@ -69,6 +71,10 @@ class Sink:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         peer = str(session.peer[0])
+        self.in_data += 1
+        self._changed.set()
+        if self.data_gate is not None:
+            await self.data_gate.wait()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         reply = self.data_reply(peer, envelope) if self.data_reply else None

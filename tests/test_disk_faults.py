@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -533,3 +535,78 @@ async def test_held_mail_is_released_oldest_first(tmp_path: Path, sink: Sink) ->
         assert sink.messages[1].rcpts == ["old@example.test"]
         await eventually(lambda: relay.scheduler.deferred == 1, what="m2 held again")
         assert len(sink.messages) == 2
+
+
+# -- 8. an operator's bounce whose DSN cannot be stored changes nothing ---------------------
+
+
+async def test_an_operator_bounce_that_cannot_store_its_dsn_changes_nothing(
+    tmp_path: Path, spool_disk: Disk, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`queue bounce` on a full spool: exit 1 with one line, the message stays as it was
+    (same retry, nothing suppressed, no invented delivery); delivered normally later."""
+    caplog.set_level(logging.INFO, logger="warmrelay")
+    accept = asyncio.Event()
+
+    def receiver(peer: str, rcpt: str) -> str | None:
+        return None if accept.is_set() else "451 4.7.1 not yet"
+
+    sink = await Sink(rcpt_reply=receiver).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        admin_port = s.getsockname()[1]
+    document = relay_doc(
+        tmp_path,
+        sink.port,
+        admin={"listen": f"127.0.0.1:{admin_port}"},
+        delivery={"retry_first_s": 600, "retry_max_s": 3600, "drain_timeout_s": 5},
+    )
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    async def queue(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "warmrelay", "queue", *args, "-c", str(path),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+    try:
+        async with running(parse_config(document)) as relay:
+            _, reply = await send(relay, ["keep@one.test"], sender="app@sender.test")
+            queue_id = reply.rsplit(" ", 1)[1]
+            before: dict[str, Any] = {}
+
+            async def deferred() -> bool:
+                before.update(json.loads((await queue("show", queue_id, "--json")).stdout))
+                return before.get("state") == "deferred"
+
+            await eventually(deferred, what="deferred after the first 451")
+            spool_disk.fill()
+            bounced = await queue("bounce", queue_id, "--reason", "customer left")
+            assert bounced.returncode == 1
+            (line,) = bounced.stderr.strip().splitlines()  # one line
+            assert line.startswith(f"queue bounce: {queue_id}: cannot store the DSN"), line
+            assert line.endswith(": nothing changed"), line
+            after = json.loads((await queue("show", queue_id, "--json")).stdout)
+            assert after["state"] == "deferred" and after["next_retry"] == before["next_retry"]
+            assert [r["status"] for r in after["recipients"]] == ["pending"]
+            listed = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "warmrelay", "suppression", "list", "--json",
+                "-c", str(path), stdout=subprocess.PIPE, cwd=ROOT,
+            )  # fmt: skip
+            out, _ = await asyncio.wait_for(listed.communicate(), 60)
+            assert json.loads(out)["entries"] == []
+            spool_disk.free()
+            accept.set()
+            flushed = await queue("flush", queue_id)
+            assert flushed.returncode == 0, flushed.stderr
+            await sink.wait_until(lambda: relay.scheduler.messages == 0)
+    finally:
+        await sink.stop()
+    assert delivered_to(sink) == {"keep@one.test": 1} and dsns(sink) == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [m for m in lines if "bounced" in m and queue_id in m], lines
+    assert not [m for m in lines if "invalid domain" in m]

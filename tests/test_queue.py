@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -165,7 +166,7 @@ async def test_show_gives_envelope_headers_and_each_attempt(tmp_path: Path, sink
         text = await cli(path, "show", message["queue_id"])
         assert "to:        <x@one.test>  pending" in text.stdout
         missing = await cli(path, "show", "0000000000000000")
-        assert missing.returncode == 1 and "404" in missing.stderr
+        assert missing.returncode == 1 and "404" not in missing.stderr
 
 
 async def test_hold_keeps_mail_back_across_a_restart_until_release(
@@ -365,3 +366,121 @@ async def test_the_supervisor_merges_the_workers_queues(tmp_path: Path, sink: Si
         )
     finally:
         assert await relay.terminate() == 0
+
+
+# -- issue 18: the operator wins over sends in flight; a failed action changes nothing -------
+
+
+async def test_operator_actions_win_over_sends_waiting_for_a_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One connection per destination, the receiver holds the first message in DATA; three
+    more wait on the ready queue behind it. The operator bounces one (and the one being
+    sent), deletes one, holds one. None of the waiting ones is sent; the send under way
+    ends with its outcome written down cleanly (no KeyError: the message is gone)."""
+    caplog.set_level(logging.INFO, logger="warmrelay")
+    gate = asyncio.Event()
+    sink = await Sink(data_gate=gate).start()
+    document = relay_doc(
+        tmp_path,
+        sink.port,
+        delivery={**SLOW_RETRY, "connections_per_destination": 1},
+    )
+    try:
+        async with running(parse_config(document)) as relay:
+            port = relay.admin.port
+            first = (await send(relay, ["first@one.test"]))[1].rsplit(" ", 1)[1]
+            await sink.wait_until(lambda: sink.in_data == 1)  # being sent, held in DATA
+            ids = {
+                name: (await send(relay, [f"{name}@one.test"]))[1].rsplit(" ", 1)[1]
+                for name in ("bounced", "deleted", "held")
+            }
+            _, listing = await api(port, "GET", "/queue?state=active")
+            assert {m["queue_id"] for m in listing["messages"]} >= set(ids.values())
+            body = {"queue_ids": [ids["bounced"], first], "reason": "stop this campaign"}
+            code, bounced = await api(port, "POST", "/queue/bounce", body)
+            assert code == 200 and sorted(bounced["queue_ids"]) == sorted(body["queue_ids"])
+            code, deleted = await api(
+                port, "POST", "/queue/delete", {"queue_ids": [ids["deleted"]]}
+            )
+            assert code == 200 and deleted["queue_ids"] == [ids["deleted"]]
+            code, held = await api(port, "POST", "/queue/hold", {"queue_ids": [ids["held"]]})
+            assert code == 200 and held["queue_ids"] == [ids["held"]]
+            gate.set()  # the first send completes: the receiver took it after all
+            dsns = lambda: [m for m in sink.messages if m.mail_from == ""]  # noqa: E731
+            await sink.wait_until(lambda: len(dsns()) == 2)
+            await sink.wait_until(lambda: relay.scheduler.messages == 1)  # the held one
+            code, released = await api(port, "POST", "/queue/release", {"all": True})
+            assert released["queue_ids"] == [ids["held"]]
+            await sink.wait_until(lambda: relay.scheduler.messages == 0)
+            status = (await api(port, "GET", "/status"))[1]
+            warming = next(ip for ip in status["ips"] if ip["address"] == "127.0.0.2")
+            assert warming["sent"] == 2  # first and held: the others' reservations went back
+    finally:
+        await sink.stop()
+    originals = sorted(r for m in sink.messages if m.mail_from for r in m.rcpts)
+    assert originals == ["first@one.test", "held@one.test"]
+    told = sorted(b"bounced@one.test" in m.data for m in sink.messages if m.mail_from == "")
+    assert told == [False, True]  # one DSN names the waiting one, one the one in flight
+    lines = [r.getMessage() for r in caplog.records]
+    late = [m for m in lines if first in m and "after the operator had finished it" in m]
+    assert len(late) == 1 and " delivered " in late[0], late
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_queue_cli_speaks_to_the_operator(tmp_path: Path, sink: Sink) -> None:
+    """No HTTP status codes, no trailing colon, no operator WARNING for an action that did
+    nothing, flush says what it left on hold, client words for a missing token."""
+    gate = Gate()
+    sink.rcpt_reply = gate
+    document = doc(tmp_path, sink)
+    path = write(tmp_path, document)
+    async with running(parse_config(document)) as relay:
+        await send(relay, ["a@one.test"])
+        await send(relay, ["b@two.test"])
+        deferred = await until_deferred(relay.admin.port, 2)
+        held = await cli(path, "hold", deferred[0]["queue_id"])
+        assert held.returncode == 0, held.stderr
+        missing = await cli(path, "show", "NOSUCHID")
+        assert missing.returncode == 1
+        assert missing.stderr.strip() == "queue show: no message NOSUCHID in the queue"
+        nothing = await cli(path, "release", "--domain", "nowhere.test")
+        assert nothing.returncode == 0
+        assert nothing.stdout.strip() == "queue release: 0 message(s) by the running relay"
+        flushed = await cli(path, "flush", "--all")
+        assert flushed.returncode == 0, flushed.stderr
+        assert "left 1 message(s) on hold alone" in flushed.stdout
+
+
+async def test_a_connection_failure_names_the_address_once(tmp_path: Path) -> None:
+    dead = free_port()  # nothing listens there
+    document = relay_doc(tmp_path, dead, delivery=SLOW_RETRY)
+    async with running(parse_config(document)) as relay:
+        await send(relay, ["a@one.test"])
+        (deferred,) = await until_deferred(relay.admin.port, 1)
+    reply = deferred["last_reply"]
+    assert reply.startswith(f"451 4.4.1 127.0.0.1[127.0.0.1]:{dead}: "), reply
+    assert reply.count("127.0.0.1") == 2 and reply.count(str(dead)) == 1, reply
+
+
+async def test_queue_cli_without_the_token_gets_client_words(
+    tmp_path: Path, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "queue-secret")
+    document = doc(
+        tmp_path, sink, admin={"listen": f"127.0.0.1:{free_port()}", "token_env": TOKEN_ENV}
+    )
+    path = write(tmp_path, document)
+    async with running(parse_config(document)):
+        monkeypatch.delenv(TOKEN_ENV)
+        listed = await cli(path, "list")
+        assert listed.returncode == 1
+        assert listed.stderr.strip() == (
+            f"queue list: the running relay wants its admin token: set {TOKEN_ENV} "
+            "(admin.token_env) here"
+        )
+        monkeypatch.setenv(TOKEN_ENV, "wrong")
+        listed = await cli(path, "list")
+        assert listed.stderr.strip() == (
+            f"queue list: the running relay did not accept the admin token in {TOKEN_ENV}"
+        )

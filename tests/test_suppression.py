@@ -392,7 +392,10 @@ async def test_cli_goes_through_the_running_relay(
         assert (await rcpt(relay, DEAD))[0] == 250
         monkeypatch.setenv(TOKEN_ENV, "wrong")
         code, _, err = await cli("suppression", "list", "-c", path)
-        assert code == 1 and "401" in err
+        assert code == 1 and "401" not in err
+        assert err.strip() == (
+            f"suppression list: the running relay did not accept the admin token in {TOKEN_ENV}"
+        )
 
 
 # -- a fleet on one Redis -------------------------------------------------------------------

@@ -381,36 +381,26 @@ def _pending_in_relay(subject: str | None, action: str) -> int:
 def cmd_ip(args: argparse.Namespace) -> int:
     """Ask the running relay (admin endpoint); if none runs, write the state store directly."""
     import asyncio
-    import json
-    import urllib.error
-    import urllib.request
 
     config = _load_or_exit(args.config)
     if args.address not in {str(ip.address) for ip in config.ips}:
         print(f"{args.address} is not listed under ips in {args.config}", file=sys.stderr)
         return 1
-    if config.admin.listen is not None:
-        host, port = config.admin.listen
-        url = f"http://{_fmt_hostport((host, port))}/ips/{args.address}/{args.action}"
-        request = urllib.request.Request(url, method="POST")
-        token = admin_token(config.admin)  # unset although configured: one clear error
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                state = json.loads(r.read())
-            if state.get("persisted") == "pending":
-                return _pending_in_relay(args.address, args.action)
-            print(
-                f"{args.address}: {args.action} done by the running relay; state {state['state']}"
-            )
-            _still_warm(args.action, state)
-            return 0
-        except urllib.error.HTTPError as exc:
-            print(f"{url}: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
-            return 1
-        except (urllib.error.URLError, OSError):
-            pass  # no relay running: change the store it will read at start
+    from warmrelay.adminclient import Refused, RelayDown, call
+
+    try:
+        state = call(config, "POST", f"/ips/{args.address}/{args.action}")
+    except Refused as exc:
+        print(f"ip {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except RelayDown:
+        pass  # no relay running: change the store it will read at start
+    else:
+        if state.get("persisted") == "pending":
+            return _pending_in_relay(args.address, args.action)
+        print(f"{args.address}: {args.action} done by the running relay; state {state['state']}")
+        _still_warm(args.action, state)
+        return 0
 
     from warmrelay.app import Relay
 
@@ -463,32 +453,22 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     if args.action != "list" and not address:
         print(f"suppression {args.action}: give the ADDRESS", file=sys.stderr)
         return 2
+    from warmrelay.adminclient import Refused, RelayDown, call
+
     result: dict[str, Any] | None = None
-    if config.admin.listen is not None:
-        base = f"http://{_fmt_hostport(config.admin.listen)}/suppression"
+    try:
         if args.action == "list":
-            request = urllib.request.Request(base)
+            result = call(config, "GET", "/suppression")
         else:
             assert address is not None
             quoted = urllib.parse.quote(address, safe="@+")
-            request = urllib.request.Request(f"{base}/{quoted}/{args.action}", method="POST")
-        token = admin_token(config.admin)  # unset although configured: one clear error
-        if token:
-            request.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as r:
-                result = json.loads(r.read())
-            where = "by the running relay"
-        except urllib.error.HTTPError as exc:
-            body = exc.read().decode(errors="replace")
-            try:
-                message = str(json.loads(body)["error"])
-            except (ValueError, KeyError, TypeError):
-                message = body.strip()
-            print(f"{request.full_url}: {exc.code} {message}", file=sys.stderr)
-            return 1
-        except (urllib.error.URLError, OSError):
-            pass  # no relay running: read or change the store it will read at start
+            result = call(config, "POST", f"/suppression/{quoted}/{args.action}")
+        where = "by the running relay"
+    except Refused as exc:
+        print(f"suppression {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except RelayDown:
+        pass  # no relay running: read or change the store it will read at start
     if result is None:
         from warmrelay.app import Relay
 

@@ -20,6 +20,7 @@ import contextlib
 import enum
 import errno
 import logging
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -339,8 +340,14 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    """What went wrong, in words that do not repeat the address (the reply names it once)."""
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError | aiosmtplib.SMTPTimeoutError):
+        return "timed out"
+    cause = exc.__cause__ if isinstance(exc, aiosmtplib.SMTPConnectError) else exc
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return os.strerror(cause.errno).lower()  # "connection refused", "no route to host"
     return str(exc) or type(exc).__name__
 
 

@@ -25,9 +25,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from warmrelay.dsn import FailedRecipient, build_dsn
-from warmrelay.errors import WarmrelayError
+from warmrelay.errors import SpoolError, WarmrelayError
 from warmrelay.metrics import Metrics
 from warmrelay.providers import ProviderMap
+from warmrelay.queueview import operator_bounce
 from warmrelay.replies import Reply
 from warmrelay.spool import Spool, SpooledMessage
 from warmrelay.suppression import SuppressionList
@@ -202,6 +203,52 @@ class Recorder:
             self._remember(label, "bounced", msg, *bounced[-1], ip, now)
         return not pending
 
+    async def finish_by_operator(
+        self,
+        msg: SpooledMessage,
+        pending: set[int],
+        indices: Sequence[int],
+        who: str,
+        bounce_reason: str | None,
+        now: datetime,
+    ) -> bool:
+        """``warmrelay queue delete|bounce``: the recipients are done, as the operator said.
+        A bounce stores its DSN first and raises ``SpoolError`` (nothing changed) if it
+        cannot: an operator's action is done whole or not at all. True when the message is
+        finished."""
+        if bounce_reason is None:
+            disposition, tail = "deleted", "(no DSN)"
+        else:
+            disposition, reply = (
+                "bounced",
+                Reply(554, "5.0.0 " + operator_bounce(bounce_reason), ""),
+            )
+            failed = [(i, reply, disposition) for i in indices]
+            dsn = await self._store_dsn(msg, failed, now)  # raises: nothing changed
+            tail = f"({bounce_reason}; DSN {dsn})" if dsn else f"({bounce_reason}; null sender)"
+        pending.difference_update(indices)
+        for i in indices:
+            log.warning(
+                "%s: to=<%s> %s by %s %s", msg.queue_id, msg.rcpt_tos[i], disposition, who, tail
+            )
+        self._metrics.deliveries.labels("none", disposition).inc(len(indices))
+        if pending:
+            self._spool.mark_done(msg.queue_id, indices, disposition)
+        return not pending
+
+    def record_late(
+        self, msg: SpooledMessage, v: Verdicts, *, ip: str, reason: str, now: datetime
+    ) -> None:
+        """The outcome of a send that was under way when the operator finished its
+        recipients (delete, bounce): said and counted as it happened, nothing else (no
+        spool record, DSN, suppression or retry: the operator's word stands)."""
+        rows = [(i, "delivered", r) for i, r in v.delivered]
+        rows += [(i, d, r) for i, r, d in v.failed]
+        rows += [(i, "deferred", r) for i, r in (*v.retry, *v.reroute)]
+        for i, disposition, reply in rows:
+            self._log(msg, i, ip, reason, disposition, reply, now, late=True)
+            self._metrics.deliveries.labels(ip, disposition).inc()
+
     def _log(
         self,
         msg: SpooledMessage,
@@ -212,10 +259,13 @@ class Recorder:
         reply: Reply,
         now: datetime,
         retry_at: datetime | None = None,
+        late: bool = False,
     ) -> None:
         """One line per recipient outcome; a deferral says when it is tried again."""
         rcpt = msg.rcpt_tos[i]
-        if retry_at is None:
+        if late:
+            then = "; after the operator had finished it"
+        elif retry_at is None:
             then = ""
         elif retry_at <= now:  # throttled or blocked: routed again at once, avoiding the IP
             then = "; retry now"
@@ -247,8 +297,23 @@ class Recorder:
         self, msg: SpooledMessage, failed: Sequence[tuple[int, Reply, str]], now: datetime
     ) -> bool:
         """Store a DSN to the sender for failed recipients; False if the spool refused it."""
-        if not msg.mail_from:  # never bounce a bounce (RFC 5321 §4.5.5)
-            return True
+        try:
+            await self._store_dsn(msg, failed, now)
+        except SpoolError as exc:
+            # the spool logged its own fault once; a line per message and retry would flood
+            level = logging.ERROR if self._spool.writable else logging.INFO
+            log.log(level, "%s: cannot queue the DSN to <%s>: %s", msg.queue_id, msg.mail_from, exc)
+            return False
+        return True
+
+    async def _store_dsn(
+        self, msg: SpooledMessage, failed: Sequence[tuple[int, Reply, str]], now: datetime
+    ) -> str | None:
+        """Store a DSN to the sender for failed recipients and queue it; its queue id (None
+        for a null sender: never bounce a bounce, RFC 5321 §4.5.5). ``SpoolError`` if the
+        spool refused it."""
+        if not msg.mail_from:
+            return None
         recipients = [
             FailedRecipient(
                 address=msg.rcpt_tos[i],
@@ -270,12 +335,11 @@ class Recorder:
                 now=now,
             )
             bounce = await self._spool.store("", [msg.mail_from], dsn, received_at=now.timestamp())
+        except SpoolError:
+            raise
         except (WarmrelayError, OSError, ValueError) as exc:
-            # the spool logged its own fault once; a line per message and retry would flood
-            level = logging.ERROR if self._spool.writable else logging.INFO
-            log.log(level, "%s: cannot queue the DSN to <%s>: %s", msg.queue_id, msg.mail_from, exc)
-            return False
+            raise SpoolError(f"cannot store the DSN: {exc}") from exc
         self._metrics.dsn_sent.inc()
         log.info("%s: sender non-delivery notification: %s", msg.queue_id, bounce.queue_id)
         self._accept(bounce, dsn)
-        return True
+        return bounce.queue_id

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from warmrelay.adminapi import ApiRequest, Caller, Response, json_page
 from warmrelay.errors import SpoolError
-from warmrelay.queueview import Filter, MessageView, merge_summaries, summary
+from warmrelay.queueview import ActionResult, Filter, MessageView, merge_summaries, summary
 from warmrelay.scheduler import Scheduler, Target
 from warmrelay.spool import Spool
 
@@ -165,20 +165,23 @@ class QueueApi:
             reason = request.body.get("reason")
             if not isinstance(reason, str) or not reason.strip():
                 return json_page({"error": 'bounce needs a "reason" (it goes into the DSN)'}, 400)
-            ids = await self.scheduler.bounce(target, reason, who)
+            result = await self.scheduler.bounce(target, reason, who)
         elif action == "delete":
-            ids = await self.scheduler.delete(target, who)
+            result = await self.scheduler.delete(target, who)
         else:
-            ids = {
+            result = {
                 "flush": self.scheduler.flush,
                 "hold": self.scheduler.hold,
                 "release": self.scheduler.release,
             }[action](target)
-        log.warning("operator: queue %s by %s: %d message(s) %s", action, who, len(ids), _ids(ids))
-        missing = [q for q in target.queue_ids if q not in ids]
-        return json_page(
-            {"action": action, "count": len(ids), "queue_ids": ids, "not_done": missing}
-        )
+        ids = result.queue_ids
+        if ids:  # an action that changed nothing is no operator's change
+            log.warning(
+                "operator: queue %s by %s: %d message(s) %s", action, who, len(ids), _ids(ids)
+            )
+        for queue_id, why in result.failed.items():
+            log.error("operator: queue %s %s by %s failed: %s", action, queue_id, who, why)
+        return json_page(result.to_json(action, target.queue_ids))
 
 
 def _ids(ids: list[str], most: int = 20) -> str:
@@ -280,13 +283,11 @@ class FleetQueueApi:
     async def act(self, request: ApiRequest) -> Response:
         action = request.params["action"]
         answers = await self._ask("POST", f"/queue/{action}", request, request.body)
-        done: list[str] = []
+        merged = ActionResult()
         for _, status, body in answers:
             if status != 200:
                 return json_page(body, status)
-            done += body["queue_ids"]
-        requested = request.body.get("queue_ids") or []
-        missing = [q for q in requested if q not in done]
-        return json_page(
-            {"action": action, "count": len(done), "queue_ids": done, "not_done": missing}
-        )
+            merged.queue_ids += body["queue_ids"]
+            merged.failed |= body.get("failed") or {}
+            merged.left_on_hold += int(body.get("left_on_hold") or 0)
+        return json_page(merged.to_json(action, request.body.get("queue_ids") or []))

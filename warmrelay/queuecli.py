@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import getpass
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from warmrelay.config import Config, admin_token
+from warmrelay.adminclient import Refused, RelayDown, call, operator
+from warmrelay.config import Config
 from warmrelay.errors import SpoolError
 from warmrelay.queueview import (
+    ActionResult,
     Filter,
     MessageView,
     QueueState,
@@ -34,10 +32,6 @@ from warmrelay.queueview import (
 
 ACTIONS = ("flush", "hold", "release", "delete", "bounce")
 COMMANDS = ("list", "summary", "show", *ACTIONS)
-
-
-class RelayDown(Exception):
-    """No relay answers on admin.listen: work on the spool."""
 
 
 def add_parser(sub: Any) -> None:
@@ -90,61 +84,30 @@ def cmd_queue(args: argparse.Namespace) -> int:
             )
         except (StateDirInUse, SpoolError) as exc:
             print(
-                f"queue {args.command}: the admin endpoint does not answer, and {exc}",
+                f"queue {args.command}: no relay answers on admin.listen, and {exc}",
                 file=sys.stderr,
             )
             return 1
-    except _Refused as exc:
+        except Refused as exc:
+            print(f"queue {args.command}: {exc}", file=sys.stderr)
+            return 1
+    except Refused as exc:
         print(f"queue {args.command}: {exc}", file=sys.stderr)
         return 1
     return _print(args, result, where)
 
 
-class _Refused(Exception):
-    """The relay answered with an error (the text says why)."""
-
-
 def _online(config: Config, args: argparse.Namespace, body: dict[str, Any]) -> dict[str, Any]:
-    if config.admin.listen is None:
-        raise RelayDown
-    host, port = config.admin.listen
-    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}/queue"
     if args.command == "list":
         query = {"domain": args.domain, "ip": args.ip, "state": args.state}
         query |= {"min_age_s": str(args.min_age) if args.min_age is not None else None}
         params = urllib.parse.urlencode({k: v for k, v in query.items() if v})
-        request = urllib.request.Request(base + (f"?{params}" if params else ""))
-    elif args.command == "summary":
-        request = urllib.request.Request(f"{base}/summary")
-    elif args.command == "show":
-        request = urllib.request.Request(f"{base}/{urllib.parse.quote(args.queue_ids[0])}")
-    else:
-        request = urllib.request.Request(
-            f"{base}/{args.command}", data=json.dumps(body).encode(), method="POST"
-        )
-        request.add_header("Content-Type", "application/json")
-    token = admin_token(config.admin)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    request.add_header("X-Warmrelay-User", _user())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
-    except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            text = json.loads(text)["error"]
-        raise _Refused(f"{exc.code}: {text}") from None
-    except (urllib.error.URLError, OSError):
-        raise RelayDown from None
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
+        return call(config, "GET", "/queue" + (f"?{params}" if params else ""))
+    if args.command == "summary":
+        return call(config, "GET", "/queue/summary")
+    if args.command == "show":
+        return call(config, "GET", f"/queue/{urllib.parse.quote(args.queue_ids[0])}")
+    return call(config, "POST", f"/queue/{args.command}", body)
 
 
 # -- offline: the spool itself ---------------------------------------------------------------
@@ -197,7 +160,7 @@ async def _on_spools(
                         list(h) for h in headers_of(spool.read_data(args.queue_ids[0]))
                     ]
                     return out
-            raise _Refused(f"404: no message {args.queue_ids[0]} in the queue")
+            raise Refused(f"no message {args.queue_ids[0]} in the queue")
         if args.command == "flush":
             return {
                 "action": "flush",
@@ -206,14 +169,18 @@ async def _on_spools(
                 "not_done": [],
                 "note": "no relay runs: everything queued is tried as soon as it starts",
             }
-        done: list[str] = []
+        result = ActionResult()
         for spool, found in spools:
             for queue_id, item in found.items():
                 indices = _chosen(item, body)
-                if indices and await _act(spool, item, indices, args, config):
-                    done.append(queue_id)
-        missing = [q for q in body.get("queue_ids", []) if q not in done]
-        return {"action": args.command, "count": len(done), "queue_ids": done, "not_done": missing}
+                if not indices:
+                    continue
+                try:
+                    if await _act(spool, item, indices, args, config):
+                        result.queue_ids.append(queue_id)
+                except SpoolError as exc:  # before anything changed
+                    result.failed[queue_id] = f"cannot store the DSN ({exc}): nothing changed"
+        return result.to_json(args.command, body.get("queue_ids", []))
     finally:
         for spool, _ in spools:
             await spool.close()
@@ -248,7 +215,7 @@ async def _act(
 
     log = logging.getLogger("warmrelay.queue")
     m = item.message
-    who = f"{_user()} (offline)"
+    who = f"{operator()} (offline)"
     every = len(indices) + len(item.done) == len(m.rcpt_tos)
     if args.command in ("hold", "release"):
         on = args.command == "hold"
@@ -265,15 +232,18 @@ async def _act(
             FailedRecipient(m.rcpt_tos[i], "5.0.0", operator_bounce(args.reason), None, now)
             for i in indices
         ]
-        dsn = build_dsn(
-            reporting_mta=config.smtp.hostname,
-            queue_id=m.queue_id,
-            sender=m.mail_from,
-            recipients=failed,
-            original=spool.read_data(m.queue_id),
-            arrival=datetime.fromtimestamp(m.received_at, UTC),
-            now=now,
-        )
+        try:
+            dsn = build_dsn(
+                reporting_mta=config.smtp.hostname,
+                queue_id=m.queue_id,
+                sender=m.mail_from,
+                recipients=failed,
+                original=spool.read_data(m.queue_id),
+                arrival=datetime.fromtimestamp(m.received_at, UTC),
+                now=now,
+            )
+        except ValueError as exc:
+            raise SpoolError(str(exc)) from exc
         await spool.store("", [m.mail_from], dsn, received_at=now.timestamp())  # sent at start
     disposition = "bounced" if args.command == "bounce" else "deleted"
     for i in indices:
@@ -291,7 +261,7 @@ async def _act(
 def _print(args: argparse.Namespace, result: dict[str, Any], where: str) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return 1 if result.get("failed") or result.get("not_done") else 0
     if args.command == "list":
         print(f"{'QUEUE ID':16} {'STATE':9} {'AGE':>7} {'SIZE':>8}  FROM -> PENDING")
         for m in result["messages"]:
@@ -311,16 +281,27 @@ def _print(args: argparse.Namespace, result: dict[str, Any], where: str) -> int:
     elif args.command == "show":
         _print_show(result)
     else:
-        if result.get("note"):
-            print(f"queue {args.command}: {result['note']}")
-        print(
-            f"queue {args.command}: {result['count']} message(s) {where}: "
-            + " ".join(result["queue_ids"])
-        )
-        if result.get("not_done"):
-            print(f"not found or nothing to do: {' '.join(result['not_done'])}", file=sys.stderr)
-            return 1
+        return _print_action(args.command, result, where)
     return 0
+
+
+def _print_action(action: str, result: dict[str, Any], where: str) -> int:
+    """One line for what was done, one per message that failed; exit 1 if any failed or a
+    named message was not found."""
+    if result.get("note"):
+        print(f"queue {action}: {result['note']}")
+    ids = " ".join(result["queue_ids"])
+    print(f"queue {action}: {result['count']} message(s) {where}" + (f": {ids}" if ids else ""))
+    if result.get("left_on_hold"):
+        print(
+            f"queue {action}: left {result['left_on_hold']} message(s) on hold alone "
+            "(`warmrelay queue release` sends them)"
+        )
+    for queue_id, why in (result.get("failed") or {}).items():
+        print(f"queue {action}: {queue_id}: {why}", file=sys.stderr)
+    if result.get("not_done"):
+        print(f"not found or nothing to do: {' '.join(result['not_done'])}", file=sys.stderr)
+    return 1 if result.get("failed") or result.get("not_done") else 0
 
 
 def _print_show(m: dict[str, Any]) -> None:

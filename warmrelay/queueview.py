@@ -137,6 +137,28 @@ class Filter:
         return self.min_age_s is None or view.age_s(now) >= self.min_age_s
 
 
+@dataclass
+class ActionResult:
+    """What a queue action did: the messages it changed, those it could not change (with
+    why: nothing of them changed), and for flush the messages an operator holds, which it
+    leaves alone."""
+
+    queue_ids: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    left_on_hold: int = 0
+
+    def to_json(self, action: str, asked: Sequence[str] = ()) -> dict[str, Any]:
+        touched = set(self.queue_ids) | set(self.failed)
+        return {
+            "action": action,
+            "count": len(self.queue_ids),
+            "queue_ids": self.queue_ids,
+            "not_done": [q for q in asked if q not in touched],
+            "failed": self.failed,
+            "left_on_hold": self.left_on_hold,
+        }
+
+
 def operator_bounce(reason: str) -> str:
     """The diagnostic a sender reads in the DSN of `warmrelay queue bounce` (status 5.0.0:
     nothing the receiver said; the operator's decision), on one line, bounded."""

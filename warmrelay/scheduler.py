@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from warmrelay.config import Config
 from warmrelay.dispatcher import Connected, Dispatcher, Endpoint
@@ -39,7 +40,7 @@ from warmrelay.errors import NextHopError, SpoolError
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHop, NextHopResolver
 from warmrelay.providers import provider_map
-from warmrelay.queueview import Attempt, MessageView, QueueState, RecipientView, operator_bounce
+from warmrelay.queueview import ActionResult, Attempt, MessageView, QueueState, RecipientView
 from warmrelay.readyqueue import ReadyQueues
 from warmrelay.replies import Outcome, Reply, ReplyRules
 from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
@@ -407,7 +408,8 @@ class Scheduler:
         now = self._clock()
         if now.timestamp() >= msg.received_at + self._delivery.queue_lifetime_s:
             last = d.last or Reply(451, "4.4.7 queue lifetime exceeded", "")
-            await self._record(d, Verdicts(failed=[(i, last, "expired") for i in indices]), now)
+            expired = Verdicts(failed=[(i, last, "expired") for i in indices])
+            await self._record(msg, d, expired, now)
             return
         try:
             hops = await self._resolver.resolve(d.domain)
@@ -419,7 +421,7 @@ class Scheduler:
             else:
                 reply = Reply(451, f"{exc.status} {d.domain}: {exc}", "")
                 verdicts = Verdicts(retry=[(i, reply) for i in indices])
-            await self._record(d, verdicts, now)
+            await self._record(msg, d, verdicts, now)
             return
         provider = self._providers.recognise(d.domain, [h.mx for h in hops if h.mx])
         traffic = Traffic(msg.mail_from, d.domain, self._headers(d.queue_id))
@@ -476,6 +478,11 @@ class Scheduler:
         if state is None:
             return
         msg = state.message
+        # what the operator finished (delete, bounce) while it waited is not sent; its
+        # share of the reservation goes back
+        chunk = tuple(i for i in chunk if i in state.pending)
+        if not chunk:
+            return
         if state.on_hold:  # held while it waited for a connection: its reservation goes back
             state.parked.append(Delivery(d.queue_id, d.domain, chunk, d.attempts, d.last))
             return
@@ -560,7 +567,7 @@ class Scheduler:
                     len(blocked),
                 )
                 v.retry += blocked
-        await self._record(d, v, now, ip=ip, reason=s.part.log_reason, provider=s.provider)
+        await self._record(msg, d, v, now, ip=ip, reason=s.part.log_reason, provider=s.provider)
 
     async def _suspend(
         self,
@@ -602,6 +609,7 @@ class Scheduler:
 
     async def _record(
         self,
+        msg: SpooledMessage,
         d: Delivery,
         v: Verdicts,
         now: datetime,
@@ -610,8 +618,15 @@ class Scheduler:
         reason: str = "",
         provider: str = "",
     ) -> None:
-        state = self._messages[d.queue_id]
-        msg = state.message
+        """Write down an attempt's verdicts and queue what is retried. Recipients that the
+        operator finished while the attempt was under way are only said and counted: the
+        operator's word stands."""
+        state = self._messages.get(msg.queue_id)
+        v, late = _split_late(v, state.pending if state is not None else set())
+        if late is not None:
+            self._recorder.record_late(msg, late, ip=ip, reason=reason, now=now)
+        if state is None:
+            return
         self._remember(state, v, ip, now)
         attempts = d.attempts + 1  # of the recipients retried after a backoff, if any
         expires_in = msg.received_at + self._delivery.queue_lifetime_s - now.timestamp()
@@ -711,13 +726,15 @@ class Scheduler:
             state.last_reply,
         )
 
-    def flush(self, target: Target) -> list[str]:
+    def flush(self, target: Target) -> ActionResult:
         """Retry now what waits for a retry or a window (the router may hold it again);
-        mail an operator holds stays held. Returns the queue ids that were flushed."""
-        flushed = []
+        mail an operator holds stays held (counted in ``left_on_hold``)."""
+        result = ActionResult()
+        flushed = result.queue_ids
         for queue_id in target.messages(self._messages):
             state = self._messages[queue_id]
             if state.on_hold:
+                result.left_on_hold += 1
                 continue
             wanted = set(target.recipients(state))
             waiting = self._cancel_timers(state, wanted) + self._take_held(queue_id, wanted)
@@ -725,7 +742,7 @@ class Scheduler:
                 self._due.put_nowait(replace(delivery, after=None, turn=None))
             if waiting:
                 flushed.append(queue_id)
-        return flushed
+        return result
 
     def _cancel_timers(self, state: _Message, wanted: set[int] | None = None) -> list[Delivery]:
         """The deliveries of a message waiting for a retry (for ``wanted`` recipients, or
@@ -750,10 +767,12 @@ class Scheduler:
             heapq.heapify(self._held)
         return taken
 
-    def hold(self, target: Target) -> list[str]:
+    def hold(self, target: Target) -> ActionResult:
         """The operator's hold: nothing of these messages is sent until ``release`` (kept
-        across restarts). A send already under way finishes."""
-        changed = []
+        across restarts). A send waiting for a connection parks instead; one already under
+        way finishes."""
+        result = ActionResult()
+        changed = result.queue_ids
         for queue_id in target.messages(self._messages):
             state = self._messages[queue_id]
             if state.on_hold:
@@ -763,11 +782,12 @@ class Scheduler:
             state.parked += self._take_held(queue_id, set(state.pending))
             self._spool.record_hold(queue_id, True)
             changed.append(queue_id)
-        return changed
+        return result
 
-    def release(self, target: Target) -> list[str]:
+    def release(self, target: Target) -> ActionResult:
         """End the operator's hold: the parked deliveries are due now."""
-        changed = []
+        result = ActionResult()
+        changed = result.queue_ids
         for queue_id in target.messages(self._messages):
             state = self._messages[queue_id]
             if not state.on_hold:
@@ -778,59 +798,58 @@ class Scheduler:
             state.parked.clear()
             self._spool.record_hold(queue_id, False)
             changed.append(queue_id)
-        return changed
+        return result
 
-    async def delete(self, target: Target, who: str) -> list[str]:
+    async def delete(self, target: Target, who: str) -> ActionResult:
         """Drop the named recipients without a DSN (the operator's decision, logged with
-        who asked). A send under way may still hand them over: its result is then moot."""
+        who asked). A send waiting for a connection leaves them out; one already under
+        way is only said and counted when it ends."""
         return await self._finish(target, who, None)
 
-    async def bounce(self, target: Target, reason: str, who: str) -> list[str]:
-        """Fail the named recipients now with a DSN to the sender that gives ``reason``."""
+    async def bounce(self, target: Target, reason: str, who: str) -> ActionResult:
+        """Fail the named recipients now with a DSN to the sender that gives ``reason``.
+        A message whose DSN cannot be stored is left as it was (``failed``)."""
         return await self._finish(target, who, reason)
 
-    async def _finish(self, target: Target, who: str, bounce_reason: str | None) -> list[str]:
-        done = []
+    async def _finish(self, target: Target, who: str, bounce_reason: str | None) -> ActionResult:
+        result = ActionResult()
         now = self._clock()
         for queue_id in target.messages(self._messages):
             state = self._messages.get(queue_id)
-            if state is None:
+            if state is None:  # finished while an earlier DSN was stored
                 continue
             indices = target.recipients(state)
             if not indices:
                 continue
-            msg = state.message
-            if bounce_reason is not None:
-                log.warning(
-                    "%s: %d recipient(s) bounced by %s: %s",
-                    queue_id,
-                    len(indices),
-                    who,
-                    bounce_reason,
+            try:
+                finished = await self._recorder.finish_by_operator(
+                    state.message, state.pending, indices, who, bounce_reason, now
                 )
-                reply = Reply(554, "5.0.0 " + operator_bounce(bounce_reason), "")
-                verdicts = Verdicts(failed=[(i, reply, "bounced") for i in indices])
-                await self._record(Delivery(queue_id, "", tuple(indices)), verdicts, now)
-                if any(i in state.pending for i in indices):  # the DSN could not be stored
-                    continue
-                if not state.pending:
-                    self._drop_waiting(state)
-            else:
-                for i in indices:
-                    log.warning(
-                        "%s: to=<%s> deleted by %s (no DSN)", queue_id, msg.rcpt_tos[i], who
-                    )
-                state.pending.difference_update(indices)
-                self._metrics.deliveries.labels("none", "deleted").inc(len(indices))
-                if state.pending:
-                    self._spool.mark_done(queue_id, indices, "deleted")
-                else:
-                    self._drop_waiting(state)
-                    self._forget(queue_id)
-            done.append(queue_id)
-        return done
+            except SpoolError as exc:
+                result.failed[queue_id] = f"cannot store the DSN ({exc}): nothing changed"
+                continue
+            wanted = set(indices)
+            self._cancel_timers(state, wanted)
+            self._take_held(queue_id, wanted)
+            state.parked = [p for p in state.parked if not set(p.indices) <= wanted]
+            if finished:
+                self._forget(queue_id)
+            result.queue_ids.append(queue_id)
+        return result
 
-    def _drop_waiting(self, state: _Message) -> None:
-        self._cancel_timers(state)
-        state.parked.clear()
-        self._take_held(state.message.queue_id, set(range(len(state.message.rcpt_tos))))
+
+def _split_late(v: Verdicts, pending: set[int]) -> tuple[Verdicts, Verdicts | None]:
+    """``v`` split into the recipients still pending and those finished meanwhile by the
+    operator (None when there are none)."""
+    every = [i for i, *_ in (*v.delivered, *v.failed, *v.retry, *v.reroute)]
+    if all(i in pending for i in every):
+        return v, None
+
+    def split(rows: list[Any]) -> tuple[list[Any], list[Any]]:
+        return [r for r in rows if r[0] in pending], [r for r in rows if r[0] not in pending]
+
+    d, d_late = split(v.delivered)
+    f, f_late = split(v.failed)
+    r, r_late = split(v.retry)
+    x, x_late = split(v.reroute)
+    return Verdicts(d, f, r, x), Verdicts(d_late, f_late, r_late, x_late)
