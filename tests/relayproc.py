@@ -81,6 +81,12 @@ class RelayProcess:
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.terminate()
+        return await self.exited()
+
+    async def exited(self) -> int:
+        """The exit code of a relay that is stopping already (a second SIGTERM would make
+        it stop at once, not drain)."""
+        assert self.proc is not None
         code = await self.proc.wait()
         if self._reader:
             await self._reader

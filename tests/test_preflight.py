@@ -24,8 +24,9 @@ import base64
 import ipaddress
 import json
 import logging
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import yaml
 from conftest import Sink, http, http_get, relay_config, relay_doc, running, send, status
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dnslib import RCODE, DNSRecord
 from dnsserver import LoopbackDNS
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -282,7 +284,13 @@ async def test_no_answer_is_unknown_never_a_failure(tmp_path: Path, dns: Loopbac
     assert "timeout" in got[("127.0.0.2", "dnsbl:slow.test")][1]
     assert "SERVFAIL" in got[("127.0.0.2", "dnsbl:broken.test")][1]
     assert got[("slow-domain.test", "spf:127.0.0.2")][1].startswith("temperror")
-    assert report.ok  # unknown does not fail
+    assert not report.failed  # unknown does not fail
+    # but not one answer arrived: the run says so (the command exits 2), never "ok"
+    assert not report.ok
+    assert report.unchecked == (
+        f"no DNS answers from 127.0.0.1:{dns.port} (every query failed: 5 timed out, "
+        "1 answered SERVFAIL): nothing in DNS was checked"
+    )
 
 
 async def test_not_on_this_host_fails_and_non_public_names_are_not_asked_without_nameservers(
@@ -508,8 +516,8 @@ def test_spf_macros_ipv6() -> None:
 
 
 def test_blocklist_answers() -> None:
-    """NXDOMAIN: not listed; 127.0.0.x: listed (with the TXT reason); 127.255.255.x: the list
-    refused to answer (unknown, never "listed"); no answer or an odd one: unknown."""
+    """NXDOMAIN: not listed; 127.0.0.2 and above: listed (with the TXT reason); 127.255.255.x:
+    the list refused to answer (unknown, never "listed"); no answer or an odd one: unknown."""
     assert classify_dnsbl(Missing(nxdomain=True)) == (Outcome.PASS, "not listed")
     assert classify_dnsbl(Found(("127.0.0.2", "127.0.0.4")), Found(("spam", "exploit"))) == (
         Outcome.FAIL,
@@ -526,7 +534,7 @@ def test_blocklist_answers() -> None:
     assert classify_dnsbl(Failed("timeout"))[0] is Outcome.UNKNOWN
     outcome, reason = classify_dnsbl(Found(("192.0.2.80",)))  # a resolver's "search page"
     assert outcome is Outcome.UNKNOWN
-    assert "unexpected answer 192.0.2.80" in reason
+    assert "answered 192.0.2.80: not a listing" in reason
 
 
 # -- the command line -------------------------------------------------------------------------
@@ -559,7 +567,9 @@ async def test_cli_json_and_exit_1_when_a_check_fails(tmp_path: Path, dns: Loopb
     code, out, _ = await warmrelay("preflight", "-c", cfg, "--json")
     assert code == 1
     data = json.loads(out)
-    assert set(data) == {"ok", "started", "finished", "counts", "checks", "paused"}
+    assert set(data) == {"ok", "started", "finished", "counts", "checks", "paused", "dns"}
+    assert data["dns"]["answered"] > 0
+    assert data["dns"]["error"] is None
     assert data["ok"] is False
     assert data["counts"] == {"pass": 13, "fail": 14, "unknown": 3}
     assert data["paused"] == []  # the command changes nothing
@@ -733,3 +743,247 @@ async def test_readiness_waits_for_the_blocklists_only(
         assert checks[("127.0.0.2", "ptr")] == "unknown"
         assert checks[("127.0.0.2", "dnsbl:zen.test")] == "unknown"
         assert relay.router.control("127.0.0.2").paused_since is None
+
+
+# -- answers that are not listings (RFC 5782 2.1, issue 18) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (("127.0.0.1",), "zen.spamhaus.org answered 127.0.0.1: not a listing"),
+        (("127.0.0.0",), "zen.spamhaus.org answered 127.0.0.0: not a listing"),
+        (
+            ("127.255.255.252",),
+            "zen.spamhaus.org answered 127.255.255.252: typing error in the zone name",
+        ),
+        (
+            ("127.255.255.254",),
+            "zen.spamhaus.org answered 127.255.255.254: query refused (public resolver?)",
+        ),
+        (
+            ("127.255.255.255",),
+            "zen.spamhaus.org answered 127.255.255.255: excessive number of queries",
+        ),
+        (("127.255.255.7",), "zen.spamhaus.org answered 127.255.255.7: an error code"),
+        (("192.0.2.80",), "zen.spamhaus.org answered 192.0.2.80: not a listing"),
+        (("::1",), "zen.spamhaus.org answered ::1: not a listing"),
+        # a listing beside an error code is no listing either
+        (
+            ("127.0.0.2", "127.255.255.254"),
+            "zen.spamhaus.org answered 127.255.255.254: query refused",
+        ),
+        (("127.0.0.2", "127.0.0.1"), "zen.spamhaus.org answered 127.0.0.1: not a listing"),
+    ],
+)
+def test_an_answer_that_is_not_a_listing_is_unknown(answer: tuple[str, ...], says: str) -> None:
+    """127.0.0.1 is never a listing, 127.255.255.0/24 are error codes, anything outside
+    127.0.0.0/8 is no listing: unknown, never fail (nor pass), with the zone and the code;
+    even when the list gives a TXT "reason"."""
+    outcome, reason = classify_dnsbl(Found(answer), Found(("listed",)), zone="zen.spamhaus.org")
+    assert outcome is Outcome.UNKNOWN, reason
+    assert reason.startswith(says), reason
+
+
+@pytest.mark.parametrize(
+    "code", ["127.0.0.2", "127.0.0.11", "127.0.1.2", "127.1.0.3", "127.254.0.1"]
+)
+def test_listing_codes_are_127_0_0_2_and_above(code: str) -> None:
+    """Every 127.0.0.0/8 answer from 127.0.0.2 on, outside the error block, is a listing
+    (Spamhaus DBL and others list as 127.0.1.x and above)."""
+    assert classify_dnsbl(Found((code,)), Found(("spam",)), zone="bl.test") == (
+        Outcome.FAIL,
+        f"listed ({code}): spam",
+    )
+
+
+async def test_an_answer_that_is_not_a_listing_never_pauses_a_warming_ip(
+    tmp_path: Path, dns: LoopbackDNS, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """odd.test answers 127.0.0.1 (with a TXT reason), zen.test 127.255.255.254: the warming
+    IP keeps warming and nothing says it is listed."""
+    caplog.set_level(logging.INFO)
+    dns.add_a("2.0.0.127.odd.test", "127.0.0.1")
+    dns.add_txt("2.0.0.127.odd.test", "query refused")
+    config = relay_with(tmp_path, dns, sink, dnsbl_zones=["odd.test", "zen.test"])
+    async with running(config) as relay:
+        assert relay.router.control("127.0.0.2").paused_since is None
+        await send(relay, ["a@example.test"])
+        await sink.wait_for(1)
+        assert sink.by_peer() == {"127.0.0.2": 1}
+        code, body = await http_get(relay.admin.port, "/preflight")
+        assert code == 200
+        page = json.loads(body)
+        assert page["paused"] == []
+        checks = {(c["subject"], c["check"]): c for c in page["checks"]}
+        odd, zen = checks[("127.0.0.2", "dnsbl:odd.test")], checks[("127.0.0.2", "dnsbl:zen.test")]
+        assert odd["result"] == zen["result"] == "unknown"
+        assert odd["reason"].startswith("odd.test answered 127.0.0.1: not a listing")
+        assert zen["reason"].startswith(
+            "zen.test answered 127.255.255.254: query refused (public resolver?)"
+        )
+    assert not [
+        r for r in caplog.records if r.levelno >= logging.WARNING and "listed" in r.getMessage()
+    ]
+
+
+# -- no DNS answer at all: a dead resolver (issue 18) ------------------------------------------
+
+
+class OneRcodeDNS(LoopbackDNS):
+    """A resolver that is up but useless: every question gets the same error (REFUSED,
+    SERVFAIL), as from a resolver that does not serve us or has lost its upstream."""
+
+    def __init__(self, rcode: int) -> None:
+        super().__init__()
+        self.rcode = rcode
+
+    def answer(self, data: bytes, *, udp: bool) -> bytes | None:
+        reply = DNSRecord.parse(data).reply()
+        reply.header.rcode = self.rcode
+        wire: bytes = reply.pack()
+        return wire
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A loopback UDP port that is bound (no ICMP "port unreachable") but never answers:
+    every query times out."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def dead_doc(tmp_path: Path, port: int, timeout_s: float = 0.3, **over: Any) -> dict[str, Any]:
+    """The test relay (127.0.0.2, 127.0.0.3) asking only a resolver at ``port``, each lookup
+    given ``timeout_s``: short, as waiting for a silent resolver is all it does."""
+    return relay_doc(
+        tmp_path,
+        9,
+        dns={"nameservers": [f"127.0.0.1:{port}"]},
+        preflight={"dnsbl_zones": ["bl.test", "zen.test"], "timeout_s": timeout_s},
+        **over,
+    )
+
+
+def no_answers(port: int, why: str) -> str:
+    return f"preflight: no DNS answers from 127.0.0.1:{port} ({why}): nothing in DNS was checked"
+
+
+@pytest.mark.parametrize("kind", ["silent", "REFUSED", "SERVFAIL"])
+async def test_cli_says_so_in_one_line_and_exits_2_when_no_dns_answer_arrived(
+    tmp_path: Path, silent_port: int, kind: str
+) -> None:
+    """Today's green "0 failed" (exit 0) would send an operator warming with nothing checked;
+    the contract's exit 2 is "could not check", with --json too."""
+    server = None if kind == "silent" else OneRcodeDNS(getattr(RCODE, kind))
+    if server is not None:
+        await server.start()
+    try:
+        port = silent_port if server is None else server.port
+        # a refusing server answers at once: a long timeout keeps a busy machine's late
+        # reply from counting as "timed out"
+        cfg = write(tmp_path, dead_doc(tmp_path, port, 0.3 if server is None else 5))
+        why = "every query timed out" if server is None else f"every query was answered {kind}"
+
+        code, out, err = await warmrelay("preflight", "-c", cfg)
+        assert code == 2, out + err
+        lines = out.splitlines()
+        assert lines[-1] == no_answers(port, why)
+        assert "no answer" not in out  # one line says it, not one row per check
+        assert "0 failed" not in out
+        assert [line.split()[:3] for line in lines[1:3]] == [
+            ["127.0.0.2", "bind", "pass"],  # what was checked without DNS is still shown
+            ["127.0.0.3", "bind", "pass"],
+        ]
+
+        code, out, err = await warmrelay("preflight", "-c", cfg, "--json")
+        assert code == 2, out + err
+        data = json.loads(out)
+        assert data["ok"] is False
+        assert data["counts"]["fail"] == 0
+        assert data["dns"]["servers"] == [f"127.0.0.1:{port}"]
+        assert data["dns"]["queries"] > 0
+        assert data["dns"]["answered"] == 0
+        assert data["dns"]["error"] == no_answers(port, why).removeprefix("preflight: ")
+        assert err.strip() == no_answers(port, why)
+    finally:
+        if server is not None:
+            await server.stop()
+
+
+async def test_cli_exit_1_still_wins_when_a_check_failed_without_dns(
+    tmp_path: Path, silent_port: int
+) -> None:
+    """A key file that cannot be read is a problem found (exit 1) whatever DNS does; the line
+    about DNS is still there."""
+    doc = dead_doc(
+        tmp_path,
+        silent_port,
+        dkim={
+            "domains": {"example.test": {"keys": [{"selector": "s", "key_file": "/nonexistent"}]}}
+        },
+    )
+    code, out, err = await warmrelay("preflight", "-c", write(tmp_path, doc))
+    assert code == 1, out + err
+    assert no_answers(silent_port, "every query timed out") in out.splitlines()
+    row = next(line for line in out.splitlines() if "dkim:s" in line)
+    assert row.split()[:3] == ["example.test", "dkim:s", "fail"]
+    assert out.splitlines()[-1].startswith("1 failed")
+
+
+async def test_start_up_says_in_one_line_that_no_dns_answer_arrived(
+    tmp_path: Path, sink: Sink, silent_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="warmrelay.preflight")
+    doc = dead_doc(tmp_path, silent_port, routes={"*": f"127.0.0.1:{sink.port}"})
+    async with running(parse_config(doc)) as relay:
+        report = await relay.preflight.report()
+        assert not report.ok
+    lines = [r.getMessage() for r in caplog.records if r.name == "warmrelay.preflight"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert no_answers(silent_port, "every query timed out") in warned
+    assert not [line for line in lines if "no answer" in line], lines
+
+
+# -- non-public addresses: one note, not one line per check (issue 18) ----------------------
+
+
+async def test_start_up_sums_up_the_non_public_addresses_in_one_line(
+    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As with config.example.yaml (loopback IPs, no dns.nameservers): one line for both IPs
+    instead of six per IP."""
+    caplog.set_level(logging.INFO, logger="warmrelay.preflight")
+    async with running(relay_config(tmp_path, sink.port)) as relay:
+        await relay.preflight.report()
+    lines = [r.getMessage() for r in caplog.records if r.name == "warmrelay.preflight"]
+    assert (
+        "preflight: 127.0.0.2, 127.0.0.3 are not public addresses: PTR, helo, FCrDNS and DNSBL "
+        "checks skipped (public DNS knows nothing of them; set dns.nameservers to ask your own)"
+    ) in lines
+    assert not [line for line in lines if "not a public address" in line], lines
+
+
+async def test_cli_collapses_the_skipped_checks_into_one_note_each(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    ed25519_key(keys / "k.pem")
+    key = {"selector": "k", "key_file": str(keys / "k.pem"), "algorithm": "ed25519-sha256"}
+    doc = relay_doc(tmp_path, 9, dkim={"domains": {"example.test": {"keys": [key]}}})
+    code, out, err = await warmrelay("preflight", "-c", write(tmp_path, doc))
+    assert code == 0, out + err
+    assert "not looked up in public DNS" not in out  # no row per skipped check
+    lines = out.splitlines()
+    assert (
+        "127.0.0.2, 127.0.0.3 are not public addresses: PTR, helo, FCrDNS and DNSBL checks "
+        "skipped (public DNS knows nothing of them; set dns.nameservers to ask your own)"
+    ) in lines
+    assert (
+        "example.test is under a special-use top-level domain: SPF, DKIM and DMARC checks "
+        "skipped (public DNS knows nothing of it; set dns.nameservers to ask your own)"
+    ) in lines
+    assert [line.split()[:3] for line in lines[1:3]] == [
+        ["127.0.0.2", "bind", "pass"],
+        ["127.0.0.3", "bind", "pass"],
+    ]

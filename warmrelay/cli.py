@@ -534,7 +534,8 @@ def _print_suppressed(listing: dict[str, Any], address: str | None, as_json: boo
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     """Check each IP's and signing domain's DNS identity (meant to run on the sending host).
-    Exit 1 when a check that hurts delivery fails; unknown (no answer) does not fail.
+    Exit 1 when a check that hurts delivery fails; unknown (no answer) does not fail, but
+    no DNS answer at all is exit 2 (could not check): a green run must mean "checked".
     Changes nothing: the running relay pauses a listed warming IP itself."""
     import asyncio
     import json
@@ -545,9 +546,13 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     report = asyncio.run(Preflight(config).run())
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
+        if report.unchecked:  # the JSON says so too ("dns": {"error"}); this is for people
+            print(f"preflight: {report.unchecked}", file=sys.stderr)
     else:
         print(report.table())
-    return 0 if report.ok else 1
+    if report.failed:
+        return 1
+    return 2 if report.unchecked else 0
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:

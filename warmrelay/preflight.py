@@ -74,17 +74,34 @@ class Outcome(enum.Enum):
         return {Outcome.PASS: 1, Outcome.FAIL: 0, Outcome.UNKNOWN: None}[self]
 
 
+class Skip(enum.Enum):
+    """Why a check was not made at all (its subject means nothing to public DNS). The
+    operator needs that once per run, not once per check: ``Report.notes``."""
+
+    NOT_PUBLIC = ("is not a public address", "are not public addresses")
+    SPECIAL_USE = (
+        "is under a special-use top-level domain",
+        "are under special-use top-level domains",
+    )
+
+    def says(self, subjects: Sequence[str]) -> str:
+        one, many = self.value
+        return f"{subjects[0]} {one}" if len(subjects) == 1 else f"{', '.join(subjects)} {many}"
+
+
 @dataclass(frozen=True)
 class Check:
     """One check of one subject (an IP address or a signing domain), with its reason.
 
     ``check`` names: ``bind``, ``ptr``, ``helo``, ``fcrdns``, ``dnsbl:ZONE`` (per IP);
-    ``spf:IP``, ``dkim:SELECTOR``, ``dmarc`` (per signing domain)."""
+    ``spf:IP``, ``dkim:SELECTOR``, ``dmarc`` (per signing domain). ``skip``: the check was
+    not made (unknown) because of what its subject is, not because DNS did not answer."""
 
     subject: str
     check: str
     outcome: Outcome
     reason: str
+    skip: Skip | None = None
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -95,26 +112,127 @@ class Check:
         }
 
 
+# how the notes name a check: "PTR, helo, FCrDNS and DNSBL checks skipped"
+_FAMILIES = {
+    "ptr": "PTR",
+    "helo": "helo",
+    "fcrdns": "FCrDNS",
+    "dnsbl": "DNSBL",
+    "spf": "SPF",
+    "dkim": "DKIM",
+    "dmarc": "DMARC",
+}
+
+
+def _and(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+
+
+def skip_notes(checks: Sequence[Check]) -> list[str]:
+    """One line per kind of skip, naming every subject and the checks skipped for it; the
+    checks' own rows say the same thing a dozen times."""
+    subjects: dict[Skip, dict[str, None]] = {}
+    families: dict[Skip, dict[str, None]] = {}
+    for c in checks:
+        if c.skip is not None:
+            subjects.setdefault(c.skip, {})[c.subject] = None
+            family = c.check.partition(":")[0]
+            families.setdefault(c.skip, {})[_FAMILIES.get(family, family)] = None
+    notes = []
+    for skip, names in subjects.items():
+        them = "it" if len(names) == 1 else "them"
+        notes.append(
+            f"{skip.says(list(names))}: {_and(list(families[skip]))} checks skipped (public "
+            f"DNS knows nothing of {them}; set dns.nameservers to ask your own)"
+        )
+    return notes
+
+
+@dataclass(frozen=True)
+class DnsStats:
+    """How the run's lookups went. When not one answer arrived (a dead or refusing
+    resolver) every DNS check is unknown, which must not read as "nothing wrong"."""
+
+    servers: tuple[str, ...]  # host:port as asked
+    system: bool  # the system's resolver (dns.nameservers is empty)
+    queries: int
+    answered: int  # an answer, NXDOMAIN included; not a timeout, SERVFAIL or REFUSED
+    failures: tuple[tuple[str, int], ...] = ()  # (kind: "timed out", an rcode, "failed"), count
+    example: str = ""  # one failure's reason, for "failed"
+
+    @property
+    def error(self) -> str | None:
+        """One line saying that no DNS check could be made, or None when some could."""
+        if not self.queries or self.answered:
+            return None
+        where = ", ".join(self.servers)
+        if self.system:  # /etc/resolv.conf's, which may be what the operator forgot
+            where = (
+                f"the system resolver {where}" if where else "a system resolver without nameservers"
+            )
+        if len(self.failures) == 1:
+            kind = self.failures[0][0]
+            if kind == "timed out":
+                why = "every query timed out"
+            elif kind == "failed":
+                why = f"every query failed: {self.example}"
+            else:
+                why = f"every query was answered {kind}"
+        else:
+            why = "every query failed: " + ", ".join(
+                f"{n} {kind if kind in ('timed out', 'failed') else 'answered ' + kind}"
+                for kind, n in self.failures
+            )
+        return f"no DNS answers from {where} ({why}): nothing in DNS was checked"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "servers": list(self.servers),
+            "queries": self.queries,
+            "answered": self.answered,
+            "error": self.error,
+        }
+
+
 @dataclass(frozen=True)
 class Report:
     """The results of one run. Every failed check hurts delivery (a receiver would hold it
-    against the IP or the domain); ``ok`` is false as soon as one failed."""
+    against the IP or the domain); ``ok`` is false as soon as one failed, or when no DNS
+    answer arrived at all (nothing in DNS was checked: ``unchecked`` says why)."""
 
     started: datetime
     finished: datetime
     checks: tuple[Check, ...]
     paused: tuple[str, ...] = ()  # warming IPs this run paused (the relay only)
+    dns: DnsStats | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and self.unchecked is None
 
     @property
     def failed(self) -> list[Check]:
         return [c for c in self.checks if c.outcome is Outcome.FAIL]
 
+    @property
+    def unchecked(self) -> str | None:
+        return None if self.dns is None else self.dns.error
+
     def counts(self) -> dict[str, int]:
         return {o.value: sum(c.outcome is o for c in self.checks) for o in Outcome}
+
+    def notes(self) -> list[str]:
+        return skip_notes(self.checks)
+
+    def shown(self) -> list[Check]:
+        """The checks worth a row (or a log line) of their own: not the skipped ones (a note
+        says it once), nor, when no DNS answer arrived at all, every "no answer" (one line
+        says it)."""
+        return [
+            c
+            for c in self.checks
+            if c.skip is None and not (self.unchecked and c.outcome is Outcome.UNKNOWN)
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,24 +242,35 @@ class Report:
             "counts": self.counts(),
             "checks": [c.to_json() for c in self.checks],
             "paused": list(self.paused),
+            "dns": None if self.dns is None else self.dns.to_json(),
         }
 
     def table(self) -> str:
-        """For people: one row per check, then what to make of it."""
+        """For people: one row per check made, a note per kind of skipped check, then what
+        to make of it."""
         rows = [("SUBJECT", "CHECK", "RESULT", "REASON")]
-        rows += [(c.subject, c.check, c.outcome.value, c.reason) for c in self.checks]
+        rows += [(c.subject, c.check, c.outcome.value, c.reason) for c in self.shown()]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [
             "  ".join([*(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3]])
             for r in rows
         ]
+        lines += ["", *self.notes()] if self.notes() else []
         n = self.counts()
+        fix = ": each failure hurts delivery; fix it before warming"
+        if self.unchecked:
+            lines += ["", f"preflight: {self.unchecked}"]
+            if n["fail"]:
+                lines.append(f"{n['fail']} failed{fix}")
+            return "\n".join(lines)
+        skipped = sum(c.skip is not None for c in self.checks)
         advice = ""
         if n["fail"]:
-            advice = ": each failure hurts delivery; fix it before warming"
-        elif n["unknown"]:
+            advice = fix
+        elif n["unknown"] > skipped:  # asking again changes nothing for a skipped check
             advice = ": unknown is not a failure (no answer, or not asked); check again later"
-        lines += ["", f"{n['fail']} failed, {n['unknown']} unknown, {n['pass']} passed{advice}"]
+        unknown = f"{n['unknown']} unknown" + (f" ({skipped} skipped)" if skipped else "")
+        lines += ["", f"{n['fail']} failed, {unknown}, {n['pass']} passed{advice}"]
         return "\n".join(lines)
 
 
@@ -164,9 +293,12 @@ class Missing:
 
 @dataclass(frozen=True)
 class Failed:
-    """No answer: a timeout, SERVFAIL, a refused or malformed query. Never a "no"."""
+    """No answer: a timeout, SERVFAIL, a refused or malformed query. Never a "no".
+    ``kind`` sums it up for ``DnsStats``: "timed out", the rcode ("REFUSED", "SERVFAIL")
+    or "failed"."""
 
     reason: str
+    kind: str = "failed"
 
 
 Lookup = Found | Missing | Failed
@@ -186,12 +318,29 @@ def _rdata_text(rdata: Any) -> str:
     return str(rdata.to_text())
 
 
+def _no_nameservers(question: str, exc: dns.resolver.NoNameservers) -> Failed:
+    """Every nameserver gave up on the question: say what they answered (REFUSED,
+    SERVFAIL) when they all said the same, as that is what an operator can act on."""
+    said = [e[3] for e in exc.kwargs.get("errors") or []]  # an rcode's text, or an exception
+    if said and all(isinstance(x, str) for x in said) and len(set(said)) == 1:
+        return Failed(f"{question}: the nameservers answered {said[0]}", str(said[0]))
+    return Failed(f"{question}: the nameservers failed ({exc})")
+
+
+def _server_text(ns: object) -> str:
+    if isinstance(ns, dns.nameserver.Do53Nameserver):
+        host, port = ns.address, ns.port
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(ns)
+
+
 class DnsClient:
     """dnspython on the configured nameservers (the system's when none are), each lookup
     bounded by ``timeout_s``; answers are values, and each (name, type) is asked once per
     client (one client per run), however many checks need it."""
 
     def __init__(self, nameservers: Sequence[tuple[str, int]], timeout_s: float) -> None:
+        self._system = not nameservers
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [
@@ -220,14 +369,34 @@ class DnsClient:
         except dns.resolver.NXDOMAIN:
             return Missing(nxdomain=True)
         except dns.resolver.LifetimeTimeout:
-            return Failed(f"{rdtype} {name}: no answer within the timeout")
-        except dns.resolver.NoNameservers:
-            return Failed(f"{rdtype} {name}: the nameservers failed (SERVFAIL or refused)")
+            return Failed(f"{rdtype} {name}: no answer within the timeout", "timed out")
+        except dns.resolver.NoNameservers as exc:
+            return _no_nameservers(f"{rdtype} {name}", exc)
         except (dns.exception.DNSException, OSError) as exc:
             return Failed(f"{rdtype} {name}: {exc}")
         if answer.rrset is None:
             return Missing(nxdomain=False)
         return Found(tuple(_rdata_text(r) for r in answer.rrset))
+
+    def stats(self) -> DnsStats:
+        """What the lookups so far came to (each (name, type) counted once)."""
+        lookups = [
+            t.result()
+            for t in self._asked.values()
+            if t.done() and not t.cancelled() and t.exception() is None
+        ]
+        failed = [x for x in lookups if isinstance(x, Failed)]
+        kinds: dict[str, int] = {}
+        for f in failed:
+            kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        return DnsStats(
+            servers=tuple(_server_text(ns) for ns in self._resolver.nameservers),
+            system=self._system,
+            queries=len(lookups),
+            answered=len(lookups) - len(failed),
+            failures=tuple(kinds.items()),
+            example=failed[0].reason if failed else "",
+        )
 
     async def close(self) -> None:
         for task in self._asked.values():
@@ -237,15 +406,21 @@ class DnsClient:
 
 # -- blocklists ---------------------------------------------------------------------------
 
-# Spamhaus answers these instead of a listing when it will not answer the query; they say
-# nothing about the IP (https://www.spamhaus.org/faqs/domain-blocklist/#291)
-_REFUSALS = {
-    "127.255.255.252": "a typing error in the zone name",
-    "127.255.255.254": "queried through a public or open resolver",
-    "127.255.255.255": "too many queries",
+# RFC 5782 2.1: a listing is an A record in 127.0.0.0/8 from 127.0.0.2 on (127.0.0.1 is
+# never one: some lists answer it to a refused query). 127.255.255.0/24 are error codes;
+# Spamhaus answers these three instead of a listing when it will not answer the query
+# (https://www.spamhaus.org/faqs/domain-blocklist/#291). None of them says anything about
+# the IP: unknown, never "listed" (a listing pauses a warming IP), never "not listed".
+_ERROR_CODES = {
+    "127.255.255.252": "typing error in the zone name (check preflight.dnsbl_zones)",
+    "127.255.255.254": "query refused (public resolver?); ask through your own resolver "
+    "(dns.nameservers), not a public one",
+    "127.255.255.255": "excessive number of queries; ask through your own resolver "
+    "(dns.nameservers), not a shared public one",
 }
-_LISTED = ipaddress.ip_network("127.0.0.0/24")
-_REFUSED = ipaddress.ip_network("127.255.255.0/24")
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+_ERRORS = ipaddress.ip_network("127.255.255.0/24")
+_NOT_LISTINGS = {ipaddress.IPv4Address("127.0.0.0"), ipaddress.IPv4Address("127.0.0.1")}
 
 
 def dnsbl_name(ip: IPAddress, zone: str) -> str:
@@ -254,35 +429,46 @@ def dnsbl_name(ip: IPAddress, zone: str) -> str:
     return f"{reversed_ip}.{zone.strip().rstrip('.').lower()}"
 
 
-def classify_dnsbl(answer: Lookup, reasons: Lookup | None = None) -> tuple[Outcome, str]:
-    """A blocklist's answer: NXDOMAIN is "not listed", 127.0.0.x is "listed" (with the
-    TXT reason if any), a refusal (127.255.255.x) or no answer is unknown, never listed."""
+def _not_a_listing(value: str) -> str | None:
+    """Why one A value of a blocklist's answer is not a listing, or None when it is one."""
+    try:
+        code = ipaddress.IPv4Address(value)
+    except ValueError:
+        return "not a listing (not an IPv4 address)"
+    if code in _ERRORS:
+        return _ERROR_CODES.get(
+            value, "an error code of the list (127.255.255.0/24), not a listing"
+        )
+    if code in _NOT_LISTINGS:
+        return (
+            "not a listing (RFC 5782: listings are 127.0.0.2 and above; some lists answer "
+            "127.0.0.1 to a refused query)"
+        )
+    if code not in _LOOPBACK:
+        return "not a listing (outside 127.0.0.0/8: a resolver rewriting NXDOMAIN?)"
+    return None
+
+
+def classify_dnsbl(
+    answer: Lookup, reasons: Lookup | None = None, *, zone: str = "the list"
+) -> tuple[Outcome, str]:
+    """A blocklist's answer: NXDOMAIN is "not listed"; listing codes only (127.0.0.2 and
+    above) are "listed", with the TXT reason if any; any other answer (an error code,
+    127.0.0.1, an address outside 127.0.0.0/8) or no answer is unknown, with the zone and
+    the code: a wrong "listed" would pause a warming IP, a wrong "not listed" hide one."""
     if isinstance(answer, Failed):
         return Outcome.UNKNOWN, f"no answer ({answer.reason})"
     if isinstance(answer, Missing):
         return Outcome.PASS, "not listed"
-    codes: list[ipaddress.IPv4Address] = []
     for value in answer.values:
-        with contextlib.suppress(ValueError):
-            codes.append(ipaddress.IPv4Address(value))
-    listed = [c for c in codes if c in _LISTED]
-    if listed:
-        why = "; ".join(reasons.values) if isinstance(reasons, Found) else "no TXT reason given"
-        return Outcome.FAIL, f"listed ({', '.join(map(str, listed))}): {why}"
-    refused = [c for c in codes if c in _REFUSED]
-    if refused:
-        code = str(refused[0])
-        meaning = _REFUSALS.get(code, "the list refused the query")
-        return (
-            Outcome.UNKNOWN,
-            f"query refused ({code}: {meaning}); ask through your own resolver "
-            "(dns.nameservers), not a public one",
-        )
-    return (
-        Outcome.UNKNOWN,
-        f"unexpected answer {', '.join(answer.values)} (not a listing code; "
-        "a resolver rewriting NXDOMAIN?)",
-    )
+        why = _not_a_listing(value)
+        if why is not None:
+            reason = f"{zone} answered {value}: {why}"
+            if len(answer.values) > 1:
+                reason += f" (the whole answer: {', '.join(answer.values)})"
+            return Outcome.UNKNOWN, reason
+    why = "; ".join(reasons.values) if isinstance(reasons, Found) else "no TXT reason given"
+    return Outcome.FAIL, f"listed ({', '.join(answer.values)}): {why}"
 
 
 # -- SPF (RFC 7208) -------------------------------------------------------------------------
@@ -818,7 +1004,7 @@ class Preflight:
             by_ip[c.subject].append(c)
         checks = [c for cs in by_ip.values() for c in cs]
         checks += [c for cs in results[1 + len(self._config.ips) :] for c in cs]
-        return Report(started, self._clock(), tuple(checks))
+        return Report(started, self._clock(), tuple(checks), dns=self._dns.stats())
 
     def _ask_about_ip(self, ip: IPAddress) -> bool:
         return ip.is_global or bool(self._config.dns.nameservers)
@@ -827,16 +1013,18 @@ class Preflight:
         tld = domain.rstrip(".").lower().rpartition(".")[2]
         return tld not in SPECIAL_USE_TLDS or bool(self._config.dns.nameservers)
 
-    def _not_asked(self, subject: str, check: str, what: str) -> Check:
+    def _not_asked(self, subject: str, check: str, skip: Skip) -> Check:
         return Check(
             subject,
             check,
             Outcome.UNKNOWN,
-            f"{what}: not looked up in public DNS (set dns.nameservers to ask your own)",
+            f"{skip.says([subject])}: not looked up in public DNS (set dns.nameservers to "
+            "ask your own)",
+            skip,
         )
 
     def _ip_not_asked(self, ip: IPAddress, check: str) -> Check:
-        return self._not_asked(str(ip), check, f"{ip} is not a public address")
+        return self._not_asked(str(ip), check, Skip.NOT_PUBLIC)
 
     async def _blocklists(self, hook: BlocklistHook | None) -> list[Check]:
         async def one(ip: IPAddress, zone: str) -> Check:
@@ -846,9 +1034,9 @@ class Preflight:
             name = dnsbl_name(ip, zone)
             answer = await self._dns.query(name, "A")
             reasons = None
-            if isinstance(answer, Found):
-                reasons = await self._dns.query(name, "TXT")
-            outcome, reason = classify_dnsbl(answer, reasons)
+            if isinstance(answer, Found) and not any(map(_not_a_listing, answer.values)):
+                reasons = await self._dns.query(name, "TXT")  # only a listing has a reason
+            outcome, reason = classify_dnsbl(answer, reasons, zone=zone)
             return Check(str(ip), check, outcome, reason)
 
         checks = list(
@@ -941,7 +1129,7 @@ class Preflight:
         """SPF for every IP (any may carry the domain's mail), each DKIM key, DMARC."""
         keys = self._config.dkim.domains[domain].keys
         if not self._ask_about_domain(domain):
-            what = f"{domain} is under a special-use top-level domain"
+            what = Skip.SPECIAL_USE
             checks = [self._not_asked(domain, f"spf:{ip.address}", what) for ip in self._config.ips]
             for k in keys:  # the key file is still ours to check
                 key = _our_key(domain, k.selector, k.key_file, k.algorithm)
@@ -1099,12 +1287,18 @@ class RelayPreflight:
         report = replace(report, paused=tuple(paused))
         self.latest = report
         self._gauges(report)
-        for c in report.checks:
+        # one line per problem, not per check: a dead resolver or loopback IPs (as in the
+        # example configuration) would otherwise bury the failures under identical lines
+        if report.unchecked:
+            log.warning("preflight: %s", report.unchecked)
+        for c in report.shown():
             if c.outcome is not Outcome.PASS:
                 level = logging.WARNING if c.outcome is Outcome.FAIL else logging.INFO
                 log.log(
                     level, "preflight: %s %s %s: %s", c.subject, c.check, c.outcome.value, c.reason
                 )
+        for note in report.notes():
+            log.info("preflight: %s", note)
         n = report.counts()
         log.info(
             "preflight: %d failed, %d unknown, %d passed (GET /preflight for details)",
