@@ -38,9 +38,14 @@ def problems(doc: Any) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
-def warmrelay(*args: str) -> subprocess.CompletedProcess[str]:
+def warmrelay(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the command line as a real process, bounded in time."""
     return subprocess.run(
-        [sys.executable, "-m", "warmrelay", *args], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "warmrelay", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
     )
 
 
@@ -67,7 +72,7 @@ def test_preset_name_becomes_its_table() -> None:
     [
         ({"smtp": {"colour": "blue"}}, "smtp.colour: unknown key"),
         ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
-        ({"overflow": "spray"}, "overflow: Input should be 'pool', 'hold' or 'smarthost'"),
+        ({"overflow": "spray"}, "overflow: must be 'pool', 'hold' or 'smarthost' (got 'spray')"),
         ({"routes": {"*": "127.0.0.1"}}, "routes['*']: '127.0.0.1' needs a port"),
         ({"smtp": {"allow_networks": ["10.0.0.0/33"]}}, "smtp.allow_networks[0]:"),
         ({"state": {"counters": "mongodb://x"}}, "state.counters:"),
@@ -153,3 +158,146 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     result = warmrelay("check-config", "-c", str(broken))
     assert result.returncode == 1
     assert "not valid YAML" in result.stderr
+
+
+# -- messages an operator can act on (issue 18) -----------------------------------------------
+
+SYNTAX = """\
+smtp:
+  listen: ["127.0.0.1:2525"]
+  hostname: relay.example.test: x
+ips:
+  - {address: 127.0.0.3, helo: mta2.example.test}
+"""
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_a_yaml_syntax_error_is_file_line_column_in_two_lines(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(SYNTAX)
+    result = warmrelay(command, "-c", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"{path}:3:31: not valid YAML: mapping values are not allowed here",
+        "  3 |   hostname: relay.example.test: x",
+    ], result.stderr
+
+
+def test_an_unclosed_bracket_names_where_it_was_opened(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text('smtp:\n  listen: ["127.0.0.1:2525"\nips: []\n')
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:3:1: not valid YAML: expected ',' or ']', but got '<scalar>' "
+        "(while parsing a flow sequence at line 2)",
+        "  3 | ips: []",
+    ], result.stderr
+
+
+def test_a_blank_error_line_shows_the_line_that_opened_the_construct(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text("ips: [\n")
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{path}:2:1: not valid YAML: "), result.stderr
+    assert lines[1:] == ["  1 | ips: ["]
+
+
+def test_a_control_character_is_named_with_its_line(tmp_path: Path) -> None:
+    """PyYAML refuses it before parsing, with an offset only (this was a traceback)."""
+    path = tmp_path / "relay.yaml"
+    path.write_text("ips:\n  - {address: 127.0.0.3, helo: mta\x072.example.test}\n")
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:2:35: not valid YAML: special characters are not allowed (character U+0007)",
+        "  2 |   - {address: 127.0.0.3, helo: mta\\x072.example.test}",  # shown, not rung
+    ], result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"smtp": {"max_recipients": "ten"}},
+            "smtp.max_recipients: must be an integer (got 'ten')",
+        ),
+        ({"smtp": {"max_recipients": 0}}, "smtp.max_recipients: must be greater than 0 (got 0)"),
+        ({"smtp": {"timeout_s": "soon"}}, "smtp.timeout_s: must be a number (got 'soon')"),
+        ({"smtp": {"hostname": 5}}, "smtp.hostname: must be a string (got 5)"),
+        (
+            {"smtp": {"listen": [{"address": "127.0.0.1:2525", "require_auth": "maybe"}]}},
+            "smtp.listen[0].require_auth: must be true or false (got 'maybe')",
+        ),
+        (
+            {"smtp": {"bare_newlines": "fix"}},
+            "smtp.bare_newlines: must be 'normalize' or 'reject' (got 'fix')",
+        ),
+        ({"delivery": {"mx_port": 1.5}}, "delivery.mx_port: must be an integer (got 1.5)"),
+        ({"delivery": {"mx_port": None}}, "delivery.mx_port: must be an integer (got nothing)"),
+    ],
+)
+def test_a_type_error_echoes_the_bad_value(change: dict[str, Any], expected: str) -> None:
+    assert expected in problems(minimal(**change))
+
+
+def test_a_secret_is_never_echoed() -> None:
+    doc = minimal(smtp={"users": {"app": {"password_hash": 123456789}}})
+    (found,) = problems(doc)
+    assert found == "smtp.users.app.password_hash: must be a string"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"overflw": "hold"}, "overflw: unknown key (did you mean overflow?)"),
+        (
+            {"smtp": {"max_recipents": 5}},
+            "smtp.max_recipents: unknown key (did you mean max_recipients?)",
+        ),
+        (
+            {"smtp": {"listen": [{"address": "127.0.0.1:2525", "requre_auth": True}]}},
+            "smtp.listen[0].requre_auth: unknown key (did you mean require_auth?)",
+        ),
+        (
+            {"dkim": {"domains": {"example.test": {"keys": [{"selecter": "s", "key_file": "k"}]}}}},
+            "dkim.domains['example.test'].keys[0].selecter: unknown key (did you mean selector?)",
+        ),
+        ({"smtp": {"colour": "blue"}}, "smtp.colour: unknown key"),  # nothing close: no guess
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_known_one(
+    change: dict[str, Any], expected: str
+) -> None:
+    assert expected in problems(minimal(**change))
+
+
+def test_an_unknown_key_deep_in_an_ip_entry() -> None:
+    doc = minimal()
+    doc["ips"][0]["warmup"]["shedule_x"] = 1
+    doc["ips"][0]["warmup"]["sending_hour"] = "08:00-20:00"
+    found = problems(doc)
+    assert "ips[0].warmup.sending_hour: unknown key (did you mean sending_hours?)" in found
+    assert "ips[0].warmup.shedule_x: unknown key (did you mean schedule?)" in found
+
+
+def test_serve_and_check_config_print_the_same_problems(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        "smtp: {max_recipients: ten, colour: blue}\n"
+        "overflw: hold\n"
+        "ips:\n  - {address: 127.0.0.3, helo: mta2.example.test}\n"
+    )
+    check = warmrelay("check-config", "-c", str(path))
+    serve = warmrelay("serve", "-c", str(path))
+    assert check.returncode == serve.returncode == 1
+    assert check.stderr == serve.stderr
+    assert check.stderr.splitlines() == [
+        f"{path}: 3 error(s)",
+        "  smtp.max_recipients: must be an integer (got 'ten')",
+        "  smtp.colour: unknown key",
+        "  overflw: unknown key (did you mean overflow?)",
+    ]

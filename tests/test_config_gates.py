@@ -1,5 +1,6 @@
 """Gates at load and start: an unset admin token, an open relay, duplicate keys, source IPs
-that are not on this host and malformed shapes are refused or reported, never passed over.
+that are not on this host and malformed shapes are refused or reported, never passed over;
+and check-config refuses what serve refuses at start (keys, TLS files, state.dir, addresses).
 
 Real sockets and real processes on loopback. 192.0.2.7 (TEST-NET-1) is never on the host:
 binding to it fails with EADDRNOTAVAIL, and no packet is ever sent to it.
@@ -8,11 +9,14 @@ binding to it fails with EADDRNOTAVAIL, and no packet is ever sent to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from warmrelay.config import (
     host_warnings,
     load_config,
     parse_config,
+    start_problems,
 )
 from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
 
@@ -37,11 +42,15 @@ UNBOUND = "192.0.2.7"
 
 
 def warmrelay(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 30
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60,
+    prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run the command line as a real process, bounded in time."""
+    """Run the command line as a real process, bounded in time (``prefix``: a command that
+    runs it, e.g. with fewer rights)."""
     return subprocess.run(
-        [sys.executable, "-m", "warmrelay", *args],
+        [*prefix, sys.executable, "-m", "warmrelay", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -96,13 +105,6 @@ def test_relay_refuses_an_unset_or_blank_token(
     (problem,) = info.value.problems
     assert problem.path == "admin.token_env" and TOKEN_ENV in problem.message
     assert not (tmp_path / "state").exists()  # refused before anything was opened
-
-
-def test_check_config_warns_about_an_unset_token_but_passes(tmp_path: Path) -> None:
-    path = write(tmp_path, relay_doc(tmp_path, 9, admin={"token_env": TOKEN_ENV}))
-    result = warmrelay("check-config", "-c", str(path), env=env_without(TOKEN_ENV))
-    assert result.returncode == 0, result.stderr
-    assert f"  admin.token_env: {TOKEN_ENV} is not set" in result.stderr
 
 
 async def raw_request(port: int, request: str) -> tuple[str, dict[str, str]]:
@@ -484,3 +486,294 @@ def test_problems_are_data() -> None:
     doc = relay_doc(Path("/nonexistent"), 9, smtp={"allow_networks": ["192.0.2.0/24"]})
     (warning,) = config_warnings(parse_config(doc))
     assert isinstance(warning, ConfigProblem) and warning.path == "smtp.allow_networks[0]"
+
+
+# -- 3. check-config refuses what serve refuses (issue 18) ------------------------------------
+#
+# The systemd unit runs check-config as ExecStartPre: a file it passes must not be one that
+# serve then refuses. Each case runs both commands on one file and wants the same problem.
+
+KEY_FILE = "dkim.domains['example.test'].keys[0].key_file"
+
+
+def dkim_doc(tmp_path: Path, key: Path, algorithm: str = "rsa-sha256") -> dict[str, Any]:
+    keys = [{"selector": "s1", "key_file": str(key), "algorithm": algorithm}]
+    return relay_doc(tmp_path, 9, dkim={"domains": {"example.test": {"keys": keys}}})
+
+
+def refused_alike(
+    path: Path, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+    """(check-config's error lines, serve's refusal lines), each without its framing;
+    both exit 1 without a traceback."""
+    check = warmrelay("check-config", "-c", str(path), env=env, prefix=prefix)
+    serve = warmrelay("serve", "-c", str(path), env=env, prefix=prefix)
+    for result in (check, serve):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr, result.stderr
+    errors = check.stderr.splitlines()
+    assert errors[0].endswith(" error(s)"), check.stderr
+    refusal = f"{path}: cannot start: "
+    assert all(line.startswith(refusal) for line in serve.stderr.splitlines()), serve.stderr
+    return [e.removeprefix("  ") for e in errors[1:]], [
+        line.removeprefix(refusal) for line in serve.stderr.splitlines()
+    ]
+
+
+def assert_refused(path: Path, expected: str, env: dict[str, str] | None = None) -> None:
+    checked, served = refused_alike(path, env)
+    assert any(p.startswith(expected) for p in checked), checked
+    assert any(p.startswith(expected) for p in served), served
+
+
+def rsa_pem(bits: int = 2048) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def ed25519_public_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    return (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
+def test_check_config_refuses_a_missing_dkim_key(tmp_path: Path) -> None:
+    key = tmp_path / "absent.pem"
+    path = write(tmp_path, dkim_doc(tmp_path, key))
+    assert_refused(path, f"{KEY_FILE}: cannot read {key}: No such file or directory")
+
+
+KEY_CONTENTS: dict[str, Callable[[], bytes]] = {
+    "garbage": lambda: b"-----BEGIN NONSENSE-----\nxyz\n",
+    "a public key": ed25519_public_pem,
+    "RSA-2048": rsa_pem,
+    "RSA-1024": lambda: rsa_pem(1024),
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "algorithm", "expected"),
+    [
+        ("garbage", "rsa-sha256", "is not a PEM private key"),
+        ("a public key", "rsa-sha256", "is not a PEM private key"),
+        ("RSA-2048", "ed25519-sha256", "is not an Ed25519 key (algorithm is ed25519-sha256)"),
+        ("RSA-1024", "rsa-sha256", "is a 1024-bit RSA key"),
+    ],
+)
+def test_check_config_refuses_a_key_file_that_is_no_usable_key(
+    tmp_path: Path, content: str, algorithm: str, expected: str
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_bytes(KEY_CONTENTS[content]())
+    key.chmod(0o600)
+    path = write(tmp_path, dkim_doc(tmp_path, key, algorithm))
+    assert_refused(path, f"{KEY_FILE}: {key} {expected}")
+
+
+def without_root_rights() -> list[str]:
+    """A command prefix that takes away root's right to read and write any file
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): the tests run as root in CI, and the service
+    runs as its own user. Empty when not root (the rights are not there to drop)."""
+    if os.geteuid() != 0:
+        return []
+    tool = shutil.which("setpriv")
+    if tool is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    drop = "-dac_override,-dac_read_search"
+    return [tool, f"--inh-caps={drop}", f"--bounding-set={drop}"]
+
+
+def not_ours(path: Path, mode: int) -> None:
+    """Make ``path`` another user's with ``mode`` (as root), or leave us only the rights
+    of others in ``mode`` (as anyone else)."""
+    if os.geteuid() == 0:
+        path.chmod(mode)
+        os.chown(path, 65534, 65534)
+    else:
+        path.chmod((mode & 0o007) * 0o111)
+
+
+@pytest.mark.parametrize("layout", ["missing", "exists", "hidden"])
+def test_check_config_refuses_an_unreadable_key_and_state_dir(tmp_path: Path, layout: str) -> None:
+    """A key file of mode 0600 and a state directory of another user (e.g. created by a
+    run as root before the service's first start as its own user)."""
+    key = tmp_path / "key.pem"
+    key.write_bytes(rsa_pem())
+    not_ours(key, 0o600)
+    other = tmp_path / "other"
+    other.mkdir()
+    not_ours(other, 0o700 if layout == "hidden" else 0o755)
+    state = other if layout == "exists" else other / "state"
+    doc = dkim_doc(tmp_path, key)
+    doc["state"]["dir"] = str(state)
+    checked, served = refused_alike(write(tmp_path, doc), prefix=without_root_rights())
+    expected = {
+        "missing": f"{state} cannot be created: {other}: Permission denied",
+        "exists": f"{state} is not writable: Permission denied",
+        "hidden": f"{state} cannot be reached: Permission denied",  # not even a stat
+    }
+    for problem in (
+        f"{KEY_FILE}: cannot read {key}: Permission denied",
+        f"state.dir: {expected[layout]}",
+    ):
+        assert problem in checked, checked
+        assert problem in served, served
+
+
+def test_check_config_refuses_a_state_dir_under_a_file(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    doc = relay_doc(tmp_path, 9, state={"dir": str(afile / "state")})
+    path = write(tmp_path, doc)
+    assert_refused(
+        path, f"state.dir: {afile / 'state'} cannot be created: {afile} is not a directory"
+    )
+    assert_refused(
+        write(tmp_path, relay_doc(tmp_path, 9, state={"dir": str(afile)})),
+        f"state.dir: {afile} is not a directory",
+    )
+
+
+@contextlib.contextmanager
+def read_only_tmpfs(path: Path) -> Iterator[Path]:
+    """A read-only file system at ``path`` (EROFS for root too); skips where mounting is not
+    permitted, fails under CI=true (as tests/test_disk_faults.py does)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        reason = f"cannot mount a tmpfs: {done.stderr.strip()}"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{reason} (CI=true: this test must run)")
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def test_check_config_refuses_a_read_only_state_dir(tmp_path: Path) -> None:
+    with read_only_tmpfs(tmp_path / "ro") as ro:
+        doc = relay_doc(tmp_path, 9, state={"dir": str(ro)})
+        assert_refused(
+            write(tmp_path, doc), f"state.dir: {ro} is not writable: Read-only file system"
+        )
+        doc = relay_doc(tmp_path, 9, state={"dir": str(ro / "state")})
+        assert_refused(
+            write(tmp_path, doc),
+            f"state.dir: {ro / 'state'} cannot be created: {ro}: Read-only file system",
+        )
+
+
+def test_check_config_refuses_a_read_only_spool(tmp_path: Path) -> None:
+    """serve refuses a read-only spool (every later start would deliver its mail again)."""
+    state = tmp_path / "state"
+    with read_only_tmpfs(state / "spool") as spool:
+        path = write(tmp_path, relay_doc(tmp_path, 9))
+        assert_refused(path, f"state.dir: {spool} is not writable: Read-only file system")
+
+
+def test_check_config_refuses_tls_files_serve_cannot_load(tmp_path: Path) -> None:
+    import trustme
+
+    leaf = trustme.CA().issue_cert("relay.test")
+    cert, key, other = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    trustme.CA().issue_cert("relay.test").private_key_pem.write_to_path(str(other))
+    absent = tmp_path / "absent.pem"
+    doc = relay_doc(tmp_path, 9, smtp={"tls": {"cert": str(absent), "key": str(key)}})
+    assert_refused(write(tmp_path, doc), f"smtp.tls.cert: cannot read {absent}: No such file")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    doc = relay_doc(tmp_path, 9, smtp={"tls": {"cert": str(garbage), "key": str(key)}})
+    assert_refused(write(tmp_path, doc), f"smtp.tls.cert: {garbage} is not a PEM certificate")
+    doc = relay_doc(tmp_path, 9, smtp={"tls": {"cert": str(cert), "key": str(other)}})
+    assert_refused(write(tmp_path, doc), f"smtp.tls.key: {other} is not the key of {cert}")
+
+
+def test_check_config_refuses_an_unset_admin_token(tmp_path: Path) -> None:
+    """serve refuses to start without it; ExecStartPre runs with the service's environment."""
+    path = write(tmp_path, relay_doc(tmp_path, 9, admin={"token_env": TOKEN_ENV}))
+    assert_refused(
+        path,
+        f"admin.token_env: the environment variable {TOKEN_ENV} is not set or empty",
+        env_without(TOKEN_ENV),
+    )
+
+
+def test_check_config_and_serve_list_the_same_problems(tmp_path: Path) -> None:
+    """One function decides what serve refuses at start; check-config lists its answer."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    doc = dkim_doc(tmp_path, tmp_path / "absent.pem")
+    doc["state"]["dir"] = str(afile / "state")
+    doc["admin"]["token_env"] = TOKEN_ENV
+    doc["smtp"]["tls"] = {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")}
+    checked, served = refused_alike(write(tmp_path, doc), env_without(TOKEN_ENV))
+    assert checked == served
+    assert [p.partition(":")[0] for p in checked] == [
+        "admin.token_env",
+        KEY_FILE,
+        "smtp.tls.cert",
+        "smtp.tls.key",
+        "state.dir",
+    ]
+
+
+def test_check_config_creates_nothing(tmp_path: Path) -> None:
+    path = write(tmp_path, relay_doc(tmp_path, 9))
+    result = warmrelay("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "state").exists()  # serve creates it; a check does not
+
+
+def test_start_problems_of_a_good_file_are_none(tmp_path: Path) -> None:
+    assert start_problems(relay_config(tmp_path, 9)) == []
+    assert not (tmp_path / "state").exists()
+
+
+def test_check_config_refuses_listening_addresses_not_on_this_host(tmp_path: Path) -> None:
+    doc = relay_doc(tmp_path, 9, smtp={"listen": ["127.0.0.1:0", f"{UNBOUND}:2525"]})
+    doc["admin"]["listen"] = f"{UNBOUND}:9465"
+    checked, served = refused_alike(write(tmp_path, doc))
+    assert (
+        checked
+        == served
+        == [
+            f"smtp.listen[1].address: {UNBOUND}:2525 cannot be bound on this host: "
+            "Cannot assign requested address",
+            f"admin.listen: {UNBOUND}:9465 cannot be bound on this host: "
+            "Cannot assign requested address",
+        ]
+    )
+
+
+def test_a_port_in_use_is_no_problem_for_check_config(tmp_path: Path) -> None:
+    """The relay being checked (before a reload) holds its ports."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        doc = relay_doc(tmp_path, 9, smtp={"listen": [f"127.0.0.1:{port}"]})
+        result = warmrelay("check-config", "-c", str(write(tmp_path, doc)))
+    assert result.returncode == 0, result.stderr

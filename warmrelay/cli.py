@@ -12,11 +12,12 @@ from warmrelay import __version__
 from warmrelay.config import (
     Config,
     IPConfig,
-    admin_token,
+    config_error_lines,
     config_warnings,
     host_warnings,
     load_config,
     redact_url,
+    start_problems,
 )
 from warmrelay.control import IP_ACTIONS
 from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
@@ -197,12 +198,19 @@ def _print_problems(path: str, kind: str, problems: Sequence[ConfigProblem]) -> 
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Exit 1 on errors. Warnings (likely mistakes, and what does not hold on this host)
-    go to stderr but exit 0: the file is valid and may be meant for another host."""
+    """Exit 1 on errors: those of the file, and whatever serve would refuse to start with
+    here (start_problems: the systemd unit runs this before serve, so it must refuse what
+    serve refuses). Warnings (likely mistakes, and what does not hold on this host but
+    does not stop serve) go to stderr but exit 0."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        _print_problems(args.config, "error", exc.problems)
+        for line in config_error_lines(args.config, exc):
+            print(line, file=sys.stderr)
+        return 1
+    problems = start_problems(config)
+    if problems:
+        _print_problems(args.config, "error", problems)
         return 1
     now = datetime.now(UTC)
     router, stored = _stored_state(config)
@@ -629,13 +637,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run(receive_config(), Worker(*worker))
     config = _load_or_exit(args.config)
-    try:
-        admin_token(config.admin)  # refuse before anything starts (supervisor, workers)
-        from warmrelay.dkim import load_keys
-
-        load_keys(config.dkim)  # a broken key must not become a worker restart loop
-    except ConfigError as exc:
-        for problem in exc.problems:
+    # refused before anything starts (supervisor, workers): a broken key or an unwritable
+    # state.dir must not become a worker restart loop; check-config runs the same checks
+    problems = start_problems(config)
+    if problems:
+        for problem in problems:
             print(f"{args.config}: cannot start: {problem}", file=sys.stderr)
         return 1
     try:
@@ -658,12 +664,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_or_exit(path: str) -> Config:
+    """The configuration, or exit 1 having printed what check-config prints for it."""
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"{path}: {len(exc.problems)} error(s)", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        for line in config_error_lines(path, exc):
+            print(line, file=sys.stderr)
         raise SystemExit(1) from None
 
 

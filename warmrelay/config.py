@@ -9,15 +9,18 @@ are wrong too.
 
 from __future__ import annotations
 
+import difflib
 import errno
 import ipaddress
 import os
 import re
 import socket
+import ssl
+import types
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -729,15 +732,99 @@ _SHAPE_ERRORS = {
 }
 
 
+# pydantic's type errors in the words of someone editing YAML ("a valid integer, unable to
+# parse string as an integer" says less than "must be an integer (got 'ten')")
+_TYPE_ERRORS = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+}
+
+# Errors whose message is ours (it shows the value where that helps) or already says what
+# was found: no "(got ...)" after them.
+_NO_ECHO = {
+    "value_error",
+    "assertion_error",
+    "missing",
+    "extra_forbidden",
+    "too_short",
+    "too_long",
+    *_SHAPE_ERRORS,
+}
+
+
+def _got(value: Any) -> str:
+    """The value found, as it was written in YAML, short enough for one line."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:56] + "...'"
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field may hold: Annotated and unions (``X | None``) taken apart."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _known_keys(loc: Sequence[int | str]) -> list[str]:
+    """The keys the mapping at ``loc`` may have (its model's fields), found by following
+    the models from Config down; empty when ``loc`` leads to no model."""
+    at: list[Any] = [Config]
+    for part in loc:
+        inside: list[Any] = []
+        for member in (m for a in at for m in _members(a)):
+            origin, args = get_origin(member), get_args(member)
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if isinstance(part, str) and part in member.model_fields:
+                    inside.append(member.model_fields[part].annotation)
+            elif origin in (tuple, list) and isinstance(part, int) and args:
+                inside.append(args[0])
+            elif origin in (Mapping, dict) and isinstance(part, str) and len(args) == 2:
+                inside.append(args[1])
+        at = inside
+    models = [m for a in at for m in _members(a) if isinstance(m, type)]
+    return [name for m in models if issubclass(m, BaseModel) for name in m.model_fields]
+
+
 def _message(err: Mapping[str, Any]) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
-    if err["type"] == "missing":
+    """One pydantic error in YAML words: what is wrong, the nearest known key for a
+    misspelt one, the value found for a type error (never a secret's)."""
+    loc: Sequence[int | str] = err["loc"]
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        near = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+        return f"unknown key (did you mean {near[0]}?)" if near else "unknown key"
+    if kind == "missing":
         return "required key is missing"
-    if err["type"] in _SHAPE_ERRORS:  # YAML words, not Python ones ("a valid tuple")
-        return f"{_SHAPE_ERRORS[err['type']]}, not {_kind(err.get('input'))}"
-    msg = str(err["msg"])
-    return msg.removeprefix("Value error, ")
+    if kind in _SHAPE_ERRORS:  # YAML words, not Python ones ("a valid tuple")
+        return f"{_SHAPE_ERRORS[kind]}, not {_kind(err.get('input'))}"
+    if kind in ("too_short", "too_long") and isinstance(err.get("ctx"), Mapping):
+        ctx = err["ctx"]
+        bound = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+        return f"must have at {'least' if kind == 'too_short' else 'most'} {bound} item(s)"
+    msg = _TYPE_ERRORS.get(kind) or str(err["msg"]).removeprefix("Value error, ")
+    msg = re.sub(r"^Input should be ", "must be ", msg)
+    secret = any(isinstance(part, str) and _is_secret(part) for part in loc)
+    if kind in _NO_ECHO or secret or "input" not in err:
+        return msg
+    return f"{msg} (got {_got(err['input'])})"
 
 
 def _validation_problems(exc: ValidationError) -> list[ConfigProblem]:
@@ -951,6 +1038,62 @@ _Loader.add_constructor(
 )
 
 
+class ConfigSyntaxError(ConfigError):
+    """The file is not YAML. One problem, ``FILE:LINE:COLUMN: not valid YAML: what``, and
+    the line it is on (``source``, or None): PyYAML's own text is nine lines about a
+    "<unicode string>" that names neither the file nor, plainly, the line."""
+
+    def __init__(self, problem: ConfigProblem, source: str | None) -> None:
+        super().__init__([problem])
+        self.source = source
+
+
+def _source_line(mark: yaml.Mark) -> str | None:
+    """``  LINE | text``: the line ``mark`` is on, or the last non-blank one before it (an
+    error found at a blank line or the end of the file was made above it)."""
+    if not isinstance(mark.buffer, str):
+        return None
+    lines = mark.buffer.rstrip("\0").split("\n")
+    for n in range(min(mark.line, len(lines) - 1), -1, -1):
+        text = lines[n].rstrip("\r ")
+        if text.strip():  # control characters and tabs shown as escapes, not rung or lost
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+            return f"  {n + 1} | {text if len(text) <= 120 else text[:117] + '...'}"
+    return None
+
+
+def _syntax_error(path: Path, text: str, exc: yaml.YAMLError) -> ConfigSyntaxError:
+    """``exc`` as one line naming file, line and column (1-based, as editors count), with
+    what was being parsed when that helps (an unclosed bracket), and the source line."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: only its offset
+        line = text.count("\n", 0, exc.position)
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1)
+        mark = yaml.Mark(str(path), exc.position, line, column, text, exc.position)
+        what = f"{exc.reason} (character U+{int(exc.character):04X})"
+        where = f"{path}:{line + 1}:{column + 1}"
+        problem = ConfigProblem("", f"{where}: not valid YAML: {what}")
+        return ConfigSyntaxError(problem, _source_line(mark))
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        text = " ".join(str(exc).split())
+        return ConfigSyntaxError(ConfigProblem("", f"{path} is not valid YAML: {text}"), None)
+    mark, context_mark = exc.problem_mark, exc.context_mark
+    what = exc.problem or exc.context or "syntax error"
+    if exc.problem and exc.context and context_mark is not None:
+        what += f" ({exc.context} at line {context_mark.line + 1})"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    source = _source_line(mark)
+    return ConfigSyntaxError(ConfigProblem("", f"{where}: not valid YAML: {what}"), source)
+
+
+def config_error_lines(path: str | Path, exc: ConfigError) -> list[str]:
+    """What check-config and serve print for a file that cannot be loaded (one formatter,
+    so both say the same): a syntax error in at most two lines, else a count and every
+    problem with its key path."""
+    if isinstance(exc, ConfigSyntaxError):
+        return [str(p) for p in exc.problems] + ([exc.source] if exc.source else [])
+    return [f"{path}: {len(exc.problems)} error(s)", *(f"  {p}" for p in exc.problems)]
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML file. Relative paths in it are relative to the file.
 
@@ -964,11 +1107,14 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(
             [ConfigProblem("", f"{p} is not UTF-8 text (byte {exc.start} cannot be decoded)")]
         ) from None
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)  # refuses control characters already
+    except yaml.YAMLError as exc:
+        raise _syntax_error(p, text, exc) from None
     try:
         doc = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise ConfigError([ConfigProblem("", f"{p} is not valid YAML: {exc}")]) from exc
+        raise _syntax_error(p, text, exc) from None
     except RecursionError:
         raise ConfigError([ConfigProblem("", f"{p} is nested too deeply")]) from None
     finally:
@@ -1152,8 +1298,9 @@ def admin_token(admin: AdminConfig) -> str | None:
 
 
 def host_warnings(config: Config) -> list[ConfigProblem]:
-    """What does not hold on this host or in this environment. Warnings, not errors: a file
-    may well be checked on another machine than the one that will run it."""
+    """What does not hold on this host but does not stop serve either (it marks such an IP
+    down and sends from the others). Warnings, not errors: a file may well be checked on
+    another machine than the one that will run it. What serve refuses: start_problems."""
     warnings: list[ConfigProblem] = []
     for i, ip in enumerate(config.ips):
         exc = bind_error(ip.address)
@@ -1166,15 +1313,168 @@ def host_warnings(config: Config) -> list[ConfigProblem]:
                     "here marks this IP down and sends its mail from the other IPs",
                 )
             )
+    return warnings
+
+
+# -- what serve refuses at start -------------------------------------------------------
+#
+# A valid file can still be one `serve` refuses on this host. These checks are the ones it
+# runs before anything starts; check-config runs the same function, because the systemd
+# unit's ExecStartPre relies on it: a file check-config passes must not fail to start.
+
+
+def _write_probe(directory: Path) -> OSError | None:
+    """Why a file cannot be created in ``directory``, or None. An unnamed O_TMPFILE file
+    (gone at close, never seen by a relay that runs there) tells it exactly, for root too
+    (read-only file system, immutable directory); os.access where O_TMPFILE is missing."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            os.close(os.open(directory, flag | os.O_WRONLY, 0o600))
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return exc
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    read_only = os.statvfs(directory).f_flag & os.ST_RDONLY
+    code = errno.EROFS if read_only else errno.EACCES
+    return OSError(code, os.strerror(code))
+
+
+def state_dir_problem(state_dir: Path) -> ConfigProblem | None:
+    """Why serve could not create or write ``state.dir`` (its lock, counters and spool live
+    there), or None. Creates nothing: a missing directory is judged by its nearest
+    existing parent, which serve would create it in."""
+    try:
+        return _state_dir_problem(state_dir)
+    except OSError as exc:  # not even a look: a parent directory that may not be entered
+        return ConfigProblem("state.dir", f"{state_dir} cannot be reached: {exc.strerror}")
+
+
+def _state_dir_problem(state_dir: Path) -> ConfigProblem | None:
+    where = "state.dir"
+    if not state_dir.exists():
+        parent = state_dir.parent
+        while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+            parent = parent.parent
+        if parent.is_symlink() and not parent.exists():
+            reason = f"{parent} is a symbolic link to nothing"
+        elif state_dir.is_symlink():
+            reason = f"it is a symbolic link to nothing ({os.readlink(state_dir)})"
+        elif not parent.is_dir():
+            reason = f"{parent} is not a directory"
+        elif (exc := _write_probe(parent)) is not None:
+            reason = f"{parent}: {exc.strerror}"
+        else:
+            return None
+        return ConfigProblem(where, f"{state_dir} cannot be created: {reason}")
+    if not state_dir.is_dir():
+        return ConfigProblem(where, f"{state_dir} is not a directory")
+    # the directory itself, and the spools a relay (or a worker of --workers) left there:
+    # a start on a read-only spool is refused (its deliveries could not be recorded)
+    spools = sorted(
+        d for d in state_dir.glob("spool*") if re.fullmatch(r"spool(-\d+)?", d.name) and d.is_dir()
+    )
+    for directory in [state_dir, *spools]:
+        exc = _write_probe(directory)
+        if exc is not None:
+            return ConfigProblem(where, f"{directory} is not writable: {exc.strerror}")
+    from warmrelay.supervisor import LOCK_NAME  # the flock serve takes (supervisor imports us)
+
+    lock = state_dir / LOCK_NAME
+    if lock.exists():
+        try:
+            os.close(os.open(lock, os.O_RDWR))  # no flock: a running relay keeps its lock
+        except OSError as exc:
+            return ConfigProblem(where, f"{lock} cannot be opened for writing: {exc.strerror}")
+    return None
+
+
+def _tls_problems(tls: TlsConfig) -> list[ConfigProblem]:
+    """Why the listeners' certificate and key cannot be loaded, as serve loads them."""
+    problems = []
+    for name, path in (("cert", tls.cert), ("key", tls.key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(
+                ConfigProblem(f"smtp.tls.{name}", f"cannot read {path}: {exc.strerror}")
+            )
+    if problems:
+        return problems
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_verify_locations(cafile=tls.cert)  # parses the chain alone
+    except (ssl.SSLError, ValueError):
+        return [ConfigProblem("smtp.tls.cert", f"{tls.cert} is not a PEM certificate chain")]
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:
+        """Without this OpenSSL would prompt on the terminal for an encrypted key."""
+        asked.append(True)
+        return b""
+
+    try:
+        context.load_cert_chain(tls.cert, tls.key, password=no_passphrase)
+    except ssl.SSLError as exc:
+        if asked:
+            message = f"{tls.key} is encrypted with a passphrase; store it without"
+        elif exc.reason == "KEY_VALUES_MISMATCH":
+            message = f"{tls.key} is not the key of {tls.cert}"
+        else:
+            message = f"{tls.key} is not a PEM private key for {tls.cert}"
+        return [ConfigProblem("smtp.tls.key", message)]
+    except OSError as exc:
+        return [ConfigProblem("smtp.tls", f"cannot load {tls.cert} and {tls.key}: {exc}")]
+    return []
+
+
+def _listen_problem(where: str, address: tuple[str, int]) -> ConfigProblem | None:
+    """Why serve could not listen on ``address`` here: not an address of this host, or a
+    port below 1024 without the right to bind it. A port in use is no problem: the relay
+    being checked or restarted may hold it right now."""
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)" if port < 1024 else ""
+        text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return ConfigProblem(where, f"{text} cannot be bound on this host: {exc.strerror}{hint}")
+    return None
+
+
+def start_problems(config: Config) -> list[ConfigProblem]:
+    """Everything ``serve`` refuses to start with, beyond a valid file: an unset admin
+    token, DKIM keys it cannot use, TLS files it cannot load, listening addresses it
+    cannot bind, a state.dir it cannot create or write. check-config reports the same
+    list, so it refuses what serve refuses."""
+    from warmrelay.dkim import load_keys  # dkim imports this module
+
+    problems: list[ConfigProblem] = []
+    for i, listener in enumerate(config.smtp.listen):
+        problem = _listen_problem(f"smtp.listen[{i}].address", listener.address)
+        problems += [problem] if problem is not None else []
+    if config.admin.listen is not None:
+        problem = _listen_problem("admin.listen", config.admin.listen)
+        problems += [problem] if problem is not None else []
     try:
         admin_token(config.admin)
-    except ConfigError:
-        warnings.append(
-            ConfigProblem(
-                "admin.token_env",
-                f"{config.admin.token_env} is not set (or empty) in this environment: "
-                "`warmrelay serve` refuses to start without it (fine if the service's own "
-                "environment sets it)",
-            )
-        )
-    return warnings
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        load_keys(config.dkim)
+    except ConfigError as exc:
+        problems += exc.problems
+    if config.smtp.tls is not None:
+        problems += _tls_problems(config.smtp.tls)
+    state = state_dir_problem(config.state.dir)
+    if state is not None:
+        problems.append(state)
+    return problems
