@@ -11,13 +11,13 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from warmrelay import __version__, sdnotify, statuspage
-from warmrelay.adminapi import json_page
+from warmrelay.adminapi import Caller, Response, json_page
 from warmrelay.config import (
     Config,
     IPConfig,
@@ -42,6 +42,7 @@ from warmrelay.router import Router
 from warmrelay.scheduler import Clock, Scheduler, utc_now
 from warmrelay.spool import RecoveredMessage, Spool
 from warmrelay.suppression import SuppressionList
+from warmrelay.tally import TallySnapshot
 from warmrelay.tlsfiles import TlsFiles
 from warmrelay.warmup import WarmupState
 
@@ -199,7 +200,7 @@ class Relay:
         if self.config.admin.listen is not None and self.worker is None:
             await self.admin.start(*self.config.admin.listen)
         if self.worker is not None:  # the supervisor's queue API forwards to this
-            api = QueueApi(self.scheduler, self.spool, self.clock)
+            api = WorkerQueueApi(self)
             path = worker_socket(self.config.state.dir, self.worker.index)
             self._queue_socket = await api.serve_unix(path)
         log.info(
@@ -381,6 +382,9 @@ class Relay:
         now = self.clock()
         self.router.reload_soon()
         await self.router.refresh(now)  # keeps the state it has while the store fails
+        today = now.astimezone(self.config.zone).date()
+        # like the queue: with --workers a question to each worker, so not for every scrape
+        tally = await self.today_tally(today) if queue else None
         ips = []
         for ip in self.config.ips:
             st = self.router.status(ip, now)
@@ -432,6 +436,8 @@ class Relay:
                         "cap_now": lim.cap,
                         "sent": await self._count(key),
                     }
+            if tally is not None:
+                _add_today(entry, tally)
             ips.append(entry)
         report = self.preflight.latest
         return {
@@ -449,7 +455,12 @@ class Relay:
             # worker): for the pages people read, not for every scrape (``queue=False``)
             "queue": await self.queue_summary() if queue else None,
             "reasons": await self.latest_reasons() if queue else None,
+            **({} if tally is None else {"today": _today(tally, self.config.zone)}),
         }
+
+    async def today_tally(self, today: date) -> TallySnapshot:
+        """Today's routing as this process counted it (the supervisor asks its workers)."""
+        return self.metrics.today.snapshot(today)
 
     async def latest_reasons(self) -> dict[str, dict[str, Any]]:
         """The latest deferral and bounce per provider (the supervisor asks its workers)."""
@@ -605,6 +616,55 @@ class Worker:
     index: int
     count: int
     ports: tuple[int, ...]  # the listeners' ports, resolved by the supervisor
+
+
+def _add_today(entry: dict[str, Any], tally: TallySnapshot) -> None:
+    """An IP's numbers of today (``status``): what it routed, by reason; for a warming IP
+    what it refused that went elsewhere, and whether (and when first) its cap was reached:
+    full by the count, even when this process did not see the moment (after a restart)."""
+    address = entry["address"]
+    entry["routed_today"] = dict(tally.routed.get(address, {}))
+    warmup = entry["warmup_day"] is not None
+    overflow = tally.overflow.get(address, {})
+    entry["overflow_today"] = sum(overflow.values()) if warmup else None
+    entry["overflow_today_reasons"] = dict(overflow) if warmup else None
+    reached = tally.cap_reached.get((address, ""))
+    cap, sent = entry["cap"], entry["sent"]
+    capped = entry["role"] == "warming" and isinstance(cap, int) and cap > 0
+    entry["cap_reached"] = reached is not None or (capped and isinstance(sent, int) and sent >= cap)
+    entry["cap_reached_at"] = reached.isoformat() if reached is not None else None
+    # per provider: beside "providers", whose entries programs may compare whole
+    entry["provider_caps_reached_at"] = {
+        name: at.isoformat() if (at := tally.cap_reached.get((address, name))) else None
+        for name in entry.get("providers") or {}
+    }
+
+
+def _today(tally: TallySnapshot, zone: tzinfo) -> dict[str, Any]:
+    """Which day the per-IP numbers of today are, and since when they were counted (null:
+    the whole day; else the process started today and saw nothing before)."""
+    since = tally.counted_since(zone)
+    return {
+        "date": tally.day.isoformat(),
+        "counted_since": None if since is None else since.isoformat(),
+    }
+
+
+class WorkerQueueApi(QueueApi):
+    """What a worker of ``serve --workers`` answers its supervisor on its unix socket: the
+    queue API, and ``GET /today`` (this process's tally) for the supervisor's /status."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay.scheduler, relay.spool, relay.clock)
+        self.relay = relay
+
+    async def dispatch(
+        self, method: str, path: str, query: dict[str, str], body: dict[str, Any], caller: Caller
+    ) -> Response:
+        if method == "GET" and path.strip("/") == "today":
+            today = self.clock().astimezone(self.relay.config.zone).date()
+            return json_page((await self.relay.today_tally(today)).to_json())
+        return await super().dispatch(method, path, query, body, caller)
 
 
 def spool_dir(state_dir: Path, index: int) -> Path:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import platform
 import time
+from datetime import datetime, tzinfo
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +32,10 @@ from prometheus_client import (
 )
 
 from warmrelay import __version__
+from warmrelay.tally import DayTally
+
+if TYPE_CHECKING:
+    from warmrelay.router import Route, Smarthost
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -258,6 +264,16 @@ class Metrics:
             registry=r,
         )
         self.reloaded(True, time.time())  # the configuration this relay starts with
+        self.today = DayTally()  # today's routing, for the status page
+
+    def count_routed(
+        self, ip: str, part: Route | Smarthost, n: int, now: datetime, zone: tzinfo
+    ) -> None:
+        """``n`` recipients of ``part`` routed from ``ip`` (or "smarthost"): counted in
+        warmrelay_routed_total and in today's tally at once, so the page and the metric agree."""
+        self.routed.labels(ip, part.reason.value).inc(n)
+        refusals = ((r.address, r.reason.value, r.provider) for r in part.refusals)
+        self.today.count(ip, part.reason.value, n, refusals, now, zone)
 
     def reloaded(self, ok: bool, when: float) -> None:
         """A configuration load at ``when`` (seconds since the epoch) was applied or refused."""

@@ -518,7 +518,7 @@ class Scheduler:
             )
             self._due.put_nowait(Delivery(d.queue_id, d.domain, chunk, d.attempts))
             return
-        self._metrics.routed.labels(ip, s.part.reason.value).inc(len(chunk))
+        self._metrics.count_routed(ip, s.part, len(chunk), now, self._config.zone)
         warming = route is not None and route.reason is RouteReason.WARMUP
         v = Verdicts()
         kept = 0

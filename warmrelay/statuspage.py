@@ -40,8 +40,9 @@ header h1{margin:0;font-size:20px}
 header .meta{margin:4px 0 0;color:#c9cfdb}
 main{padding:16px 24px;max-width:1400px}
 h2{font-size:16px;margin:22px 0 10px}
-.ips{display:grid;grid-template-columns:repeat(auto-fill,minmax(285px,1fr));gap:14px}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px}
+.ips{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,290px),1fr));gap:14px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;
+min-width:0}
 .card h3{margin:0 0 2px;font-size:16px;display:flex;gap:8px;align-items:center;flex-wrap:wrap}
 .helo{color:var(--muted);margin:0 0 8px;word-break:break-all}
 .badge{display:inline-block;font-size:12px;font-weight:600;padding:1px 8px;border-radius:10px;
@@ -49,7 +50,8 @@ border:1px solid currentColor}
 .ok{color:var(--ok)}.warn{color:var(--warn)}.bad{color:var(--bad)}.muted{color:var(--muted)}
 .day{margin:6px 0 2px}
 progress{width:100%;height:10px;accent-color:var(--accent)}
-.counts{display:grid;grid-template-columns:repeat(3,1fr);gap:8px;margin:10px 0 4px}
+.counts{display:grid;grid-template-columns:repeat(auto-fit,minmax(105px,1fr));gap:8px;
+margin:10px 0 4px}
 .counts div{background:var(--bg);border-radius:6px;padding:6px 8px}
 .counts dt{color:var(--muted);font-size:12px}
 .counts dd{margin:0;font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}
@@ -64,10 +66,16 @@ ul.suspensions{list-style:none;padding:6px 8px;margin:6px 0 10px;background:#fde
 border-radius:6px}
 ul.suspensions li+li{margin-top:6px}
 ul.checks{list-style:none;padding:0;margin:2px 0 8px;display:flex;flex-wrap:wrap;gap:4px}
+ul.issues{list-style:none;padding:0;margin:2px 0 8px}
+ul.issues li+li{margin-top:4px}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .note{color:var(--muted);margin:4px 0}
+.today{margin:4px 0}
+.scroll{overflow-x:auto}
 code,.reply{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px;
-word-break:break-word}
+overflow-wrap:break-word}
+.shared{background:var(--card);border:1px solid var(--line);border-radius:8px;
+padding:8px 16px;margin:14px 0 0}
 section.wide{background:var(--card);border:1px solid var(--line);border-radius:8px;
 padding:6px 16px 10px;margin-top:14px}
 footer{padding:10px 24px 24px;color:var(--muted)}
@@ -93,6 +101,17 @@ def _when(text: object) -> str:
     else:
         zone = moment.tzname() or ""
         shown = moment.strftime("%Y-%m-%d %H:%M:%S") + (f" {zone}" if zone else "")
+    return f'<time datetime="{e(text)}">{e(shown)}</time>'
+
+
+def _clock(text: object) -> str:
+    """An ISO timestamp of today as a <time> element showing the time of day only."""
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return e(text)
+    zone = moment.tzname() or ""
+    shown = moment.strftime("%H:%M:%S") + (f" {zone}" if zone else "")
     return f'<time datetime="{e(text)}">{e(shown)}</time>'
 
 
@@ -178,45 +197,113 @@ def _warmup(ip: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
-def _counts(ip: Mapping[str, Any]) -> str:
-    if ip.get("role") == "pool" or ip.get("warmup_day") is None:
+def _box(label: str, value: object, field: str) -> str:
+    return f"<div><dt>{label}</dt>{_num(value, field)}</div>"
+
+
+def _routed(ip: Mapping[str, Any]) -> str:
+    """What an IP in the pool carried today: all of it, and how much was overflow (recipients
+    a warming IP refused) beside its own pool traffic ("" before /status had the numbers)."""
+    routed = ip.get("routed_today")
+    if not isinstance(routed, Mapping):
         return ""
-    if ip.get("role") in ("completed", "finished"):
-        return (
-            f'<dl class="counts"><div><dt>Sent today</dt>{_num(ip.get("sent"), "sent")}</div></dl>'
-        )
+    total = sum(n for n in routed.values() if isinstance(n, int))
+    return (
+        _box("Routed today", total, "routed")
+        + _box("Overflow taken", routed.get("overflow", 0), "routed-overflow")
+        + _box("Pool traffic", routed.get("pool", 0), "routed-pool")
+    )
+
+
+def _counts(ip: Mapping[str, Any]) -> str:
+    """The numbers of today: a warming IP's cap, what is released of it (only where
+    smoothing releases it hour by hour), what it sent and what it refused (overflow); what
+    an IP in the pool carried."""
+    role = ip.get("role")
+    if role == "pool" or ip.get("warmup_day") is None:
+        routed = _routed(ip)
+        return f'<dl class="counts">{routed}</dl>' if routed else ""
+    if role in ("completed", "finished"):
+        return f'<dl class="counts">{_box("Sent today", ip.get("sent"), "sent")}{_routed(ip)}</dl>'
     cap, released, sent = ip.get("cap"), ip.get("cap_now", ip.get("cap")), ip.get("sent")
+    smoothing = isinstance(released, int) and released != cap
+    overflow = ip.get("overflow_today")
     counts = (
         '<dl class="counts">'
-        f"<div><dt>Today's cap</dt>{_num('no cap' if cap is None else cap, 'cap')}</div>"
-        f"<div><dt>Released so far</dt>{_num(released, 'cap_now')}</div>"
-        f"<div><dt>Sent today</dt>{_num(sent, 'sent')}</div>"
-        "</dl>"
+        + _box("Today's cap", "no cap" if cap is None else cap, "cap")
+        + (_box("Released so far", released, "cap_now") if smoothing else "")
+        + _box("Sent today", sent, "sent")
+        + (_box("Overflow today", overflow, "overflow") if isinstance(overflow, int) else "")
+        + "</dl>"
     )
     if not isinstance(cap, int) or cap <= 0:
-        return counts
+        return counts + _reached(ip)
+    title = f"sent {e(sent)} of {e(cap)}" + (f", {e(released)} released" if smoothing else "")
     return (
-        counts + f'<div class="bar" title="sent {e(sent)} of {e(cap)}, {e(released)} released">'
-        f'<span class="released" style="width:{_pct(released, cap):.1f}%"></span>'
-        f'<span class="sent" style="width:{_pct(sent, cap):.1f}%"></span></div>'
+        counts
+        + f'<div class="bar" title="{title}">'
+        + (
+            f'<span class="released" style="width:{_pct(released, cap):.1f}%"></span>'
+            if smoothing
+            else ""
+        )
+        + f'<span class="sent" style="width:{_pct(sent, cap):.1f}%"></span></div>'
+        + _reached(ip)
     )
+
+
+def _reached(ip: Mapping[str, Any]) -> str:
+    """Whether and when the day's cap was reached, and why mail went elsewhere today."""
+    out = []
+    if ip.get("cap_reached"):
+        at = ip.get("cap_reached_at")
+        cap, sent = ip.get("cap"), ip.get("sent")
+        full = isinstance(cap, int) and isinstance(sent, int) and sent >= cap
+        when = (
+            f" at {_clock(at)}" + (": it takes no more mail today" if full else "")
+            if at
+            else f" (sent {e(sent)} of {e(cap)}; when is not known: "
+            "before this relay started counting)"
+        )
+        out.append(
+            f'<p class="today"><b class="bad" data-field="cap-reached" '
+            f'data-at="{e(at or "")}">Cap reached</b>{when}.</p>'
+        )
+    reasons = ip.get("overflow_today_reasons")
+    if isinstance(reasons, Mapping) and reasons:
+        why = ", ".join(
+            f'{e(k)} <b data-field="overflow-{e(str(k).replace(" ", "-"))}">{e(v)}</b>'
+            for k, v in reasons.items()
+        )
+        out.append(f'<p class="note">Overflow today by reason: {why}.</p>')
+    return "".join(out)
 
 
 def _providers(ip: Mapping[str, Any]) -> str:
+    """Per provider: its cap, what is released of it (with smoothing only), what was sent,
+    and when its cap was first reached today."""
     providers = ip.get("providers")
     if not isinstance(providers, Mapping) or not providers:
         return ""
+    known = [p for p in providers.values() if isinstance(p, Mapping)]
+    smoothing = any(p.get("cap_now") != p.get("cap") for p in known)
+    times = ip.get("provider_caps_reached_at")
+    at = times if isinstance(times, Mapping) else {}
+    reached = any(at.values())
     rows = [
         [
             e(name),
             f'<span data-field="provider-cap">{e(p.get("cap"))}</span>',
-            f'<span data-field="provider-cap_now">{e(p.get("cap_now"))}</span>',
+            *([f'<span data-field="provider-cap_now">{e(p.get("cap_now"))}</span>'] * smoothing),
             f'<span data-field="provider-sent">{e(p.get("sent"))}</span>',
+            *([_clock(at[name]) if at.get(name) else ""] * reached),
         ]
         for name, p in providers.items()
         if isinstance(p, Mapping)
     ]
-    return _table(["Provider", "Cap today", "Released", "Sent"], rows, "providers", numeric=3)
+    head = ["Provider", "Cap today", *(["Released"] * smoothing), "Sent"]
+    head += ["Cap first reached"] * reached
+    return _table(head, rows, "providers", numeric=len(head) - 1)
 
 
 def _suspensions(ip: Mapping[str, Any], now: object) -> str:
@@ -271,12 +358,38 @@ def _checks(checks: Iterable[Mapping[str, Any]], cls: str, subject: bool = False
         for c in checks
     ]
     head = [*(["Subject"] if subject else []), "Preflight check", "Result", "Reason"]
-    return _table(head, rows, cls) if rows else ""
+    return f'<div class="scroll">{_table(head, rows, cls)}</div>' if rows else ""
 
 
-def _chips(checks: list[Mapping[str, Any]]) -> str:
-    """An IP's preflight checks on one line (a pass's reason as its tooltip); the reasons of
-    the others below it: what needs a look stands out."""
+# (result, reason with the IP's address as "the IP") -> the checks, and one reason as given
+Issues = dict[tuple[str, str], tuple[list[str], str]]
+
+
+def _issues(checks: Iterable[Mapping[str, Any]], address: str) -> Issues:
+    """An IP's checks that did not pass, grouped by what they say: six checks unknown for
+    one reason are one line, and the same reason for several IPs can be told once."""
+    groups: Issues = {}
+    for c in checks:
+        if c.get("result") == "pass":
+            continue
+        reason = str(c.get("reason") or "")
+        key = (str(c.get("result")), reason.replace(address, "the IP") if address else reason)
+        groups.setdefault(key, ([], reason))[0].append(str(c.get("check")))
+    return groups
+
+
+def _issue(result: str, names: Iterable[str], reason: str) -> str:
+    """One line for the checks that say the same: their names once, then the reason."""
+    return (
+        f'<li>{_result(result)} <span class="checks-named">{e(", ".join(names))}</span>: '
+        f"{e(reason)}</li>"
+    )
+
+
+def _chips(checks: list[Mapping[str, Any]], issues: Issues) -> str:
+    """An IP's preflight checks on one line (each reason as its tooltip); below it, those
+    that did not pass, one line per reason (``issues``: what is not told once for all IPs):
+    what needs a look stands out."""
     if not checks:
         return ""
     chips = "".join(
@@ -285,16 +398,46 @@ def _chips(checks: list[Mapping[str, Any]]) -> str:
         f'title="{e(c.get("reason"))}">{e(c.get("check"))}</li>'
         for c in checks
     )
-    issues = [c for c in checks if c.get("result") != "pass"]
-    return f'<p class="note">Preflight</p><ul class="checks">{chips}</ul>' + _checks(
-        issues, "preflight"
+    lines = "".join(
+        _issue(result, names, reason) for (result, _), (names, reason) in issues.items()
+    )
+    return f'<p class="note">Preflight</p><ul class="checks">{chips}</ul>' + (
+        f'<ul class="issues preflight">{lines}</ul>' if lines else ""
     )
 
 
-def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]]) -> str:
+def _shared(per_ip: Mapping[str, Issues]) -> tuple[str, set[tuple[str, str]]]:
+    """Reasons that several IPs share (e.g. "not a public address" for every loopback IP):
+    one note below the cards, and the keys the cards then leave out."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for address, groups in per_ip.items():
+        for key in groups:
+            seen.setdefault(key, []).append(address)
+    shared = {key for key, addresses in seen.items() if len(addresses) > 1}
+    lines = []
+    for key in sorted(shared, key=list(seen).index):
+        result, generic = key
+        names = dict.fromkeys(n for a in seen[key] for n in per_ip[a][key][0])
+        lines.append(
+            f"<li>{_result(result)} {e(' and '.join(seen[key]))} \u00b7 "
+            f'<span class="checks-named">{e(", ".join(names))}</span>: '
+            f"{e(generic[:1].upper() + generic[1:])}</li>"
+        )
+    if not lines:
+        return "", shared
+    note = (
+        '<div class="shared" id="preflight-shared"><p class="note">Preflight, the same for '
+        f'several IPs</p><ul class="issues">{"".join(lines)}</ul></div>'
+    )
+    return note, shared
+
+
+def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]], issues: Issues) -> str:
     address = str(ip.get("address", ""))
     label, colour = ROLES.get(str(ip.get("role")), (str(ip.get("role") or ip.get("state")), ""))
     down = '<span class="badge bad">down</span>' if ip.get("up") is False else ""
+    if ip.get("cap_reached"):
+        down += '<span class="badge bad">cap reached</span>'
     return (
         f'<article class="card ip" id="ip-{e(address)}" data-ip="{e(address)}" '
         f'data-role="{e(ip.get("role"))}">'
@@ -306,7 +449,7 @@ def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]]) -> 
         + _since(ip)
         + _providers(ip)
         + _suspensions(ip, now)
-        + _chips([c for c in checks if c.get("subject") == address])
+        + _chips(checks, issues)
         + "</article>"
     )
 
@@ -353,8 +496,8 @@ def _queue(status: Mapping[str, Any]) -> str:
             if isinstance(d, Mapping)
         )
         parts.append(
-            '<table class="qshape" id="qshape"><thead><tr><th>domain</th><th class="n">total'
-            f"</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            '<div class="scroll"><table class="qshape" id="qshape"><thead><tr><th>domain</th>'
+            f'<th class="n">total</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
         )
     elif queue:
         parts.append('<p class="note">Nothing queued.</p>')
@@ -393,7 +536,9 @@ def _reasons(reasons: Any, now: object) -> str:
                 ]
             )
     table = (
-        _table(["Provider", "", "When", "From IP", "Queue id", "Reply"], rows, "reasons")
+        '<div class="scroll">'
+        + _table(["Provider", "", "When", "From IP", "Queue id", "Reply"], rows, "reasons")
+        + "</div>"
         if rows
         else '<p class="note">No deferral or bounce yet.</p>'
     )
@@ -430,6 +575,21 @@ def _preflight(report: Any, addresses: set[str]) -> str:
     )
 
 
+def _today(today: object) -> str:
+    """Which day "today" is, and when the numbers of today only count since this relay
+    started (a restart today forgets what was routed before it)."""
+    if not isinstance(today, Mapping):
+        return ""
+    since = today.get("counted_since")
+    if not since:
+        return ""
+    return (
+        f'<p class="note" data-field="counted-since" data-since="{e(since)}">Today\'s '
+        f"({e(today.get('date'))}) routed and overflow numbers count since {_clock(since)}, "
+        "when this relay started.</p>"
+    )
+
+
 def render(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> bytes:
     """The whole page, UTF-8."""
     now = status.get("time")
@@ -445,6 +605,21 @@ def render(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> bytes:
         if isinstance(counters, Mapping) and counters
         else ""
     )
+    per_ip = {
+        str(ip.get("address")): [c for c in checks if c.get("subject") == ip.get("address")]
+        for ip in ips
+    }
+    issues = {a: _issues(mine, a) for a, mine in per_ip.items()}
+    shared_note, shared = _shared(issues)
+    cards = "".join(
+        _ip(
+            ip,
+            now,
+            per_ip[str(ip.get("address"))],
+            {k: v for k, v in issues[str(ip.get("address"))].items() if k not in shared},
+        )
+        for ip in ips
+    )
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -457,7 +632,9 @@ def render(status: Mapping[str, Any], refresh_s: int = REFRESH_S) -> bytes:
         + (f" \u00b7 counters: {store}" if store else "")
         + f" \u00b7 refreshes every {int(refresh_s)} s</p></header>",
         "<main><h2>Sending IPs</h2>",
-        '<section class="ips">' + "".join(_ip(ip, now, checks) for ip in ips) + "</section>",
+        _today(status.get("today")),
+        f'<section class="ips">{cards}</section>',
+        shared_note,
         _queue(status),
     ]
     if "reasons" in status:

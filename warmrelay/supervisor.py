@@ -31,14 +31,17 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 from warmrelay import __version__, sdnotify
+from warmrelay.adminapi import ApiRequest, Caller
 from warmrelay.config import Config
 from warmrelay.errors import WarmrelayError
 from warmrelay.logs import pass_worker_line
+from warmrelay.tally import TallySnapshot, merge
 
 log = logging.getLogger("warmrelay.supervisor")
 
@@ -216,6 +219,12 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
         async def queue_summary(self, top: int = 10) -> dict[str, Any]:
             return await self.fleet_queue.summary_of(top)
 
+        async def today_tally(self, today: date) -> TallySnapshot:
+            """Each worker counts what it routes: ask them all (as for the reasons), add up."""
+            ask = ApiRequest({}, {}, {}, Caller("status", "none", ""))
+            answers = await self.fleet_queue._ask("GET", "/today", ask)
+            return merge(worker_tallies(answers), today, self.metrics.today.started)
+
         def queue_routes(self, admin: AdminServer) -> None:
             """Each worker has its own spool: ask them all (unix sockets), merge."""
             sockets = [worker_socket(config.state.dir, i) for i in range(workers)]
@@ -350,6 +359,19 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
         for sock in holders:
             sock.close()
     return 0
+
+
+def worker_tallies(answers: Iterable[tuple[int, int, Any]]) -> list[TallySnapshot]:
+    """The workers' answers to GET /today; one that cannot be read is logged and left out."""
+    out = []
+    for index, status, body in answers:
+        try:
+            if status != 200:
+                raise ValueError(f"status {status}")
+            out.append(TallySnapshot.from_json(body))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("status: worker %d's tally of today cannot be read: %s", index, exc)
+    return out
 
 
 def worker_from_env() -> tuple[int, int, tuple[int, ...]] | None:
