@@ -13,6 +13,7 @@ import yaml
 from conftest import Sink, relay_doc, running
 
 from warmrelay.config import describe_changes, parse_config, redact_url
+from warmrelay.dkim import generate_key, write_key
 
 HASH_A = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
 HASH_B = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$b3RoZXJvdGhlcm90aGVyb3Q"
@@ -119,4 +120,44 @@ async def test_the_relay_logs_what_a_reload_changed(
         f"reload: {path} applied (2 IPs): ips['127.0.0.2'].warmup.schedule: "
         f"[10, 10, 10, 10, ... 10] (3650 days) \u2192 [20, 20, 20, 20, ... 20] (10 days); "
         "overflow: pool \u2192 hold"
+    )
+
+
+async def test_a_reload_says_once_and_truly_what_took_effect(
+    tmp_path: Path, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new DKIM key path whose file is broken, and a listener change (restart only): the
+    errors name the key; the one summary line lists what applied and what runs as before,
+    never the key path or the listener as if they had changed."""
+    caplog.set_level(logging.INFO, logger="warmrelay")
+    good, broken = tmp_path / "good.pem", tmp_path / "broken.pem"
+    write_key(good, generate_key("ed25519"))
+    broken.write_text("not a key\n")
+    broken.chmod(0o600)
+    first = relay_doc(tmp_path, sink.port)
+    first["dkim"] = {
+        "domains": {
+            "sender.test": {
+                "keys": [{"selector": "s1", "key_file": str(good), "algorithm": "ed25519-sha256"}]
+            }
+        }
+    }
+    path = tmp_path / "relay.yaml"
+    async with running(parse_config(first)) as relay:
+        second = copy.deepcopy(first)
+        second["dkim"]["domains"]["sender.test"]["keys"][0]["key_file"] = str(broken)
+        second["smtp"]["listen"] = ["127.0.0.1:0", "127.0.0.1:0"]
+        second["overflow"] = "hold"
+        path.write_text(yaml.safe_dump(second))
+        assert await relay.reload(path)
+        assert relay.config.dkim == parse_config(first).dkim  # in force: the old key
+    lines = [r for r in caplog.records if r.getMessage().startswith("reload: ")]
+    errors = [r.getMessage() for r in lines if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(broken) in errors[0] and "not loaded" in errors[0]
+    (summary,) = [r for r in lines if r.levelno < logging.ERROR]
+    assert summary.levelno == logging.WARNING
+    assert summary.getMessage() == (
+        f"reload: {path} applied (2 IPs): overflow: pool \u2192 hold; running as before: "
+        "dkim (a key did not load: the keys and dkim settings in force stay); "
+        "running as before: smtp.listen (they change only with a restart)"
     )

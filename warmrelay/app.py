@@ -30,6 +30,7 @@ from warmrelay.config import (
 from warmrelay.control import IP_ACTIONS, Persisted
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
+from warmrelay.dkim import DkimKeyError, Signer, quiet_key_warnings
 from warmrelay.errors import ConfigError, CounterError
 from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
 from warmrelay.logs import apply_log_format, setup_logging
@@ -240,6 +241,17 @@ class Relay:
                 self.metrics.reloaded(False, self.clock().timestamp())
                 return False
         old = self.config
+        # DKIM keys are read now (a rotated file is picked up); a key that does not load
+        # keeps the keys and dkim settings in force, and the summary line says so
+        kept: list[str] = []
+        signer: Signer | None = None
+        try:
+            signer = Signer.load(new)
+        except DkimKeyError as exc:
+            for problem in exc.problems:
+                log.error("reload: DKIM key not loaded: %s", problem)
+            new = new.model_copy(update={"dkim": old.dkim})
+            kept.append("dkim (a key did not load: the keys and dkim settings in force stay)")
         fixed = {
             "smtp.listen": new.smtp.listen == old.smtp.listen,
             "smtp.tls": new.smtp.tls == old.smtp.tls,
@@ -248,9 +260,9 @@ class Relay:
             "delivery.concurrency": new.delivery.concurrency == old.delivery.concurrency,
         }
         if not all(fixed.values()):
-            log.warning(
-                "reload: %s change only with a restart; running as before",
-                ", ".join(k for k, same in fixed.items() if not same),
+            kept.append(
+                ", ".join(k for k, same in fixed.items() if not same)
+                + " (they change only with a restart)"
             )
         delivery = new.delivery.model_copy(update={"concurrency": old.delivery.concurrency})
         smtp = new.smtp.model_copy(update={"listen": old.smtp.listen, "tls": old.smtp.tls})
@@ -269,16 +281,17 @@ class Relay:
         self.dispatcher.configure(applied.delivery)
         self.scheduler.configure(applied, router, self.resolver)
         if self.handler is not None:
-            self.handler.configure(applied)
+            self.handler.configure(applied, signer or self.handler.dkim)
         if self.tls is not None:
             self.tls.reload()
-        changes = describe_changes(old, new)
-        log.info(
-            "reload: %s applied (%d IPs): %s",
+        changes = describe_changes(old, applied)  # what took effect, and only that
+        (log.warning if kept else log.info)(
+            "reload: %s applied (%d IPs): %s%s",
             path,
             len(applied.ips),
             "; ".join(changes) or "nothing changed",
-            extra={"changes": changes},
+            "".join(f"; running as before: {k}" for k in kept),
+            extra={"changes": changes, "kept": kept},
         )
         if new.log.format != old.log.format and apply_log_format(new.log.format):
             log.info("reload: log.format is %s from now on", new.log.format)
@@ -698,6 +711,8 @@ def log_failed_reload(task: asyncio.Task[bool]) -> None:
 def run(config: Config, worker: Worker | None = None, path: str | None = None) -> int:
     """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
     setup_logging(config.log.format, worker=worker.index if worker else None)
+    if worker is not None:
+        quiet_key_warnings()  # the supervisor said it
 
     async def main() -> None:
         shutdown = asyncio.Event()

@@ -455,18 +455,18 @@ class RelayHandler:
         self._all_ended = asyncio.Event()
         self.configure(config)
 
-    def configure(self, config: Config) -> None:
+    def configure(self, config: Config, signer: Signer | None = None) -> None:
         """Take a (re)loaded configuration: relay networks, users, limits, names. Connection
-        and AUTH limits change in place, so open sessions and lockouts carry over."""
+        and AUTH limits change in place, so open sessions and lockouts carry over.
+        ``signer``: the DKIM keys the reload loaded (or kept); at start they are read here
+        and a broken key file stops the start (DkimKeyError)."""
         self.config = config
         smtp = config.smtp
         self._allowed: Sequence[IPNetwork] = smtp.allow_networks
         self.auth = Authenticator(smtp.users)
         self.limits.configure(smtp.max_connections, smtp.max_connections_per_client)
         self.guard.configure(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
-        # DKIM keys are read now: a broken key file stops the start (DkimKeyError); on a
-        # reload it is logged and the keys in force stay (rotations need no restart)
-        self.dkim = Signer.load(config, getattr(self, "dkim", None))
+        self.dkim = signer if signer is not None else Signer.load(config)
 
     def may_relay(self, client: str) -> bool:
         return _in_networks(client, self._allowed)
