@@ -269,6 +269,23 @@ async def test_the_throttle_cooldown_can_be_given(store: SharedStore) -> None:
     assert usual.cooldown_s == 3600  # the configured default
 
 
+async def test_throttles_of_sends_already_under_way_do_not_double_the_cooldown(
+    store: SharedStore,
+) -> None:
+    """12 sends in flight when Gmail starts throttling all get 421 within a second: one
+    episode, one cooldown (each of them doubling it took 1 h to 24 h at once)."""
+    router = Router(results_config(), store.client())
+    ip = router.ips[0]
+    moments = [DAY1 + timedelta(milliseconds=80 * i) for i in range(12)]
+    got = [await router.throttled(ip, "gmail", 1, at, "421 4.7.28 rate") for at in moments]
+    assert {s.cooldown_s for s in got} == {3600}
+    assert {s.until for s in got} == {DAY1 + timedelta(hours=1)}
+    block = await router.throttled(ip, "gmail", 1, moments[-1], "550 5.7.1", cooldown=(7200, 86400))
+    assert block.blocked and block.cooldown_s >= 7200  # a block is news: it replaces it
+    later = await router.throttled(ip, "gmail", 1, block.until, "421 4.7.28 rate")
+    assert later.cooldown_s >= 7200  # a repeat after the episode still doubles
+
+
 async def test_the_single_blob_of_earlier_versions_is_migrated_once(tmp_path: Path) -> None:
     counters = SqliteCounters(tmp_path / "c.sqlite3")
     blob = {

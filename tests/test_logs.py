@@ -140,3 +140,41 @@ def test_log_format_must_be_text_or_json(tmp_path: Path, fmt: object) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({**relay_doc(tmp_path, 1), "log": {"colour": "red"}})
     assert [str(p) for p in info.value.problems] == ["log.colour: unknown key"]
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+async def test_log_format_on_the_command_line_wins_over_the_file_and_its_reloads(
+    tmp_path: Path, sink: Sink, workers: tuple[str, ...]
+) -> None:
+    """`serve --log-format json` with log.format text in the file: JSON from the first
+    line, with the acceptance and delivery lines' fields typed; a reload keeps JSON."""
+    doc = relay_doc(tmp_path, sink.port, log={"format": "text"})
+    relay = await RelayProcess(doc, tmp_path, *workers, "--log-format", "json").start()
+    try:
+        await send_one(relay.smtp_port, "a@example.test")
+        await relay.wait_for_line("to=<a@example.test>")
+        entries = parse_all(relay.log)
+        (accepted,) = [e for e in entries if e.get("nrcpt") is not None]
+        assert accepted["from"] == "app@sender.test" and accepted["nrcpt"] == 1
+        assert accepted["size"] > 0 and accepted["client"].startswith("127.0.0.1")
+        assert (
+            accepted["dkim"].startswith("unsigned") and accepted["queue_id"] in accepted["message"]
+        )
+        (delivered,) = [e for e in entries if e.get("rcpt") == "a@example.test"]
+        assert delivered["queue_id"] == accepted["queue_id"]
+        assert (delivered["domain"], delivered["ip"], delivered["reason"]) == (
+            "example.test",
+            "127.0.0.2",
+            "warmup",
+        )
+        assert delivered["relay"] == f"127.0.0.1[127.0.0.1]:{sink.port}"
+        assert isinstance(delivered["delay"], float) and delivered["delay"] >= 0
+        assert (delivered["code"], delivered["status"]) == (250, "2.0.0")
+        assert delivered["reply"].startswith("250 ")
+        seen = len(relay.log)
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGHUP)
+        await relay.wait_for_line("applied")
+        parse_all(relay.log[seen:])  # still one JSON object per line
+    finally:
+        assert await relay.terminate() == 0

@@ -5,6 +5,7 @@ process and relay; check-config and schedule show the stored state; `ip uncomple
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -100,8 +101,9 @@ async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
 
 
 async def test_first_use_is_day_one_for_every_process_and_after_a_restart(
-    shared: list[Counters],
+    shared: list[Counters], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="warmrelay")
     day1 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
     one, two = Router(first_use_config(), shared[0]), Router(first_use_config(), shared[1])
     ip = one.ips[0]
@@ -110,6 +112,8 @@ async def test_first_use_is_day_one_for_every_process_and_after_a_restart(
     plans = await asyncio.gather(one.route(1, day1), two.route(1, day1))  # both at once
     assert [p.parts[0].reason for p in plans] == [RouteReason.WARMUP] * 2
     assert one.start(ip) == two.start(ip) == date(2026, 11, 27)
+    said = [r.getMessage() for r in caplog.records if "its first use" in r.getMessage()]
+    assert len(said) == 1, said  # by the writer only
     restarted = Router(first_use_config(), shared[1])
     await restarted.refresh(day1 + timedelta(days=1))
     assert restarted.status(ip, day1 + timedelta(days=1)).day == 2

@@ -21,6 +21,7 @@ from warmrelay.adminapi import Caller, Response, json_page
 from warmrelay.config import (
     Config,
     IPConfig,
+    LogConfig,
     admin_token,
     bind_error,
     config_warnings,
@@ -33,7 +34,7 @@ from warmrelay.dispatcher import Dispatcher
 from warmrelay.dkim import DkimKeyError, Signer, quiet_key_warnings
 from warmrelay.errors import ConfigError, CounterError
 from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
-from warmrelay.logs import apply_log_format, setup_logging
+from warmrelay.logs import LogFormat, apply_log_format, setup_logging
 from warmrelay.metrics import Metrics
 from warmrelay.nexthop import NextHopResolver
 from warmrelay.preflight import RelayPreflight
@@ -55,8 +56,16 @@ log = logging.getLogger("warmrelay")
 
 class Relay:
     def __init__(
-        self, config: Config, *, clock: Clock = utc_now, worker: Worker | None = None
+        self,
+        config: Config,
+        *,
+        clock: Clock = utc_now,
+        worker: Worker | None = None,
+        log_format: LogFormat | None = None,
     ) -> None:
+        # ``serve --log-format``: wins over log.format, in this file and every reloaded one
+        self.log_format = log_format
+        config = self._with_log_format(config)
         self.config = config
         self.clock = clock
         self.worker = worker
@@ -219,6 +228,11 @@ class Relay:
             len(self.config.ips),
         )
 
+    def _with_log_format(self, config: Config) -> Config:
+        if self.log_format is None or config.log.format == self.log_format:
+            return config
+        return config.model_copy(update={"log": LogConfig(format=self.log_format)})
+
     async def reload(self, path: str | Path | Config) -> bool:
         """SIGHUP: read the configuration file again. A file with errors changes nothing
         (each error is logged); a good one applies at once, except the parts that need a
@@ -229,7 +243,7 @@ class Relay:
             new, path = path, "the supervisor's configuration"
         else:
             try:
-                new = load_config(path)
+                new = self._with_log_format(load_config(path))
             except ConfigError as exc:
                 log.error(
                     "reload: %s has %d error(s); the running configuration stays",
@@ -708,9 +722,14 @@ def log_failed_reload(task: asyncio.Task[bool]) -> None:
         )
 
 
-def run(config: Config, worker: Worker | None = None, path: str | None = None) -> int:
+def run(
+    config: Config,
+    worker: Worker | None = None,
+    path: str | None = None,
+    log_format: LogFormat | None = None,
+) -> int:
     """The ``serve`` command (or one worker of it): run until SIGTERM or SIGINT."""
-    setup_logging(config.log.format, worker=worker.index if worker else None)
+    setup_logging(log_format or config.log.format, worker=worker.index if worker else None)
     if worker is not None:
         quiet_key_warnings()  # the supervisor said it
 
@@ -726,7 +745,7 @@ def run(config: Config, worker: Worker | None = None, path: str | None = None) -
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        relay = Relay(config, worker=worker)
+        relay = Relay(config, worker=worker, log_format=log_format)
         reloads: set[asyncio.Task[bool]] = set()  # held so a running reload is not collected
 
         def reloaded(task: asyncio.Task[bool]) -> None:

@@ -656,11 +656,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         from warmrelay.logs import setup_logging
 
-        setup_logging(config.log.format)
-        return supervise(config, args.config, args.workers, lock_fd)
+        setup_logging(args.log_format or config.log.format)
+        return supervise(config, args.config, args.workers, lock_fd, args.log_format)
     from warmrelay.app import run
 
-    return run(config, path=args.config)
+    return run(config, path=args.config, log_format=args.log_format)
 
 
 def _load_or_exit(path: str) -> Config:
@@ -686,6 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="relay processes sharing the listening ports (default 1; one per core)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=None,
+        help="log lines as text or JSON objects (overrides log.format, also after reloads)",
     )
     p.set_defaults(func=cmd_serve)
     from warmrelay import queuecli

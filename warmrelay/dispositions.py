@@ -272,24 +272,35 @@ class Recorder:
         else:
             wait_s = (retry_at - now).total_seconds()
             then = f"; retry at {retry_at.isoformat()} (in {wait_s:.0f}s)"
+        domain = domain_of(rcpt)
+        delay = max(0.0, now.timestamp() - msg.received_at)
+        text = reply.line[:300]
         log.info(
             "%s: to=<%s> domain=%s ip=%s reason=%s relay=%s delay=%.2fs %s (%s)%s",
             msg.queue_id,
             rcpt,
-            domain_of(rcpt),
+            domain,
             ip,
             reason or "-",
             reply.hop or "none",
-            max(0.0, now.timestamp() - msg.received_at),
+            delay,
             disposition,
-            reply.line[:300],
+            text,
             then,
-            extra={
+            extra={  # log.format json: every field of the text line, typed
                 "queue_id": msg.queue_id,
                 "rcpt": rcpt,
+                "domain": domain,
                 "ip": ip,
                 "reason": reason or None,
+                "relay": reply.hop or None,
+                "delay": round(delay, 3),
                 "disposition": disposition,
+                "code": reply.code,
+                "status": reply.status,
+                "reply": text,
+                "retry_at": retry_at.isoformat() if retry_at is not None else None,
+                "late": late or None,
             },
         )
 

@@ -636,6 +636,14 @@ class RelayHandler:
             message.size,
             client,
             signed.summary,
+            extra={  # log.format json: the same fields, typed
+                "queue_id": message.queue_id,
+                "from": message.mail_from,
+                "nrcpt": len(message.rcpt_tos),
+                "size": message.size,
+                "client": client,
+                "dkim": signed.summary,
+            },
         )
         self.submit(message, data)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"

@@ -556,11 +556,16 @@ class Router:
         address = str(ip.address)
         c = self._control[address]
         mine = Started(now.astimezone(self._zone).date(), c.pause.days)
-        stored, _ = await self._write(
-            STARTED, address, lambda s: s if s is not None else mine, c.started
-        )
+        wrote = False
+
+        def start(stored: Started | None) -> Started:
+            nonlocal wrote
+            wrote = stored is None  # (the last try decides: a retry may find it written)
+            return stored if stored is not None else mine
+
+        stored, _ = await self._write(STARTED, address, start, c.started)
         c.started = stored
-        if stored == mine:
+        if wrote:  # said once, by the one process whose write stored it
             log.info(
                 "%s: warmup day 1 is %s, its first use (no warmup.start configured)",
                 address,
@@ -581,13 +586,19 @@ class Router:
     ) -> Suspension:
         """A provider said this IP sends too much: suspend it there for a cooldown that
         doubles on repeats (from the stored previous suspension, whichever process wrote
-        it). ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks);
+        it). Throttles while it is suspended there (the sends already under way when it
+        began) change nothing; a block during a throttle's suspension replaces it.
+        ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks);
         ``blocked`` (by default: a cooldown was given) records it as a block."""
         address, key = str(ip.address), provider or ""
         base_s, max_s = cooldown or self._config.throttle.cooldown(provider)
         is_block = cooldown is not None if blocked is None else blocked
 
         def suspend(previous: Suspension | None) -> Suspension | None:
+            if (
+                previous is not None and now < previous.until and (previous.blocked or not is_block)
+            ):  # sends that were under way when it began: one episode, one cooldown
+                return previous
             seconds = next_cooldown(previous, now, base_s, max_s)
             return Suspension(now + timedelta(seconds=seconds), seconds, reason, is_block)
 

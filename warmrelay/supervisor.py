@@ -40,7 +40,7 @@ from warmrelay import __version__, sdnotify
 from warmrelay.adminapi import ApiRequest, Caller
 from warmrelay.config import Config
 from warmrelay.errors import WarmrelayError
-from warmrelay.logs import pass_worker_line
+from warmrelay.logs import LogFormat, pass_worker_line
 from warmrelay.tally import TallySnapshot, merge
 
 log = logging.getLogger("warmrelay.supervisor")
@@ -167,7 +167,13 @@ async def follow_supervisor(apply: Callable[[Config], object], fd: int = 0) -> N
         transport.close()
 
 
-def supervise(config: Config, config_path: str, workers: int, lock_fd: int | None = None) -> int:
+def supervise(
+    config: Config,
+    config_path: str,
+    workers: int,
+    lock_fd: int | None = None,
+    log_format: LogFormat | None = None,
+) -> int:
     """Run N workers until SIGTERM/SIGINT. ``lock_fd`` (from lock_state_dir) is inherited by
     every worker, so state.dir stays taken until the last process of this instance exits."""
     metrics_dir = config.state.dir / "metrics"
@@ -236,7 +242,7 @@ def supervise(config: Config, config_path: str, workers: int, lock_fd: int | Non
             signal_workers(signal.SIGUSR1)  # workers re-read the state now, not in 30 s
             return result
 
-    relay = SupervisorRelay(config)
+    relay = SupervisorRelay(config, log_format=log_format)
 
     async def run_worker(index: int, ready: asyncio.Event) -> None:
         """Start worker ``index`` with the running configuration; restart it when it dies,
