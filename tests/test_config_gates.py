@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -777,3 +778,31 @@ def test_a_port_in_use_is_no_problem_for_check_config(tmp_path: Path) -> None:
         doc = relay_doc(tmp_path, 9, smtp={"listen": [f"127.0.0.1:{port}"]})
         result = warmrelay("check-config", "-c", str(write(tmp_path, doc)))
     assert result.returncode == 0, result.stderr
+
+
+# -- 4. a port in use at start: the key, the address, one line ------------------------------
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+@pytest.mark.parametrize("which", ["smtp", "admin"])
+def test_a_port_in_use_names_its_key(tmp_path: Path, which: str, workers: tuple[str, ...]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        doc = relay_doc(tmp_path, 9)
+        if which == "smtp":
+            doc["smtp"]["listen"] = [f"127.0.0.1:{port}"]
+            key = "smtp.listen[0]"
+        else:
+            doc["admin"] = {"listen": f"127.0.0.1:{port}"}
+            key = "admin.listen"
+        path = write(tmp_path, doc)
+        served = warmrelay("serve", "-c", str(path), *workers)
+    assert served.returncode == 1
+    assert "Traceback" not in served.stderr, served.stderr
+    refusal = [line for line in served.stderr.splitlines() if "cannot start" in line]
+    assert len(refusal) == 1, served.stderr
+    assert refusal[0].endswith(
+        f"{path}: cannot start: {key} 127.0.0.1:{port}: address already in use"
+    )

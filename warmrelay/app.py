@@ -32,7 +32,7 @@ from warmrelay.control import IP_ACTIONS, Persisted
 from warmrelay.counters import CounterKey, Counters, open_counters
 from warmrelay.dispatcher import Dispatcher
 from warmrelay.dkim import DkimKeyError, Signer, quiet_key_warnings
-from warmrelay.errors import ConfigError, CounterError
+from warmrelay.errors import ConfigError, CounterError, StartError
 from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
 from warmrelay.logs import LogFormat, apply_log_format, setup_logging
 from warmrelay.metrics import Metrics
@@ -199,16 +199,19 @@ class Relay:
         for n, listener in enumerate(self.config.smtp.listen):
             host, port = listener.address
             implicit = self.config.smtp.listener_tls(listener) == "implicit"
-            server = await loop.create_server(
-                make_protocol(handler, self.config, listener, tls_ctx),
-                host,
-                self.worker.ports[n] if self.worker else port,
-                ssl=tls_ctx if implicit else None,
-                reuse_port=self.worker is not None,  # workers share each port (SO_REUSEPORT)
-            )
+            try:
+                server = await loop.create_server(
+                    make_protocol(handler, self.config, listener, tls_ctx),
+                    host,
+                    self.worker.ports[n] if self.worker else port,
+                    ssl=tls_ctx if implicit else None,
+                    reuse_port=self.worker is not None,  # workers share each port
+                )
+            except OSError as exc:
+                raise StartError.bind(f"smtp.listen[{n}]", host, port, exc) from exc
             self._servers.append(server)
         if self.config.admin.listen is not None and self.worker is None:
-            await self.admin.start(*self.config.admin.listen)
+            await start_admin(self.admin, *self.config.admin.listen)
         if self.worker is not None:  # the supervisor's queue API forwards to this
             api = WorkerQueueApi(self)
             path = worker_socket(self.config.state.dir, self.worker.index)
@@ -795,7 +798,15 @@ def run(
 
     try:
         asyncio.run(main())
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+    except (StartError, OSError) as exc:
+        log.error("%s: cannot start: %s", path or "warmrelay", exc)
         return 1
     return 0
+
+
+async def start_admin(admin: AdminServer, host: str, port: int) -> None:
+    """The admin endpoint on admin.listen; a bind failure names the key."""
+    try:
+        await admin.start(host, port)
+    except OSError as exc:
+        raise StartError.bind("admin.listen", host, port, exc) from exc

@@ -654,10 +654,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"{args.config}: cannot start: cannot lock {where}: {exc}", file=sys.stderr)
         return 1
     if args.workers > 1:
+        from warmrelay.errors import StartError
         from warmrelay.logs import setup_logging
 
         setup_logging(args.log_format or config.log.format)
-        return supervise(config, args.config, args.workers, lock_fd, args.log_format)
+        try:
+            return supervise(config, args.config, args.workers, lock_fd, args.log_format)
+        except StartError as exc:
+            print(f"{args.config}: cannot start: {exc}", file=sys.stderr)
+            return 1
     from warmrelay.app import run
 
     return run(config, path=args.config, log_format=args.log_format)

@@ -6,6 +6,7 @@ names the stage of the data path it comes from.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -30,6 +31,17 @@ class ConfigError(WarmrelayError, ValueError):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class StartError(WarmrelayError):
+    """The relay cannot start: the text names the configuration key and what went wrong
+    (``smtp.listen[0] 127.0.0.1:2525: address already in use``)."""
+
+    @classmethod
+    def bind(cls, where: str, host: str, port: int, exc: OSError) -> StartError:
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        shown = f"[{host}]" if ":" in host else host
+        return cls(f"{where} {shown}:{port}: {reason}")
 
 
 class CounterError(WarmrelayError):

@@ -39,7 +39,7 @@ from typing import Any
 from warmrelay import __version__, sdnotify
 from warmrelay.adminapi import ApiRequest, Caller
 from warmrelay.config import Config
-from warmrelay.errors import WarmrelayError
+from warmrelay.errors import StartError, WarmrelayError
 from warmrelay.logs import LogFormat, pass_worker_line
 from warmrelay.tally import TallySnapshot, merge
 
@@ -85,14 +85,21 @@ def lock_state_dir(state_dir: Path) -> int:
 def reserve_ports(config: Config) -> tuple[list[socket.socket], list[int]]:
     """Bind (without listening) each listener's address with SO_REUSEPORT: resolves port 0
     and keeps the port ours while workers come and go."""
-    holders, ports = [], []
-    for listener in config.smtp.listen:
+    holders: list[socket.socket] = []
+    ports: list[int] = []
+    for n, listener in enumerate(config.smtp.listen):
         host, port = listener.address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            for held in holders:
+                held.close()
+            raise StartError.bind(f"smtp.listen[{n}]", host, port, exc) from exc
         holders.append(sock)
         ports.append(int(sock.getsockname()[1]))
     return holders, ports
@@ -184,7 +191,7 @@ def supervise(
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
     from warmrelay.admin import AdminServer
-    from warmrelay.app import Relay, log_failed_reload
+    from warmrelay.app import Relay, log_failed_reload, start_admin
     from warmrelay.metrics import render_all_processes
     from warmrelay.queueapi import FleetQueueApi, worker_socket
     from warmrelay.spool import Spool
@@ -328,7 +335,7 @@ def supervise(
         await relay.router.refresh(relay.clock())
         relay.check_source_ips()  # the supervisor's /healthz and /metrics show it too
         if config.admin.listen is not None:
-            await relay.admin.start(*config.admin.listen)
+            await start_admin(relay.admin, *config.admin.listen)
         readies = [asyncio.Event() for _ in range(workers)]
         tasks = [asyncio.create_task(run_worker(i, readies[i])) for i in range(workers)]
 
