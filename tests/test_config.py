@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from warmrelay.config import load_config, parse_config
 from warmrelay.errors import ConfigError, WarmrelayError
@@ -301,3 +302,34 @@ def test_serve_and_check_config_print_the_same_problems(tmp_path: Path) -> None:
         "  smtp.colour: unknown key",
         "  overflw: unknown key (did you mean overflow?)",
     ]
+
+
+def test_relative_paths_are_relative_to_the_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check-config run by hand in /etc/warmrelay and serve run by systemd in / must read
+    the same key and certificate files."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "relay.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "smtp": {"tls": {"cert": "tls/cert.pem", "key": "tls/key.pem"}},
+                "state": {"dir": "var"},
+                "dkim": {
+                    "domains": {"example.test": {"keys": [{"selector": "s", "key_file": "k.pem"}]}}
+                },
+                "ips": [{"address": "127.0.0.2", "helo": "a.example.test"}],
+            }
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.state.dir == folder / "var"
+    assert config.smtp.tls is not None
+    assert (config.smtp.tls.cert, config.smtp.tls.key) == (
+        folder / "tls/cert.pem",
+        folder / "tls/key.pem",
+    )
+    assert config.dkim.domains["example.test"].keys[0].key_file == folder / "k.pem"

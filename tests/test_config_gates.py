@@ -806,3 +806,25 @@ def test_a_port_in_use_names_its_key(tmp_path: Path, which: str, workers: tuple[
     assert refusal[0].endswith(
         f"{path}: cannot start: {key} 127.0.0.1:{port}: address already in use"
     )
+
+
+@pytest.mark.parametrize("workers", [(), ("--workers", "2")])
+async def test_a_key_readable_by_others_is_said_once(
+    tmp_path: Path, sink: Sink, workers: tuple[str, ...]
+) -> None:
+    """Checked before the start, loaded at the start, by every worker and at each reload:
+    the warning is one line all the same."""
+    key = tmp_path / "k.pem"
+    key.write_bytes(rsa_pem())
+    key.chmod(0o644)
+    doc = dkim_doc(tmp_path, key)
+    doc["routes"] = {"*": f"127.0.0.1:{sink.port}"}
+    relay = await RelayProcess(doc, tmp_path, *workers).start()
+    try:
+        assert relay.proc is not None
+        relay.proc.send_signal(signal.SIGHUP)
+        await relay.wait_for_line("reload: ")
+    finally:
+        assert await relay.terminate() == 0
+    said = [line for line in relay.log if "readable by others" in line]
+    assert len(said) == 1, said

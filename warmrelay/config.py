@@ -972,10 +972,38 @@ def parse_config(doc: Any, *, base_dir: Path | None = None) -> Config:
         problems = _validation_problems(exc) + problems
     if problems or config is None:
         raise ConfigError(problems)
-    if base_dir is not None and not config.state.dir.is_absolute():
-        state = config.state.model_copy(update={"dir": base_dir / config.state.dir})
-        config = config.model_copy(update={"state": state})
+    if base_dir is not None:
+        anchored = _anchored(config, base_dir)
+        assert isinstance(anchored, Config)
+        config = anchored
     return config
+
+
+def _anchored(value: Any, base_dir: Path) -> Any:
+    """``value`` with every relative path in it (state.dir, key and certificate files, CA
+    files) made relative to ``base_dir``, the configuration file's folder: the same file
+    means the same files whatever the working directory (check-config run by hand in
+    /etc/warmrelay, serve run by systemd in /)."""
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base_dir / value
+    if isinstance(value, BaseModel):
+        changed = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = _anchored(old, base_dir)
+            if new is not old:
+                changed[name] = new
+        return value.model_copy(update=changed) if changed else value
+    if isinstance(value, dict):
+        items = {k: _anchored(v, base_dir) for k, v in value.items()}
+        same = all(items[k] is v for k, v in value.items())
+        return value if same else items
+    if isinstance(value, tuple | list):
+        anchored = [_anchored(v, base_dir) for v in value]
+        if all(a is v for a, v in zip(anchored, value, strict=True)):
+            return value
+        return type(value)(anchored)
+    return value
 
 
 class _Loader(yaml.SafeLoader):
