@@ -78,7 +78,7 @@ FAR = 2**40  # the throughput phase's caps: never reached
 
 def limits_for(window: str, keys: int, cap: int) -> list[Any]:
     """Day, hour and provider limits as the router makes them; the hour binds."""
-    from warmrelay.counters.base import CounterKey, Limit
+    from warmrelay.warmup.counters.base import CounterKey, Limit
 
     caps = [cap * 4, cap, cap * 2]
     scopes = ["all", "h08", "p:gmail"]
@@ -87,16 +87,16 @@ def limits_for(window: str, keys: int, cap: int) -> list[Any]:
 
 def open_store(spec: str) -> Any:
     if spec.startswith("sqlite:"):
-        from warmrelay.counters.sqlite import SqliteCounters
+        from warmrelay.warmup.counters.sqlite import SqliteCounters
 
         return SqliteCounters(Path(spec.removeprefix("sqlite:")))
-    from warmrelay.counters.redis import RedisCounters
+    from warmrelay.warmup.counters.redis import RedisCounters
 
     return RedisCounters(spec)
 
 
 async def worker(cfg: dict[str, Any]) -> None:
-    import warmrelay.counters.base as base
+    import warmrelay.warmup.counters.base as base
 
     store = open_store(cfg["backend"])
     loop = asyncio.get_running_loop()

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU per message of DKIM signing at acceptance (warmrelay.dkim.Signer.sign).
+"""CPU per message of DKIM signing at acceptance (warmrelay.mail.dkim.Signer.sign).
 
 For each mode it signs ``-n`` messages of ``--size`` bytes (realistic headers, a
 text body) in this process and reads the process CPU time (user+system) around
@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from warmrelay.config import parse_config
-from warmrelay.dkim import Signer, generate_key, write_key
+from warmrelay.mail.dkim import Signer, generate_key, write_key
 
 MODES = ("none", "rsa", "ed25519", "dual")
 

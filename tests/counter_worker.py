@@ -21,9 +21,9 @@ import random
 import sys
 from pathlib import Path
 
-from warmrelay.counters import CounterKey, Counters, Limit, SqliteCounters, open_counters
-from warmrelay.counters.base import new_release_id
 from warmrelay.errors import CounterError
+from warmrelay.warmup.counters import CounterKey, Counters, Limit, SqliteCounters, open_counters
+from warmrelay.warmup.counters.base import new_release_id
 
 IP = "127.0.0.2"
 DAY = CounterKey(IP, "2026-11-28")

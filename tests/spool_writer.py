@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from warmrelay.errors import SpoolError
-from warmrelay.spool import Spool
+from warmrelay.queue.spool import Spool
 
 WRITERS = 32
 

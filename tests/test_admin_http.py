@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from warmrelay.admin import AdminServer, ApiRequest, Response, json_page
+from warmrelay.operate.admin import AdminServer, ApiRequest, Response, json_page
 
 TOKEN = "admin-http-token"
 

@@ -27,7 +27,6 @@ import yaml
 from conftest import Sink, http, http_get, relay_config, relay_doc, running, send
 from relayproc import RelayProcess
 
-from warmrelay.admin import reason_phrase
 from warmrelay.app import Relay, log_failed_reload
 from warmrelay.config import (
     config_warnings,
@@ -37,6 +36,7 @@ from warmrelay.config import (
     start_problems,
 )
 from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
+from warmrelay.operate.admin import reason_phrase
 
 TOKEN_ENV = "WARMRELAY_GATES_TEST_TOKEN"
 UNBOUND = "192.0.2.7"

@@ -20,12 +20,12 @@ from redisserver import RedisServer, free_port
 from relayproc import RelayProcess
 
 from warmrelay.config import Config, parse_config
-from warmrelay.control import PAUSE, PROGRESS, Persisted, Progress, legacy_key
-from warmrelay.counters import CounterKey, Counters, Limit, MemoryCounters, SqliteCounters
-from warmrelay.counters.base import update_value
-from warmrelay.counters.redis import RedisCounters
-from warmrelay.router import Router, RouteReason
-from warmrelay.warmup import WarmupState
+from warmrelay.warmup.control import PAUSE, PROGRESS, Persisted, Progress, legacy_key
+from warmrelay.warmup.counters import CounterKey, Counters, Limit, MemoryCounters, SqliteCounters
+from warmrelay.warmup.counters.base import update_value
+from warmrelay.warmup.counters.redis import RedisCounters
+from warmrelay.warmup.plan import WarmupState
+from warmrelay.warmup.router import Router, RouteReason
 
 DAY1 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
@@ -158,8 +158,8 @@ async def test_compare_and_set(counters: Counters) -> None:
 CAS_WORKER = """
 import asyncio, json, sys
 from pathlib import Path
-from warmrelay.counters import SqliteCounters, open_counters
-from warmrelay.counters.base import update_value
+from warmrelay.warmup.counters import SqliteCounters, open_counters
+from warmrelay.warmup.counters.base import update_value
 
 async def bump(text):
     return json.dumps((json.loads(text) if text else 0) + 1)

@@ -14,8 +14,8 @@ from counter_worker import CAPS, DAY, H08, H09, KINDS, PROV_A, PROV_B
 from redis import asyncio as aioredis
 from redisserver import RedisServer
 
-from warmrelay.counters import CounterKey, Counters, Limit, MemoryCounters, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
+from warmrelay.warmup.counters import CounterKey, Counters, Limit, MemoryCounters, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
 
 KEY = CounterKey("127.0.0.2", "2026-11-28")
 WORKER = Path(__file__).with_name("counter_worker.py")

@@ -18,9 +18,9 @@ import pytest
 from counter_worker import CAPS, DAY, H08, H09, KINDS, PROV_A, PROV_B
 from redisserver import RedisServer
 
-from warmrelay.counters import CounterKey, Counters, Limit, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
 from warmrelay.errors import CounterError
+from warmrelay.warmup.counters import CounterKey, Counters, Limit, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
 
 WORKER = Path(__file__).with_name("counter_worker.py")
 KEY = CounterKey("127.0.0.2", "2026-11-28")
@@ -219,7 +219,7 @@ async def test_sqlite_batch_abandoned_behind_a_stuck_lock_holder_never_commits(
             "-c",
             "import sys\n"
             "from pathlib import Path\n"
-            "from warmrelay.counters.sqlite import WriterLock\n"
+            "from warmrelay.warmup.counters.sqlite import WriterLock\n"
             f"with WriterLock(Path({str(path) + '.lock'!r})).held():\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.readline()\n",
@@ -256,7 +256,7 @@ async def test_sqlite_lock_of_a_killed_process_frees_at_once(tmp_path: Path) -> 
             "-c",
             "import sys\n"
             "from pathlib import Path\n"
-            "from warmrelay.counters.sqlite import WriterLock\n"
+            "from warmrelay.warmup.counters.sqlite import WriterLock\n"
             f"with WriterLock(Path({str(path) + '.lock'!r})).held():\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.readline()\n",

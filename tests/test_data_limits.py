@@ -10,7 +10,7 @@ import aiosmtplib
 from conftest import Sink, relay_doc
 from relayproc import RelayProcess
 
-from warmrelay.listener import MAX_LINE_BYTES
+from warmrelay.smtp.listener import MAX_LINE_BYTES
 
 SESSIONS = 5
 LINE_BYTES = 40 * 1024 * 1024  # what one hostile session tries to send without a line end

@@ -29,10 +29,10 @@ from conftest import Sink, http_get, relay_config, relay_doc, running, send
 
 from warmrelay.app import Relay
 from warmrelay.config import parse_config
-from warmrelay.counters import CounterKey, Limit, SqliteCounters
 from warmrelay.errors import CounterError, SpoolError
-from warmrelay.reservation import Ledger, Reservation
-from warmrelay.spool import Spool
+from warmrelay.queue.spool import Spool
+from warmrelay.warmup.counters import CounterKey, Limit, SqliteCounters
+from warmrelay.warmup.reservation import Ledger, Reservation
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 from warmrelay import cli
 from warmrelay.app import Relay
 from warmrelay.config import DKIM_HEADERS, load_config
-from warmrelay.dkim import (
+from warmrelay.mail.dkim import (
     OFF_LOOP_BYTES,
     DkimKeyError,
     HeaderSectionError,

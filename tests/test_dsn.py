@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from warmrelay.dsn import FailedRecipient, build_dsn
+from warmrelay.delivery.dsn import FailedRecipient, build_dsn
 
 NOW = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 ARRIVAL = NOW - timedelta(days=5)

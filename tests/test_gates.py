@@ -24,8 +24,8 @@ import trustme
 import yaml
 from conftest import Sink, relay_doc, running, send
 
-from warmrelay.auth import hash_password
 from warmrelay.config import parse_config
+from warmrelay.smtp.auth import hash_password
 
 PASSWORD = "correct horse battery"
 REPLY_S = 5.0  # the longest any single reply may take before a test fails

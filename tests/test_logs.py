@@ -18,7 +18,7 @@ import yaml
 from conftest import Sink, relay_doc
 from relayproc import RelayProcess
 
-from warmrelay.logs import formatter
+from warmrelay.operate.logs import formatter
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")

@@ -414,7 +414,7 @@ async def test_reload_outcome_and_time_are_metrics(tmp_path: Path, sink: Sink) -
 def test_no_created_series_from_worker_processes(tmp_path: Path) -> None:
     """serve --workers: the supervisor merges the workers' files; no _created there either."""
     script = (
-        "from warmrelay.metrics import Metrics, render_all_processes\n"
+        "from warmrelay.operate.metrics import Metrics, render_all_processes\n"
         "m = Metrics()\n"
         "m.deliveries.labels('192.0.2.1', 'delivered').inc()\n"
         "m.delivery_latency.labels('192.0.2.1').observe(1.5)\n"

@@ -19,12 +19,12 @@ from conftest import Sink, running, send
 from redisserver import RedisServer, free_port
 
 from warmrelay.config import Config, load_config, parse_config
-from warmrelay.control import STARTED, Started
-from warmrelay.counters import Counters, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
 from warmrelay.errors import ConfigError
-from warmrelay.router import Router, RouteReason
-from warmrelay.warmup import WarmupState
+from warmrelay.warmup.control import STARTED, Started
+from warmrelay.warmup.counters import Counters, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
+from warmrelay.warmup.plan import WarmupState
+from warmrelay.warmup.router import Router, RouteReason
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.yaml"

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from dnsserver import LoopbackDNS
 
+from warmrelay.delivery.nexthop import NextHop, NextHopResolver
 from warmrelay.errors import NextHopError
-from warmrelay.nexthop import NextHop, NextHopResolver
 
 SINK_PORT = 2600
 

@@ -15,10 +15,10 @@ from conftest import Sink, relay_config, running, send
 from redisserver import free_port
 
 from warmrelay.config import Config, parse_config
-from warmrelay.counters import MemoryCounters, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
-from warmrelay.eligibility import Traffic
-from warmrelay.router import (
+from warmrelay.warmup.counters import MemoryCounters, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
+from warmrelay.warmup.eligibility import Traffic
+from warmrelay.warmup.router import (
     Hold,
     OverflowReason,
     Refusal,

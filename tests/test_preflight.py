@@ -41,7 +41,7 @@ from dnsserver import LoopbackDNS
 from prometheus_client.parser import text_string_to_metric_families
 
 from warmrelay.config import Config, parse_config
-from warmrelay.preflight import (
+from warmrelay.mail.preflight import (
     DnsClient,
     Failed,
     Found,

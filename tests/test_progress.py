@@ -12,7 +12,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from warmrelay.config import parse_config
-from warmrelay.control import (
+from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
+from warmrelay.warmup.control import (
     COMPLETED,
     PAUSE,
     PROGRESS,
@@ -21,10 +22,9 @@ from warmrelay.control import (
     Progress,
     next_cooldown,
 )
-from warmrelay.counters import MemoryCounters, SqliteCounters
-from warmrelay.replies import Outcome, Reply, ReplyRules, Stage
-from warmrelay.router import Router, RouteReason
-from warmrelay.warmup import WarmupState
+from warmrelay.warmup.counters import MemoryCounters, SqliteCounters
+from warmrelay.warmup.plan import WarmupState
+from warmrelay.warmup.router import Router, RouteReason
 
 UTC = ZoneInfo("UTC")
 DAY1 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -120,7 +120,7 @@ def test_control_records_round_trip_through_json() -> None:
 
 
 def test_cooldown_doubles_on_repeat_up_to_the_maximum() -> None:
-    from warmrelay.control import Suspension
+    from warmrelay.warmup.control import Suspension
 
     first = next_cooldown(None, DAY1, 3600, 10000)
     s = Suspension(DAY1 + timedelta(seconds=first), first, "x")

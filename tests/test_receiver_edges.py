@@ -24,9 +24,9 @@ from dnsserver import LoopbackDNS
 
 from warmrelay.app import Relay
 from warmrelay.config import parse_config
-from warmrelay.counters import MemoryCounters
-from warmrelay.dispositions import retry_delay
-from warmrelay.router import Hold, Router
+from warmrelay.delivery.dispositions import retry_delay
+from warmrelay.warmup.counters import MemoryCounters
+from warmrelay.warmup.router import Hold, Router
 
 WARMING, POOL = "127.0.0.2", "127.0.0.3"
 

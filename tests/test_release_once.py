@@ -18,9 +18,9 @@ import pytest
 from redis import asyncio as aioredis
 from redisserver import RedisServer
 
-from warmrelay.counters import CounterKey, Limit, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
-from warmrelay.reservation import Ledger, Reservation
+from warmrelay.warmup.counters import CounterKey, Limit, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
+from warmrelay.warmup.reservation import Ledger, Reservation
 
 A = CounterKey("127.0.0.2", "2026-12-06")
 B = CounterKey("127.0.0.3", "2026-12-06")

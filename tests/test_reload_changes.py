@@ -13,7 +13,7 @@ import yaml
 from conftest import Sink, relay_doc, running
 
 from warmrelay.config import describe_changes, parse_config, redact_url
-from warmrelay.dkim import generate_key, write_key
+from warmrelay.mail.dkim import generate_key, write_key
 
 HASH_A = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
 HASH_B = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$b3RoZXJvdGhlcm90aGVyb3Q"

@@ -9,8 +9,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from warmrelay.config import Config, parse_config
-from warmrelay.counters import MemoryCounters, SqliteCounters
-from warmrelay.router import Hold, Route, Router, RouteReason
+from warmrelay.warmup.counters import MemoryCounters, SqliteCounters
+from warmrelay.warmup.router import Hold, Route, Router, RouteReason
 
 
 def make_config(**over: Any) -> Config:

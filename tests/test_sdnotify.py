@@ -17,7 +17,7 @@ import pytest
 from conftest import Sink, relay_doc
 from relayproc import RelayProcess
 
-from warmrelay import sdnotify
+from warmrelay.operate import sdnotify
 
 UCRED = struct.Struct("3i")  # pid, uid, gid
 

@@ -15,8 +15,8 @@ import pytest
 import trustme
 from conftest import Sink, http, http_get, relay_config, running, send
 
-from warmrelay.auth import Authenticator, hash_password
 from warmrelay.config import UserConfig
+from warmrelay.smtp.auth import Authenticator, hash_password
 
 PASSWORD = "correct horse battery"
 
@@ -401,7 +401,7 @@ async def test_invalid_utf8_address_and_8bit_without_8bitmime(tmp_path: Path, si
     ],
 )
 def test_bare_newline_detection(content: bytes, bare: bool) -> None:
-    from warmrelay.listener import _has_bare_newline
+    from warmrelay.smtp.listener import _has_bare_newline
 
     assert _has_bare_newline(content) is bare
 
@@ -437,7 +437,7 @@ ADDRESS_ARGS = [
 def test_fast_address_parsing_agrees_with_aiosmtpd(arg: str) -> None:
     from aiosmtpd.smtp import SMTP
 
-    from warmrelay.listener import RelaySMTP
+    from warmrelay.smtp.listener import RelaySMTP
 
     fast, slow = RelaySMTP.__new__(RelaySMTP), RelaySMTP.__new__(RelaySMTP)
     fast.local_part_limit = slow.local_part_limit = 0

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from warmrelay.errors import SpoolError
-from warmrelay.spool import RecoveredMessage, Spool, new_queue_id
+from warmrelay.queue.spool import RecoveredMessage, Spool, new_queue_id
 
 ROOT = Path(__file__).resolve().parent.parent
 WRITER = Path(__file__).with_name("spool_writer.py")

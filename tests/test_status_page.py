@@ -22,9 +22,9 @@ import yaml
 from aiosmtpd.smtp import Envelope
 from conftest import Sink, http, http_get, relay_config, running, send, status
 
-from warmrelay import statuspage
 from warmrelay.config import parse_config
-from warmrelay.tally import DayTally, TallySnapshot, merge
+from warmrelay.operate import statuspage
+from warmrelay.operate.tally import DayTally, TallySnapshot, merge
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMING = "127.0.0.2"

@@ -16,14 +16,14 @@ from conftest import Sink, http, http_get, relay_config, relay_doc, running, sen
 from dnsserver import LoopbackDNS
 from redisserver import RedisServer, free_port
 
-from warmrelay import suppression
 from warmrelay.app import Relay
 from warmrelay.cli import main
 from warmrelay.config import parse_config
-from warmrelay.counters import Counters, MemoryCounters, SqliteCounters
-from warmrelay.counters.redis import RedisCounters
-from warmrelay.replies import Reply, Stage
-from warmrelay.suppression import hard_status
+from warmrelay.delivery.replies import Reply, Stage
+from warmrelay.mail import suppression
+from warmrelay.mail.suppression import hard_status
+from warmrelay.warmup.counters import Counters, MemoryCounters, SqliteCounters
+from warmrelay.warmup.counters.redis import RedisCounters
 
 DEAD = "dead@example.test"
 BOUNCE = f"550 5.1.1 <{DEAD}>: Recipient address rejected: User unknown in virtual table"

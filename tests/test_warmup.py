@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from warmrelay.warmup import (
+from warmrelay.warmup.plan import (
     PRESETS,
     Schedule,
     WarmupState,

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from warmrelay.config import parse_config
-from warmrelay.counters import MemoryCounters
-from warmrelay.providers import ProviderMap, ProviderRule
-from warmrelay.router import Router, RouteReason
-from warmrelay.warmup import PRESETS, SendingHours, extend_to_target, ramp
+from warmrelay.warmup.counters import MemoryCounters
+from warmrelay.warmup.plan import PRESETS, SendingHours, extend_to_target, ramp
+from warmrelay.warmup.providers import ProviderMap, ProviderRule
+from warmrelay.warmup.router import Router, RouteReason
 
 UTC = ZoneInfo("UTC")
 

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
-from warmrelay import __version__, sdnotify, statuspage
-from warmrelay.adminapi import Caller, Response, json_page
+from warmrelay import __version__
 from warmrelay.config import (
     Config,
     IPConfig,
@@ -28,28 +27,30 @@ from warmrelay.config import (
     describe_changes,
     load_config,
 )
-from warmrelay.control import IP_ACTIONS, Persisted
-from warmrelay.counters import CounterKey, Counters, open_counters
-from warmrelay.dispatcher import Dispatcher
-from warmrelay.dkim import DkimKeyError, Signer, quiet_key_warnings
+from warmrelay.delivery.dispatcher import Dispatcher
+from warmrelay.delivery.nexthop import NextHopResolver
 from warmrelay.errors import ConfigError, CounterError, StartError
-from warmrelay.listener import RelayHandler, make_protocol, valid_mailbox
-from warmrelay.logs import LogFormat, apply_log_format, setup_logging
-from warmrelay.metrics import Metrics
-from warmrelay.nexthop import NextHopResolver
-from warmrelay.preflight import RelayPreflight
-from warmrelay.queueapi import QueueApi, worker_socket
-from warmrelay.queueview import summary
-from warmrelay.router import Router
-from warmrelay.scheduler import Clock, Scheduler, utc_now
-from warmrelay.spool import RecoveredMessage, Spool
-from warmrelay.suppression import SuppressionList
-from warmrelay.tally import TallySnapshot
-from warmrelay.tlsfiles import TlsFiles
-from warmrelay.warmup import WarmupState
+from warmrelay.mail.dkim import DkimKeyError, Signer, quiet_key_warnings
+from warmrelay.mail.preflight import RelayPreflight
+from warmrelay.mail.suppression import SuppressionList
+from warmrelay.operate import sdnotify, statuspage
+from warmrelay.operate.api import Caller, Response, json_page
+from warmrelay.operate.logs import LogFormat, apply_log_format, setup_logging
+from warmrelay.operate.metrics import Metrics
+from warmrelay.operate.queueapi import QueueApi, worker_socket
+from warmrelay.operate.queueview import summary
+from warmrelay.operate.tally import TallySnapshot
+from warmrelay.queue.scheduler import Clock, Scheduler, utc_now
+from warmrelay.queue.spool import RecoveredMessage, Spool
+from warmrelay.smtp.listener import RelayHandler, make_protocol, valid_mailbox
+from warmrelay.smtp.tlsfiles import TlsFiles
+from warmrelay.warmup.control import IP_ACTIONS, Persisted
+from warmrelay.warmup.counters import CounterKey, Counters, open_counters
+from warmrelay.warmup.plan import WarmupState
+from warmrelay.warmup.router import Router
 
 if TYPE_CHECKING:
-    from warmrelay.admin import AdminServer
+    from warmrelay.operate.admin import AdminServer
 
 log = logging.getLogger("warmrelay")
 
@@ -110,7 +111,7 @@ class Relay:
         self.tls = TlsFiles(tls.cert, tls.key) if tls is not None else None
 
     def _make_admin(self) -> AdminServer:
-        from warmrelay.admin import AdminServer
+        from warmrelay.operate.admin import AdminServer
 
         admin = AdminServer(
             {
@@ -773,7 +774,7 @@ def run(
         loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)
         follower: asyncio.Task[None] | None = None
         if worker is not None:
-            from warmrelay.supervisor import follow_supervisor
+            from warmrelay.operate.supervisor import follow_supervisor
 
             async def follow() -> None:
                 """Reloads come from the supervisor (it read and accepted the file); the end

@@ -37,10 +37,9 @@ from pydantic import (
     model_validator,
 )
 
-from warmrelay.eligibility import Eligibility
 from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
-from warmrelay.providers import BUILTIN
-from warmrelay.warmup import (
+from warmrelay.warmup.eligibility import Eligibility
+from warmrelay.warmup.plan import (
     PRESETS,
     ProviderCap,
     Schedule,
@@ -49,6 +48,7 @@ from warmrelay.warmup import (
     extend_to_target,
     ramp,
 )
+from warmrelay.warmup.providers import BUILTIN
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -882,7 +882,9 @@ def _ips_problems(ips: list[Any], known_providers: set[str]) -> tuple[list[Confi
 
 def _routes_problems(routes: Mapping[Any, Any]) -> list[ConfigProblem]:
     """Route keys must be domain names: the relay could not even start with one that is not."""
-    from warmrelay.nexthop import normalize_domain  # DNS name rules, as delivery applies them
+    from warmrelay.delivery.nexthop import (
+        normalize_domain,  # DNS name rules, as delivery applies them
+    )
 
     problems: list[ConfigProblem] = []
     for domain in routes:
@@ -1408,7 +1410,9 @@ def _state_dir_problem(state_dir: Path) -> ConfigProblem | None:
         exc = _write_probe(directory)
         if exc is not None:
             return ConfigProblem(where, f"{directory} is not writable: {exc.strerror}")
-    from warmrelay.supervisor import LOCK_NAME  # the flock serve takes (supervisor imports us)
+    from warmrelay.operate.supervisor import (
+        LOCK_NAME,  # the flock serve takes (supervisor imports us)
+    )
 
     lock = state_dir / LOCK_NAME
     if lock.exists():
@@ -1483,7 +1487,7 @@ def start_problems(config: Config) -> list[ConfigProblem]:
     token, DKIM keys it cannot use, TLS files it cannot load, listening addresses it
     cannot bind, a state.dir it cannot create or write. check-config reports the same
     list, so it refuses what serve refuses."""
-    from warmrelay.dkim import load_keys  # dkim imports this module
+    from warmrelay.mail.dkim import load_keys  # dkim imports this module
 
     problems: list[ConfigProblem] = []
     for i, listener in enumerate(config.smtp.listen):

@@ -19,12 +19,12 @@ from warmrelay.config import (
     redact_url,
     start_problems,
 )
-from warmrelay.control import IP_ACTIONS
 from warmrelay.errors import ConfigError, ConfigProblem, WarmrelayError
-from warmrelay.warmup import WarmupState, local_date, plan
+from warmrelay.warmup.control import IP_ACTIONS
+from warmrelay.warmup.plan import WarmupState, local_date, plan
 
 if TYPE_CHECKING:
-    from warmrelay.router import Router
+    from warmrelay.warmup.router import Router
 
 
 def _fmt_hostport(hp: tuple[str, int]) -> str:
@@ -38,9 +38,9 @@ def _stored_state(config: Config) -> tuple[Router, str]:
     that is absent or cannot be read leaves the configuration's view (and says so)."""
     import asyncio
 
-    from warmrelay.counters import MemoryCounters, SqliteCounters, open_counters
     from warmrelay.errors import CounterError
-    from warmrelay.router import Router
+    from warmrelay.warmup.counters import MemoryCounters, SqliteCounters, open_counters
+    from warmrelay.warmup.router import Router
 
     backend = config.state.counters
     if backend == "memory":
@@ -162,8 +162,8 @@ def summary(config: Config, now: datetime, router: Router | None = None) -> str:
     """What check-config prints: listeners, state, and each IP's role today (with the
     stored state when ``router`` holds it)."""
     if router is None:
-        from warmrelay.counters import MemoryCounters
-        from warmrelay.router import Router
+        from warmrelay.warmup.counters import MemoryCounters
+        from warmrelay.warmup.router import Router
 
         router = Router(config, MemoryCounters())
     lines = [
@@ -339,7 +339,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import asyncio
 
-    from warmrelay.simulate import completion_day, parse_mix, simulate, svg_chart, table
+    from warmrelay.warmup.simulate import completion_day, parse_mix, simulate, svg_chart, table
 
     config = _load_or_exit(args.config)
     try:
@@ -394,7 +394,7 @@ def cmd_ip(args: argparse.Namespace) -> int:
     if args.address not in {str(ip.address) for ip in config.ips}:
         print(f"{args.address} is not listed under ips in {args.config}", file=sys.stderr)
         return 1
-    from warmrelay.adminclient import Refused, RelayDown, call
+    from warmrelay.cli.client import Refused, RelayDown, call
 
     try:
         state = call(config, "POST", f"/ips/{args.address}/{args.action}")
@@ -461,7 +461,7 @@ def cmd_suppression(args: argparse.Namespace) -> int:
     if args.action != "list" and not address:
         print(f"suppression {args.action}: give the ADDRESS", file=sys.stderr)
         return 2
-    from warmrelay.adminclient import Refused, RelayDown, call
+    from warmrelay.cli.client import Refused, RelayDown, call
 
     result: dict[str, Any] | None = None
     try:
@@ -548,7 +548,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     import asyncio
     import json
 
-    from warmrelay.preflight import Preflight
+    from warmrelay.mail.preflight import Preflight
 
     config = _load_or_exit(args.config)
     report = asyncio.run(Preflight(config).run())
@@ -568,7 +568,7 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     from standard input or a prompt, never from the command line)."""
     import getpass
 
-    from warmrelay.auth import hash_password
+    from warmrelay.smtp.auth import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass("password: ")
@@ -589,7 +589,7 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     print the TXT record to publish at SELECTOR._domainkey.DOMAIN on standard output."""
     from pathlib import Path
 
-    from warmrelay.dkim import keygen
+    from warmrelay.mail.dkim import keygen
 
     out = Path(args.out) if args.out else None
     try:
@@ -623,7 +623,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     supervisor, never from the file, which may be broken by now; anything else first takes
     state.dir for itself, so a second instance on it stops here, having touched nothing."""
     # imported late: check-config needs none of the I/O stack
-    from warmrelay.supervisor import (
+    from warmrelay.operate.supervisor import (
         StateDirInUse,
         lock_state_dir,
         receive_config,
@@ -655,7 +655,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     if args.workers > 1:
         from warmrelay.errors import StartError
-        from warmrelay.logs import setup_logging
+        from warmrelay.operate.logs import setup_logging
 
         setup_logging(args.log_format or config.log.format)
         try:
@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines as text or JSON objects (overrides log.format, also after reloads)",
     )
     p.set_defaults(func=cmd_serve)
-    from warmrelay import queuecli
+    from warmrelay.cli import queue as queuecli
 
     queuecli.add_parser(sub)
     p = sub.add_parser("check-config", help="validate a configuration file")

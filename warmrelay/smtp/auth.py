@@ -21,7 +21,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from warmrelay.config import UserConfig
-from warmrelay.eligibility import sender_matches
+from warmrelay.warmup.eligibility import sender_matches
 
 # argon2id with OWASP's recommended minimum (19 MiB, 2 passes, 1 lane): each check takes
 # about 20 ms and 19 MiB while it runs, instead of the library default's 64 MiB.

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from warmrelay.config import DeliveryConfig, IPConfig
-from warmrelay.nexthop import NextHop
-from warmrelay.replies import Outcome, Reply, ReplyRules, Stage
+from warmrelay.delivery.nexthop import NextHop
+from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
 
 log = logging.getLogger("warmrelay.dispatcher")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from warmrelay.counters.base import CounterKey, Counters, Limit
-from warmrelay.counters.memory import MemoryCounters
-from warmrelay.counters.sqlite import SqliteCounters
+from warmrelay.warmup.counters.base import CounterKey, Counters, Limit
+from warmrelay.warmup.counters.memory import MemoryCounters
+from warmrelay.warmup.counters.sqlite import SqliteCounters
 
 __all__ = ["CounterKey", "Counters", "Limit", "MemoryCounters", "SqliteCounters", "open_counters"]
 
@@ -24,7 +24,7 @@ def open_counters(backend: str, state_dir: Path) -> Counters:
     if backend == "sqlite":
         return SqliteCounters(state_dir / "counters.sqlite3")
     if backend.startswith(("redis://", "rediss://", "unix://")):
-        from warmrelay.counters.redis import RedisCounters  # only fleets need redis-py
+        from warmrelay.warmup.counters.redis import RedisCounters  # only fleets need redis-py
 
         return RedisCounters(backend)
     raise ValueError(f"unknown counters backend {backend!r}")

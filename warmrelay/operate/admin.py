@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from warmrelay.adminapi import ApiHandler, ApiRequest, Caller, Response, json_page
+from warmrelay.operate.api import ApiHandler, ApiRequest, Caller, Response, json_page
 
 __all__ = ["AdminServer", "ApiHandler", "ApiRequest", "Caller", "Response", "json_page"]
 

@@ -36,12 +36,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from warmrelay import __version__, sdnotify
-from warmrelay.adminapi import ApiRequest, Caller
+from warmrelay import __version__
 from warmrelay.config import Config
 from warmrelay.errors import StartError, WarmrelayError
-from warmrelay.logs import LogFormat, pass_worker_line
-from warmrelay.tally import TallySnapshot, merge
+from warmrelay.operate import sdnotify
+from warmrelay.operate.api import ApiRequest, Caller
+from warmrelay.operate.logs import LogFormat, pass_worker_line
+from warmrelay.operate.tally import TallySnapshot, merge
 
 log = logging.getLogger("warmrelay.supervisor")
 
@@ -190,11 +191,11 @@ def supervise(
         raise RuntimeError("prometheus_client was imported before the supervisor set it up")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
-    from warmrelay.admin import AdminServer
     from warmrelay.app import Relay, log_failed_reload, start_admin
-    from warmrelay.metrics import render_all_processes
-    from warmrelay.queueapi import FleetQueueApi, worker_socket
-    from warmrelay.spool import Spool
+    from warmrelay.operate.admin import AdminServer
+    from warmrelay.operate.metrics import render_all_processes
+    from warmrelay.operate.queueapi import FleetQueueApi, worker_socket
+    from warmrelay.queue.spool import Spool
 
     holders, ports = reserve_ports(config)
     procs: dict[int, asyncio.subprocess.Process] = {}

@@ -59,7 +59,8 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from warmrelay.counters.base import (
+from warmrelay.errors import CounterError
+from warmrelay.warmup.counters.base import (
     RELEASE_ID_TTL_S,
     Answer,
     Coalescer,
@@ -68,7 +69,6 @@ from warmrelay.counters.base import (
     Pending,
     grantable,
 )
-from warmrelay.errors import CounterError
 
 T = TypeVar("T")
 

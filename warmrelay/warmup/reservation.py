@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 
-from warmrelay.counters import CounterKey, Counters
-from warmrelay.counters.base import RELEASE_ID_TTL_S, new_release_id
 from warmrelay.errors import CounterError
+from warmrelay.warmup.counters import CounterKey, Counters
+from warmrelay.warmup.counters.base import RELEASE_ID_TTL_S, new_release_id
 
 log = logging.getLogger("warmrelay.router")
 

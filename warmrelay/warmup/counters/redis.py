@@ -33,7 +33,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from warmrelay.counters.base import (
+from warmrelay.errors import CounterError
+from warmrelay.warmup.counters.base import (
     RELEASE_ID_TTL_S,
     Answer,
     Coalescer,
@@ -41,7 +42,6 @@ from warmrelay.counters.base import (
     Limit,
     Pending,
 )
-from warmrelay.errors import CounterError
 
 log = logging.getLogger("warmrelay.counters")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 
 from warmrelay.config import Config
-from warmrelay.counters import MemoryCounters
-from warmrelay.router import Hold, Router, RouteReason
-from warmrelay.warmup import WarmupState
+from warmrelay.warmup.counters import MemoryCounters
+from warmrelay.warmup.plan import WarmupState
+from warmrelay.warmup.router import Hold, Router, RouteReason
 
 OTHER = "other"  # the share of the mix no named provider takes
 

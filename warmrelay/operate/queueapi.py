@@ -20,14 +20,14 @@ from email.policy import compat32
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from warmrelay.adminapi import ApiRequest, Caller, Response, json_page
 from warmrelay.errors import SpoolError
-from warmrelay.queueview import ActionResult, Filter, MessageView, merge_summaries, summary
-from warmrelay.scheduler import Scheduler, Target
-from warmrelay.spool import Spool
+from warmrelay.operate.api import ApiRequest, Caller, Response, json_page
+from warmrelay.operate.queueview import ActionResult, Filter, MessageView, merge_summaries, summary
+from warmrelay.queue.scheduler import Scheduler, Target
+from warmrelay.queue.spool import Spool
 
 if TYPE_CHECKING:
-    from warmrelay.admin import AdminServer
+    from warmrelay.operate.admin import AdminServer
 
 log = logging.getLogger("warmrelay.queue")
 

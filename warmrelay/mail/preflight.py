@@ -38,14 +38,14 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from warmrelay.adminapi import json_page
 from warmrelay.config import Config, IPAddress, IPConfig, bind_error
-from warmrelay.dkim import Algorithm, parse_private_key
-from warmrelay.warmup import WarmupState
+from warmrelay.mail.dkim import Algorithm, parse_private_key
+from warmrelay.operate.api import json_page
+from warmrelay.warmup.plan import WarmupState
 
 if TYPE_CHECKING:
-    from warmrelay.metrics import Metrics
-    from warmrelay.router import Router
+    from warmrelay.operate.metrics import Metrics
+    from warmrelay.warmup.router import Router
 
 log = logging.getLogger("warmrelay.preflight")
 

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from warmrelay.dsn import FailedRecipient, build_dsn
+from warmrelay.delivery.dsn import FailedRecipient, build_dsn
+from warmrelay.delivery.replies import Reply
 from warmrelay.errors import SpoolError, WarmrelayError
-from warmrelay.metrics import Metrics
-from warmrelay.providers import ProviderMap
-from warmrelay.queueview import operator_bounce
-from warmrelay.replies import Reply
-from warmrelay.spool import Spool, SpooledMessage
-from warmrelay.suppression import SuppressionList
+from warmrelay.mail.suppression import SuppressionList
+from warmrelay.operate.metrics import Metrics
+from warmrelay.operate.queueview import operator_bounce
+from warmrelay.queue.spool import Spool, SpooledMessage
+from warmrelay.warmup.providers import ProviderMap
 
 log = logging.getLogger("warmrelay.delivery")
 

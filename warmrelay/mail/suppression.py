@@ -55,11 +55,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from warmrelay.config import SuppressionConfig
-from warmrelay.control import Persisted
-from warmrelay.counters import Counters
+from warmrelay.delivery.replies import Reply, Stage
 from warmrelay.errors import CounterError
-from warmrelay.metrics import Metrics
-from warmrelay.replies import Reply, Stage
+from warmrelay.operate.metrics import Metrics
+from warmrelay.warmup.control import Persisted
+from warmrelay.warmup.counters import Counters
 
 log = logging.getLogger("warmrelay.suppression")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from warmrelay.counters.base import CounterKey, Limit, grantable
+from warmrelay.warmup.counters.base import CounterKey, Limit, grantable
 
 
 class MemoryCounters:

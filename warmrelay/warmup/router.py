@@ -31,7 +31,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 
 from warmrelay.config import Config, IPConfig
-from warmrelay.control import (
+from warmrelay.errors import CounterError
+from warmrelay.warmup.control import (
     COMPLETED,
     PAUSE,
     PROGRESS,
@@ -50,12 +51,10 @@ from warmrelay.control import (
     next_cooldown,
     suspension_record,
 )
-from warmrelay.counters import CounterKey, Counters, Limit
-from warmrelay.counters.base import Change, update_value
-from warmrelay.eligibility import Eligibility, Traffic
-from warmrelay.errors import CounterError
-from warmrelay.reservation import Ledger, Reservation
-from warmrelay.warmup import (
+from warmrelay.warmup.counters import CounterKey, Counters, Limit
+from warmrelay.warmup.counters.base import Change, update_value
+from warmrelay.warmup.eligibility import Eligibility, Traffic
+from warmrelay.warmup.plan import (
     Caps,
     WarmupPlan,
     WarmupState,
@@ -64,6 +63,7 @@ from warmrelay.warmup import (
     next_window_start,
     status_for_day,
 )
+from warmrelay.warmup.reservation import Ledger, Reservation
 
 log = logging.getLogger("warmrelay.router")
 

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, uti
 from pydantic import ValidationError
 
 from warmrelay.config import Config, DkimConfig, DkimKeyConfig, format_path
+from warmrelay.delivery.nexthop import normalize_domain
 from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
-from warmrelay.nexthop import normalize_domain
 
 log = logging.getLogger("warmrelay.dkim")
 

@@ -32,10 +32,10 @@ from prometheus_client import (
 )
 
 from warmrelay import __version__
-from warmrelay.tally import DayTally
+from warmrelay.operate.tally import DayTally
 
 if TYPE_CHECKING:
-    from warmrelay.router import Route, Smarthost
+    from warmrelay.warmup.router import Route, Smarthost
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 

@@ -25,13 +25,13 @@ import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
-from warmrelay.auth import Authenticator, AuthGuard
 from warmrelay.config import Config, IPAddress, IPNetwork, ListenerConfig
-from warmrelay.dkim import Signer
 from warmrelay.errors import SpoolError
-from warmrelay.metrics import Metrics
-from warmrelay.spool import Spool, SpooledMessage
-from warmrelay.suppression import SuppressionList
+from warmrelay.mail.dkim import Signer
+from warmrelay.mail.suppression import SuppressionList
+from warmrelay.operate.metrics import Metrics
+from warmrelay.queue.spool import Spool, SpooledMessage
+from warmrelay.smtp.auth import Authenticator, AuthGuard
 
 log = logging.getLogger("warmrelay.listener")
 

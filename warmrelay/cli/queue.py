@@ -16,10 +16,10 @@ import urllib.parse
 from datetime import UTC, datetime
 from typing import Any
 
-from warmrelay.adminclient import Refused, RelayDown, call, operator
+from warmrelay.cli.client import Refused, RelayDown, call, operator
 from warmrelay.config import Config
 from warmrelay.errors import SpoolError
-from warmrelay.queueview import (
+from warmrelay.operate.queueview import (
     ActionResult,
     Filter,
     MessageView,
@@ -75,7 +75,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         result, where = _online(config, args, body), "by the running relay"
     except RelayDown:
-        from warmrelay.supervisor import StateDirInUse
+        from warmrelay.operate.supervisor import StateDirInUse
 
         try:
             result, where = (
@@ -118,7 +118,7 @@ async def _offline(
 ) -> dict[str, Any]:
     import os
 
-    from warmrelay.supervisor import lock_state_dir
+    from warmrelay.operate.supervisor import lock_state_dir
 
     lock_fd = lock_state_dir(config.state.dir)  # no relay may start while we change its spool
     try:
@@ -130,8 +130,8 @@ async def _offline(
 async def _on_spools(
     config: Config, args: argparse.Namespace, body: dict[str, Any]
 ) -> dict[str, Any]:
-    from warmrelay.queueapi import headers_of
-    from warmrelay.spool import RecoveredMessage, Spool
+    from warmrelay.operate.queueapi import headers_of
+    from warmrelay.queue.spool import RecoveredMessage, Spool
 
     spools: list[tuple[Spool, dict[str, RecoveredMessage]]] = []
     for path in sorted(p for p in config.state.dir.glob("spool*") if p.is_dir()):
@@ -225,7 +225,7 @@ async def _act(
         log.warning("operator: queue %s %s by %s", args.command, m.queue_id, who)
         return True
     if args.command == "bounce" and m.mail_from:
-        from warmrelay.dsn import FailedRecipient, build_dsn
+        from warmrelay.delivery.dsn import FailedRecipient, build_dsn
 
         now = datetime.now(UTC)
         failed = [

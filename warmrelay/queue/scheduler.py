@@ -33,19 +33,31 @@ from datetime import UTC, datetime
 from typing import Any
 
 from warmrelay.config import Config
-from warmrelay.dispatcher import Connected, Dispatcher, Endpoint
-from warmrelay.dispositions import Recorder, Verdicts, attempt_outcome, domain_of, retry_delay
-from warmrelay.eligibility import Traffic, header_block
+from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint
+from warmrelay.delivery.dispositions import (
+    Recorder,
+    Verdicts,
+    attempt_outcome,
+    domain_of,
+    retry_delay,
+)
+from warmrelay.delivery.nexthop import NextHop, NextHopResolver
+from warmrelay.delivery.replies import Outcome, Reply, ReplyRules
 from warmrelay.errors import NextHopError, SpoolError
-from warmrelay.metrics import Metrics
-from warmrelay.nexthop import NextHop, NextHopResolver
-from warmrelay.providers import provider_map
-from warmrelay.queueview import ActionResult, Attempt, MessageView, QueueState, RecipientView
-from warmrelay.readyqueue import ReadyQueues
-from warmrelay.replies import Outcome, Reply, ReplyRules
-from warmrelay.router import Hold, Route, Router, RouteReason, Smarthost
-from warmrelay.spool import Spool, SpooledMessage
-from warmrelay.suppression import SuppressionList
+from warmrelay.mail.suppression import SuppressionList
+from warmrelay.operate.metrics import Metrics
+from warmrelay.operate.queueview import (
+    ActionResult,
+    Attempt,
+    MessageView,
+    QueueState,
+    RecipientView,
+)
+from warmrelay.queue.readyqueue import ReadyQueues
+from warmrelay.queue.spool import Spool, SpooledMessage
+from warmrelay.warmup.eligibility import Traffic, header_block
+from warmrelay.warmup.providers import provider_map
+from warmrelay.warmup.router import Hold, Route, Router, RouteReason, Smarthost
 
 log = logging.getLogger("warmrelay.delivery")
 
