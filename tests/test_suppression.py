@@ -20,7 +20,6 @@ from warmrelay.app import Relay
 from warmrelay.cli import main
 from warmrelay.config import parse_config
 from warmrelay.delivery.replies import Reply, Stage
-from warmrelay.mail import suppression
 from warmrelay.mail.suppression import hard_status
 from warmrelay.warmup.counters import Counters, MemoryCounters, SqliteCounters
 from warmrelay.warmup.counters.redis import RedisCounters
@@ -401,16 +400,13 @@ async def test_cli_goes_through_the_running_relay(
 # -- a fleet on one Redis -------------------------------------------------------------------
 
 
-async def test_a_fleet_on_one_redis_shares_the_list(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(suppression, "REFRESH_S", 0.2)
+async def test_a_fleet_on_one_redis_shares_the_list(tmp_path: Path) -> None:
     redis = await RedisServer(tmp_path / "redis").start()
     sink = await Sink(rcpt_reply=lambda peer, a: BOUNCE if a == DEAD else None).start()
 
     def config(name: str) -> Any:
         state = {"dir": str(tmp_path / name), "counters": redis.url}
-        return relay_config(tmp_path, sink.port, state=state)
+        return relay_config(tmp_path, sink.port, state=state, suppression={"refresh_s": 0.2})
 
     try:
         async with running(config("a")) as a, running(config("b")) as b:

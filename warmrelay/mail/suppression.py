@@ -33,10 +33,11 @@ Store layout (the counters' value store: SQLite, or Redis for a fleet):
 Cache: handle_RCPT runs for every recipient, and a store read there would be
 an executor round trip (SQLite) or a network one (Redis). Each process keeps
 the stored values in a dict (one lookup per RCPT, no I/O) and a follower task
-reads the change token every ``REFRESH_S``; only when it changed is the list
-read again, so a fleet converges within seconds for one small read per
-interval. Local adds and removes change the dict at once. A change the store
-cannot take stays in force here and is written at the next refresh.
+reads the change token every ``suppression.refresh_s`` (5 s; a reload's new
+value applies from the next interval); only when it changed is the list read
+again, so a fleet converges within seconds for one small read per interval.
+Local adds and removes change the dict at once. A change the store cannot
+take stays in force here and is written at the next refresh.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ log = logging.getLogger("warmrelay.suppression")
 
 KEY_PREFIX = "suppressed:"
 CHANGED_KEY = "suppression:changed"
-REFRESH_S = 5.0  # how often each process checks the store for changes made elsewhere
 SWEEP_S = 3600.0  # how often each process deletes expired entries nobody asked for
 SWEEP_BATCH = 500  # entries judged between two yields to the event loop
 REPLY_MAX = 160  # characters of the reason quoted at RCPT (the line stays under 512 octets)
@@ -220,7 +220,7 @@ class SuppressionList:
     async def _follow(self) -> None:
         me = asyncio.current_task()
         while not self._stopping:
-            await asyncio.sleep(REFRESH_S)
+            await asyncio.sleep(self._settings().refresh_s)  # read each time: follows reloads
             try:
                 await self.refresh()
             except CounterError:

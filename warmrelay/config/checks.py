@@ -1,0 +1,63 @@
+"""Checks beyond validity: a valid file can still be a mistake (``config_warnings``) or
+not fit the host it runs on (``host_warnings``: a source IP that cannot be bound here).
+Warnings, not errors: they return problems as data; check-config prints them, serve
+logs them, tests read them. What serve refuses is in ``startup``."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from warmrelay.config.model import Config
+from warmrelay.config.values import IPAddress, is_public_network
+from warmrelay.errors import ConfigProblem
+
+
+def config_warnings(config: Config) -> list[ConfigProblem]:
+    """Valid settings that are often a mistake; they do not stop the relay."""
+    warnings: list[ConfigProblem] = []
+    for i, net in enumerate(config.smtp.allow_networks):
+        if is_public_network(net):
+            warnings.append(
+                ConfigProblem(
+                    f"smtp.allow_networks[{i}]",
+                    f"{net} is a public network (not private, loopback, link-local or CGNAT): "
+                    "every host in it may relay without AUTH; make sure they are all yours",
+                )
+            )
+    return warnings
+
+
+_NOT_ON_THIS_HOST = {errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT}
+
+
+def bind_error(address: IPAddress) -> OSError | None:
+    """Why mail cannot leave from ``address`` on this host, or None. Binds a TCP socket to
+    (address, 0), as delivery does; nothing is sent. Only "not on this host" errors count:
+    a passing shortage (no free port right now) says nothing about the address."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((str(address), 0))
+    except OSError as exc:
+        return exc if exc.errno in _NOT_ON_THIS_HOST else None
+    return None
+
+
+def host_warnings(config: Config) -> list[ConfigProblem]:
+    """What does not hold on this host but does not stop serve either (it marks such an IP
+    down and sends from the others). Warnings, not errors: a file may well be checked on
+    another machine than the one that will run it. What serve refuses: start_problems."""
+    warnings: list[ConfigProblem] = []
+    for i, ip in enumerate(config.ips):
+        exc = bind_error(ip.address)
+        if exc is not None:
+            warnings.append(
+                ConfigProblem(
+                    f"ips[{i}].address",
+                    f"{ip.address} cannot be bound on this host ({exc.strerror}); the file "
+                    "is still valid (it may be meant for another host), but a relay started "
+                    "here marks this IP down and sends its mail from the other IPs",
+                )
+            )
+    return warnings
