@@ -273,7 +273,7 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_scraped(
             }
             await sink.wait_until(lambda: wanted <= arrived())
             samples = await scrape(relay)
-            reasons = relay.scheduler._recorder.latest_reasons()
+            reasons = relay.recorder.latest_reasons()
     finally:
         await sink.stop()
 

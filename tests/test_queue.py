@@ -287,7 +287,7 @@ async def test_offline_tools_refuse_while_a_relay_holds_the_state_dir(
     """A relay runs (it holds state.dir) but its admin endpoint is off: no second writer."""
     document = doc(tmp_path, sink, admin={"listen": None})
     path = write(tmp_path, document)
-    from warmrelay.operate.supervisor import lock_state_dir
+    from warmrelay.operate.workers import lock_state_dir
 
     fd = lock_state_dir(Path(document["state"]["dir"]))
     try:

@@ -27,14 +27,17 @@ from warmrelay.config import (
     describe_changes,
     load_config,
 )
+from warmrelay.delivery.attempt import Attempts
 from warmrelay.delivery.dispatcher import Dispatcher
+from warmrelay.delivery.dispositions import Recorder
 from warmrelay.delivery.nexthop import NextHopResolver
 from warmrelay.errors import ConfigError, CounterError, StartError
 from warmrelay.mail.dkim import DkimKeyError, Signer, quiet_key_warnings
 from warmrelay.mail.preflight import RelayPreflight
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate import sdnotify, statuspage
-from warmrelay.operate.api import Caller, Response, json_page
+from warmrelay.operate.actions import QueueActions
+from warmrelay.operate.api import json_page
 from warmrelay.operate.logs import LogFormat, apply_log_format, setup_logging
 from warmrelay.operate.metrics import Metrics
 from warmrelay.operate.queueapi import QueueApi, worker_socket
@@ -86,16 +89,25 @@ class Relay:
         self.suppression = SuppressionList(
             self.counters, self.metrics, lambda: self.config.suppression, clock
         )
+        # the data path: the scheduler moves deliveries between its queues, the delivery
+        # stage attempts them and writes dispositions, the operator's actions act on both
         self.scheduler = Scheduler(
-            config,
-            self.spool,
-            self.router,
-            self.resolver,
-            self.dispatcher,
-            self.metrics,
-            clock,
-            self.suppression,
+            self.spool, lambda: self.config.delivery, clock, self.metrics.spool_messages.set
         )
+        self.recorder = Recorder(
+            self.spool,
+            self.metrics,
+            lambda: self.config.smtp.hostname,
+            self.scheduler.accept,
+            self.scheduler.data,
+            self.suppression,
+            lambda: self.attempts.providers,
+        )
+        self.attempts = Attempts(
+            self.scheduler, self.dispatcher, self.recorder, self.metrics, clock
+        )
+        self.attempts.configure(config, self.router, self.resolver)
+        self.actions = QueueActions(self.scheduler, self.recorder, self.spool, clock)
         # DNS identity checks: at start, GET /preflight, warmrelay_preflight_ok (getters: a
         # reload replaces config and router)
         self.preflight = RelayPreflight(
@@ -184,7 +196,7 @@ class Relay:
             self.scheduler.submit(item.message, item.done, item.attempts, item.on_hold)
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
-        self.scheduler.start()
+        self.scheduler.start(self.attempts.run)
         handler = self.handler = RelayHandler(
             self.config,
             self.spool,
@@ -214,7 +226,7 @@ class Relay:
         if self.config.admin.listen is not None and self.worker is None:
             await start_admin(self.admin, *self.config.admin.listen)
         if self.worker is not None:  # the supervisor's queue API forwards to this
-            api = WorkerQueueApi(self)
+            api = QueueApi(self.actions, self.spool, self.clock, self._today_json)
             path = worker_socket(self.config.state.dir, self.worker.index)
             self._queue_socket = await api.serve_unix(path)
         log.info(
@@ -297,7 +309,7 @@ class Relay:
         )
         self.router, self.config = router, applied
         self.dispatcher.configure(applied.delivery)
-        self.scheduler.configure(applied, router, self.resolver)
+        self.attempts.configure(applied, router, self.resolver)
         if self.handler is not None:
             self.handler.configure(applied, signer or self.handler.dkim)
         if self.tls is not None:
@@ -358,6 +370,7 @@ class Relay:
         self.dispatcher.closing = True
         try:
             await self.scheduler.stop(drain_s)
+            await self.router.ledger.settle_all()  # queued or cut-short sends give back
         finally:
             if sessions is not None:
                 await sessions
@@ -385,7 +398,7 @@ class Relay:
 
     def queue_routes(self, admin: AdminServer) -> None:
         """The queue tools' API (warmrelay.queueapi) on ``admin``: this process's queue."""
-        QueueApi(self.scheduler, self.spool, self.clock).register(admin)
+        QueueApi(self.actions, self.spool, self.clock).register(admin)
 
     async def _count(self, key: CounterKey) -> int | None:
         try:
@@ -489,17 +502,21 @@ class Relay:
             **({} if tally is None else {"today": _today(tally, self.config.zone)}),
         }
 
+    def _today_json(self) -> dict[str, Any]:
+        today = self.clock().astimezone(self.config.zone).date()
+        return self.metrics.today.snapshot(today).to_json()
+
     async def today_tally(self, today: date) -> TallySnapshot:
         """Today's routing as this process counted it (the supervisor asks its workers)."""
         return self.metrics.today.snapshot(today)
 
     async def latest_reasons(self) -> dict[str, dict[str, Any]]:
         """The latest deferral and bounce per provider (the supervisor asks its workers)."""
-        return self.scheduler.latest_reasons()
+        return self.actions.latest_reasons()
 
     async def queue_summary(self, top: int = 10) -> dict[str, Any]:
         """The qshape summary of this process's queue (the supervisor asks its workers)."""
-        return summary(self.scheduler.views(), self.clock().timestamp(), top)
+        return summary(self.actions.views(), self.clock().timestamp(), top)
 
     async def ip_action(self, address: str, action: str) -> dict[str, Any]:
         """pause | resume | complete | uncomplete an IP; stored, so it survives restarts and
@@ -681,23 +698,6 @@ def _today(tally: TallySnapshot, zone: tzinfo) -> dict[str, Any]:
     }
 
 
-class WorkerQueueApi(QueueApi):
-    """What a worker of ``serve --workers`` answers its supervisor on its unix socket: the
-    queue API, and ``GET /today`` (this process's tally) for the supervisor's /status."""
-
-    def __init__(self, relay: Relay) -> None:
-        super().__init__(relay.scheduler, relay.spool, relay.clock)
-        self.relay = relay
-
-    async def dispatch(
-        self, method: str, path: str, query: dict[str, str], body: dict[str, Any], caller: Caller
-    ) -> Response:
-        if method == "GET" and path.strip("/") == "today":
-            today = self.clock().astimezone(self.relay.config.zone).date()
-            return json_page((await self.relay.today_tally(today)).to_json())
-        return await super().dispatch(method, path, query, body, caller)
-
-
 def spool_dir(state_dir: Path, index: int) -> Path:
     """Worker 0 (and a single process) uses state.dir/spool; worker i, spool-i."""
     return state_dir / ("spool" if index == 0 else f"spool-{index}")
@@ -774,7 +774,7 @@ def run(
         loop.add_signal_handler(signal.SIGUSR1, relay.router.reload_soon)
         follower: asyncio.Task[None] | None = None
         if worker is not None:
-            from warmrelay.operate.supervisor import follow_supervisor
+            from warmrelay.operate.workers import follow_supervisor
 
             async def follow() -> None:
                 """Reloads come from the supervisor (it read and accepted the file); the end

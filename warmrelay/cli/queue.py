@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from warmrelay.cli.client import Refused, RelayDown, call, operator
+from warmrelay.cli.common import load_or_exit
 from warmrelay.config import Config
 from warmrelay.errors import SpoolError
 from warmrelay.operate.queueview import (
@@ -53,9 +54,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from warmrelay.cli import _load_or_exit
-
-    config = _load_or_exit(args.config)
+    config = load_or_exit(args.config)
     body: dict[str, Any] = {}
     if args.command in ACTIONS:
         chosen = sum(map(bool, (args.queue_ids, args.domain, args.all)))
@@ -75,7 +74,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     try:
         result, where = _online(config, args, body), "by the running relay"
     except RelayDown:
-        from warmrelay.operate.supervisor import StateDirInUse
+        from warmrelay.operate.workers import StateDirInUse
 
         try:
             result, where = (
@@ -118,7 +117,7 @@ async def _offline(
 ) -> dict[str, Any]:
     import os
 
-    from warmrelay.operate.supervisor import lock_state_dir
+    from warmrelay.operate.workers import lock_state_dir
 
     lock_fd = lock_state_dir(config.state.dir)  # no relay may start while we change its spool
     try:

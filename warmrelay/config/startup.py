@@ -99,7 +99,7 @@ def _state_dir_problem(state_dir: Path) -> ConfigProblem | None:
         exc = _write_probe(directory)
         if exc is not None:
             return ConfigProblem(where, f"{directory} is not writable: {exc.strerror}")
-    from warmrelay.operate.supervisor import LOCK_NAME  # (supervisor imports warmrelay.config)
+    from warmrelay.operate.workers import LOCK_NAME  # (workers imports warmrelay.config)
 
     lock = state_dir / LOCK_NAME
     if lock.exists():

@@ -30,6 +30,7 @@ from warmrelay.errors import SpoolError, WarmrelayError
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
 from warmrelay.operate.queueview import operator_bounce
+from warmrelay.queue.messages import domain_of
 from warmrelay.queue.spool import Spool, SpooledMessage
 from warmrelay.warmup.providers import ProviderMap
 
@@ -46,10 +47,6 @@ class Verdicts:
     failed: list[tuple[int, Reply, str]] = field(default_factory=list)  # bounced / expired
     retry: list[tuple[int, Reply]] = field(default_factory=list)  # deferred: after a backoff
     reroute: list[tuple[int, Reply]] = field(default_factory=list)  # deferred: routed again now
-
-
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower()
 
 
 def attempt_outcome(connected: bool, v: Verdicts, throttled: int = 0, blocked: int = 0) -> str:
@@ -202,6 +199,10 @@ class Recorder:
         if bounced:
             self._remember(label, "bounced", msg, *bounced[-1], ip, now)
         return not pending
+
+    def attempted(self, queue_id: str, attempts: int) -> None:
+        """Tries so far of a message's deferred recipients (the backoff after a restart)."""
+        self._spool.record_attempt(queue_id, attempts)
 
     async def finish_by_operator(
         self,

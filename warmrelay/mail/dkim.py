@@ -41,7 +41,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from pydantic import ValidationError
 
-from warmrelay.config import Config, DkimConfig, DkimKeyConfig, format_path
+from warmrelay.config.mail import DkimConfig, DkimKeyConfig
+from warmrelay.config.model import Config
+from warmrelay.config.values import format_path
 from warmrelay.delivery.nexthop import normalize_domain
 from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from warmrelay.errors import SpoolError
+from warmrelay.operate.actions import QueueActions, Target
 from warmrelay.operate.api import ApiRequest, Caller, Response, json_page
 from warmrelay.operate.queueview import ActionResult, Filter, MessageView, merge_summaries, summary
-from warmrelay.queue.scheduler import Scheduler, Target
 from warmrelay.queue.spool import Spool
 
 if TYPE_CHECKING:
@@ -61,8 +61,15 @@ def headers_of(data: bytes) -> tuple[tuple[str, str], ...]:
 class QueueApi:
     """The queue of one relay process (its scheduler and spool)."""
 
-    def __init__(self, scheduler: Scheduler, spool: Spool, clock: Callable[[], datetime]) -> None:
-        self.scheduler = scheduler
+    def __init__(
+        self,
+        actions: QueueActions,
+        spool: Spool,
+        clock: Callable[[], datetime],
+        today: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.actions = actions
+        self.today = today  # this process's tally of today (a worker's, for its supervisor)
         self.spool = spool
         self.clock = clock
 
@@ -81,7 +88,9 @@ class QueueApi:
         """The routes of ``register`` without an HTTP server (a worker's queue socket)."""
         parts = path.strip("/").split("/")
         if method == "GET" and parts == ["reasons"]:  # for the supervisor's status page
-            return json_page(self.scheduler.latest_reasons())
+            return json_page(self.actions.latest_reasons())
+        if method == "GET" and parts == ["today"] and self.today is not None:  # likewise
+            return json_page(self.today())
         if parts[0] != "queue" or len(parts) > 2:
             return json_page({"error": "not found"}, 404)
         if method == "GET" and len(parts) == 1:
@@ -128,18 +137,18 @@ class QueueApi:
         except ValueError as exc:
             return json_page({"error": str(exc)}, 400)
         now = self._now()
-        views = [v for v in self.scheduler.views() if wanted.matches(v, now)]
+        views = [v for v in self.actions.views() if wanted.matches(v, now)]
         return json_page({"count": len(views), "messages": [v.to_json(now) for v in views]})
 
     async def summary(self, request: ApiRequest) -> Response:
         top = request.query.get("top", "50")
         if not top.isdigit():
             return json_page({"error": f"top={top!r}: a number of domains"}, 400)
-        return json_page(summary(self.scheduler.views(), self._now(), int(top)))
+        return json_page(summary(self.actions.views(), self._now(), int(top)))
 
     async def show(self, request: ApiRequest) -> Response:
         queue_id = request.params["queue_id"]
-        view = self.scheduler.view(queue_id)
+        view = self.actions.view(queue_id)
         if view is None:
             return json_page({"error": f"no message {queue_id} in the queue"}, 404)
         return json_page(self.detail(view))
@@ -165,14 +174,14 @@ class QueueApi:
             reason = request.body.get("reason")
             if not isinstance(reason, str) or not reason.strip():
                 return json_page({"error": 'bounce needs a "reason" (it goes into the DSN)'}, 400)
-            result = await self.scheduler.bounce(target, reason, who)
+            result = await self.actions.bounce(target, reason, who)
         elif action == "delete":
-            result = await self.scheduler.delete(target, who)
+            result = await self.actions.delete(target, who)
         else:
             result = {
-                "flush": self.scheduler.flush,
-                "hold": self.scheduler.hold,
-                "release": self.scheduler.release,
+                "flush": self.actions.flush,
+                "hold": self.actions.hold,
+                "release": self.actions.release,
             }[action](target)
         ids = result.queue_ids
         if ids:  # an action that changed nothing is no operator's change
@@ -258,6 +267,12 @@ class FleetQueueApi:
             b for _, status, b in await self._ask("GET", "/queue/summary", every) if status == 200
         ]
         return merge_summaries(parts, top)
+
+    async def todays_of(self) -> Sequence[tuple[int, int, Any]]:
+        """Each worker's tally of today: (worker index, status, JSON)."""
+        return await self._ask(
+            "GET", "/today", ApiRequest({}, {}, {}, Caller("status", "none", ""))
+        )
 
     async def reasons_of(self) -> dict[str, dict[str, Any]]:
         """The latest deferral and bounce per provider over all workers (the newest wins)."""

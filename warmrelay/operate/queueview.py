@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from warmrelay.queue.messages import PastAttempt
+
 
 class QueueState(enum.StrEnum):
     """Where a message stands (the most urgent of its deliveries: active first)."""
@@ -23,30 +25,21 @@ class QueueState(enum.StrEnum):
     QUEUED = "queued"  # offline: no relay runs, so nothing is scheduled
 
 
-@dataclass(frozen=True)
-class Attempt:
-    """One recipient's outcome of one delivery attempt."""
-
-    at: float
-    ip: str
-    disposition: str  # delivered, deferred, bounced, expired, deleted
-    reply: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"at": _iso(self.at), "ip": self.ip, "result": self.disposition, "reply": self.reply}
+def attempt_json(a: PastAttempt) -> dict[str, Any]:
+    return {"at": _iso(a.at), "ip": a.ip, "result": a.disposition, "reply": a.reply}
 
 
 @dataclass(frozen=True)
 class RecipientView:
     address: str
     status: str  # pending, or the final disposition
-    attempts: tuple[Attempt, ...] = ()
+    attempts: tuple[PastAttempt, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "address": self.address,
             "status": self.status,
-            "attempts": [a.to_json() for a in self.attempts],
+            "attempts": [attempt_json(a) for a in self.attempts],
         }
 
 
