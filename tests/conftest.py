@@ -1,268 +1,86 @@
-"""Shared test pieces: a recording SMTP sink on loopback and a relay started in the test's loop."""
+"""Fixtures every test package shares. Each one owns what it starts: a sink, a
+redis-server, a relay process or a tmpfs is stopped (or killed, or unmounted) when the test
+ends, passed or failed. The helpers themselves live in ``support/``."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import ssl
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
-
-from warmrelay.app import Relay
-from warmrelay.config import Config, parse_config
-
-
-@dataclass
-class Received:
-    peer: str  # source address the message came from
-    peer_port: int  # tells connections apart (reuse)
-    tls: bool  # the message came over TLS
-    helo: str
-    mail_from: str
-    rcpts: list[str]
-    data: bytes
-    mail_options: list[str] = field(default_factory=list)
-
-
-ReplyFn = Callable[[str, str], "str | None"]
-
-
-@dataclass
-class Sink:
-    """An SMTP receiver that records the peer address of each message.
-
-    ``rcpt_reply(peer, rcpt)`` and ``data_reply(peer, envelope)`` may return a
-    reply line to refuse (fault injection); ``delay_s`` slows DATA down.
-    """
-
-    host: str = "127.0.0.1"
-    rcpt_reply: Callable[[str, str], str | None] | None = None
-    data_reply: Callable[[str, Envelope], str | None] | None = None
-    delay_s: float = 0.0
-    data_gate: asyncio.Event | None = None  # when given, DATA waits until it is set
-    in_data: int = 0  # transactions that reached DATA (waiting at the gate or done)
-    smtputf8: bool = True  # offer SMTPUTF8 (a receiver without it must get no UTF-8 address)
-    tls_context: ssl.SSLContext | None = None
-    credentials: tuple[str, str] | None = None  # require AUTH (after STARTTLS) with these
-    logins: list[tuple[str, bool]] = field(default_factory=list)  # (user, accepted)
-    ehlos: int = 0  # greetings seen: connection attempts that got that far
-    quits: int = 0  # QUIT commands seen: connections closed politely
-    messages: list[Received] = field(default_factory=list)
-    port: int = 0
-    _server: asyncio.Server | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
-    ) -> str:
-        peer = str(session.peer[0])
-        reply = self.rcpt_reply(peer, address) if self.rcpt_reply else None
-        if reply:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        peer = str(session.peer[0])
-        self.in_data += 1
-        self._changed.set()
-        if self.data_gate is not None:
-            await self.data_gate.wait()
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        reply = self.data_reply(peer, envelope) if self.data_reply else None
-        if reply:
-            return reply
-        self.messages.append(
-            Received(
-                peer,
-                int(session.peer[1]),
-                session.ssl is not None,
-                session.host_name or "",
-                (envelope.mail_from or "").strip("<>"),
-                list(envelope.rcpt_tos),
-                envelope.original_content or b"",
-                list(envelope.mail_options),
-            )
-        )
-        self._changed.set()
-        return "250 2.0.0 stored"
-
-    def _authenticate(
-        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
-    ) -> AuthResult:
-        assert self.credentials is not None
-        user, password = data.login.decode(), data.password.decode()
-        ok = (user, password) == self.credentials
-        self.logins.append((user, ok))
-        self._changed.set()
-        return AuthResult(success=ok, handled=False)
-
-    async def handle_EHLO(
-        self,
-        server: SMTP,
-        session: Session,
-        envelope: Envelope,
-        hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        self.ehlos += 1
-        self._changed.set()
-        return responses
-
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.quits += 1
-        self._changed.set()
-        return "221 Bye"
-
-    async def start(self) -> Sink:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SMTP(
-                self,
-                hostname="sink.test",
-                enable_SMTPUTF8=self.smtputf8,
-                tls_context=self.tls_context,
-                require_starttls=self.credentials is not None,
-                auth_required=self.credentials is not None,
-                auth_require_tls=True,
-                authenticator=self._authenticate if self.credentials else None,
-            ),
-            self.host,
-            self.port,
-        )
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-
-    async def wait_until(self, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
-        """Wait (event-driven: woken by each message, login or greeting) until done()."""
-
-        async def until() -> None:
-            while not done():
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(until(), timeout_s)
-
-    async def wait_for(self, n: int, timeout_s: float = 30.0) -> list[Received]:
-        """Wait until at least n messages arrived."""
-        await self.wait_until(lambda: len(self.messages) >= n, timeout_s)
-        return self.messages
-
-    async def wait_for_ids(
-        self, wanted: set[int], ids_of: Callable[[Sink], list[int]], timeout_s: float = 30.0
-    ) -> None:
-        """Wait until every wanted id has arrived."""
-        await self.wait_until(lambda: wanted <= set(ids_of(self)), timeout_s)
-
-    def by_peer(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for m in self.messages:
-            out[m.peer] = out.get(m.peer, 0) + len(m.rcpts)
-        return out
+from support.disk import Disk, mount_tmpfs
+from support.redisserver import RedisServer
+from support.relayproc import RelayProcess
+from support.sink import Sink
 
 
 @pytest.fixture
 async def sink() -> AsyncIterator[Sink]:
     s = await Sink().start()
-    yield s
-    await s.stop()
-
-
-def relay_doc(tmp_path: Path, sink_port: int, cap: int = 10, **over: Any) -> dict[str, Any]:
-    """The YAML document of a test relay: warming 127.0.0.2 (``cap`` a day), pool 127.0.0.3."""
-    doc: dict[str, Any] = {
-        "smtp": {
-            "listen": ["127.0.0.1:0"],
-            "hostname": "relay.test",
-            "allow_networks": ["127.0.0.0/8"],
-        },
-        "admin": {"listen": "127.0.0.1:0"},
-        "state": {"dir": str(tmp_path / "state"), "counters": "sqlite"},
-        "ips": [
-            {
-                "address": "127.0.0.2",
-                "helo": "mta1.example.test",
-                "warmup": {"start": "2026-01-01", "schedule": [cap] * 3650},
-            },
-            {"address": "127.0.0.3", "helo": "mta2.example.test"},
-        ],
-        "routes": {"*": f"127.0.0.1:{sink_port}"},
-        "delivery": {"retry_first_s": 0.2, "retry_max_s": 1.0, "drain_timeout_s": 5},
-    }
-    for key, value in over.items():
-        if key != "routes" and isinstance(value, dict) and isinstance(doc.get(key), dict):
-            doc[key] = {**doc[key], **value}
-        else:
-            doc[key] = value
-    return doc
-
-
-def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
-    return parse_config(relay_doc(tmp_path, sink_port, **over))
-
-
-@contextlib.asynccontextmanager
-async def running(config: Config, **kwargs: Any) -> AsyncIterator[Relay]:
-    relay = Relay(config, **kwargs)
-    await relay.start()
     try:
-        yield relay
+        yield s
     finally:
-        await relay.stop()
+        await s.stop()
 
 
-async def send(
-    relay: Relay,
-    rcpts: list[str],
-    *,
-    sender: str = "app@sender.test",
-    body: str = "hello",
-    source: str = "127.0.0.1",
-    subject: str = "test",
-) -> tuple[dict[str, Any], str]:
-    message = (
-        f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {subject}\r\n\r\n{body}\r\n"
-    ).encode()
-    client = aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=relay.smtp_ports[0], source_address=(source, 0)
-    )
-    async with client:
-        return await client.sendmail(sender, rcpts, message)
+@pytest.fixture
+async def make_sink() -> AsyncIterator[Callable[..., Awaitable[Sink]]]:
+    """``await make_sink(rcpt_reply=..., host=...)``: a started sink, stopped at the end."""
+    started: list[Sink] = []
+
+    async def make(**kwargs: Any) -> Sink:
+        s = await Sink(**kwargs).start()
+        started.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in started:
+            await s.stop()
 
 
-async def http(port: int, method: str, path: str, token: str | None = None) -> tuple[int, bytes]:
-    """One HTTP/1.1 request to the admin endpoint: (status code, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    writer.write(
-        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n"
-        f"{auth}\r\n".encode()
-    )
-    raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A real redis-server on a free loopback port (DEBUG allowed: fault tests use it)."""
+    server = await RedisServer(tmp_path / "redis", "--enable-debug-command", "yes").start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    return await http(port, "GET", path)
+@pytest.fixture
+async def relay_process(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[RelayProcess]]]:
+    """``await relay_process(doc, *args, name=...)``: ``warmrelay serve`` as a real process,
+    ready; killed at the end if the test did not stop it."""
+    started: list[RelayProcess] = []
+
+    async def start(doc: dict[str, Any], *args: str, name: str = "relay") -> RelayProcess:
+        proc = RelayProcess(doc, tmp_path, *args, name=name)
+        started.append(proc)
+        return await proc.start()
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.proc is not None and proc.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    await proc.kill()
 
 
-async def status(relay: Relay) -> dict[str, Any]:
-    code, body = await http_get(relay.admin.port, "/status")
-    assert code == 200
-    result: dict[str, Any] = json.loads(body)
-    return result
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Disk]]:
+    """``tmpfs(path, size="2m", read_only=False)``: a small tmpfs at ``path``, unmounted
+    at the end."""
+    with contextlib.ExitStack() as stack:
+
+        def mount(path: Path, size: str = "2m", *, read_only: bool = False) -> Disk:
+            return stack.enter_context(mount_tmpfs(path, size, read_only=read_only))
+
+        yield mount

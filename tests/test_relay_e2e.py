@@ -7,7 +7,8 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from conftest import Sink, http_get, relay_config, running, send, status
+from support.relay import http_get, relay_config, running, send, status
+from support.sink import Sink
 
 
 async def test_cap_10_of_30_from_the_warming_ip(tmp_path: Path, sink: Sink) -> None:
