@@ -97,7 +97,10 @@ class ReadyQueues:
             queue.active -= 1
             if not queue.jobs and queue.active == 0 and self._queues.get(key) is queue:
                 del self._queues[key]
-            if not self._runners - {asyncio.current_task()}:
+            # another runner that ended in this same loop turn is done but still listed
+            # (its done-callback runs later): it does not keep the queues busy
+            me = asyncio.current_task()
+            if all(t is me or t.done() for t in self._runners):
                 self.idle.set()
 
     async def stop(self, drain_timeout_s: float) -> None:
