@@ -8,16 +8,13 @@ without it these tests skip, except under CI=true where they must run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
 import os
 import socket
 import subprocess
-import sys
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,9 @@ from typing import Any
 import aiosmtplib
 import pytest
 import yaml
-from support.disk import Disk, mount_tmpfs
+from support.cli import warmrelay_async
+from support.disk import Disk
+from support.polling import eventually
 from support.relay import http_get, relay_config, relay_doc, running, send
 from support.sink import Sink
 
@@ -36,30 +35,14 @@ from warmrelay.queue.spool import Spool
 from warmrelay.warmup.counters import CounterKey, Limit, SqliteCounters
 from warmrelay.warmup.reservation import Ledger, Reservation
 
-ROOT = Path(__file__).resolve().parents[1]
+MakeSink = Callable[..., Awaitable[Sink]]
+Tmpfs = Callable[..., Disk]
 
 
 @pytest.fixture
-def spool_disk(tmp_path: Path) -> Iterator[Disk]:
+def spool_disk(tmp_path: Path, tmpfs: Tmpfs) -> Disk:
     """The relay's spool (state.dir/spool) on its own small tmpfs; counters stay on disk."""
-    with mount_tmpfs(tmp_path / "state" / "spool", "2m") as disk:
-        yield disk
-
-
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout_s: float = 15.0, what: str = ""
-) -> None:
-    """Bounded polling, only for state inside the relay (spool files, counters, health)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what or check}")
-        await asyncio.sleep(0.05)
+    return tmpfs(tmp_path / "state" / "spool", "2m")
 
 
 def delivered_to(sink: Sink) -> dict[str, int]:
@@ -99,7 +82,7 @@ async def metric(relay: Relay, name: str) -> str:
 
 
 async def test_disk_full_mid_delivery_sends_each_recipient_once(
-    tmp_path: Path, spool_disk: Disk, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, spool_disk: Disk, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Recipients finish at different times (three domains; 250/452/550 in one transaction)
     while the spool cannot record anything. Each is delivered once; what was delivered is
@@ -119,23 +102,20 @@ async def test_disk_full_mid_delivery_sends_each_recipient_once(
             return "550 5.1.1 no such user"
         return None
 
-    sink = await Sink(rcpt_reply=receiver).start()
+    sink = await make_sink(rcpt_reply=receiver)
     config = relay_config(tmp_path, sink.port)
     rcpts = ["ok@one.test", "later@two.test", "a@three.test", "b@three.test", "c@three.test"]
-    try:
-        async with running(config) as relay:
-            await send(relay, rcpts, sender="app@sender.test")
-            want = {"ok@one.test", "later@two.test", "a@three.test", "b@three.test"}
-            await sink.wait_until(lambda: want <= set(delivered_to(sink)))
-            assert dsns(sink) == []  # no room for the DSN yet: the disk is still full
-            assert rcpt_tries["c@three.test"] >= 1
-            spool_disk.free()
-            await sink.wait_until(lambda: len(dsns(sink)) >= 1)
-            await eventually(lambda: spool_files(relay) == [], what="the spool forgets it")
-        async with running(config) as again:  # a restart: nothing left to deliver
-            assert len(again.spool) == 0 and again.scheduler.messages == 0
-    finally:
-        await sink.stop()
+    async with running(config) as relay:
+        await send(relay, rcpts, sender="app@sender.test")
+        want = {"ok@one.test", "later@two.test", "a@three.test", "b@three.test"}
+        await sink.wait_until(lambda: want <= set(delivered_to(sink)))
+        assert dsns(sink) == []  # no room for the DSN yet: the disk is still full
+        assert rcpt_tries["c@three.test"] >= 1
+        spool_disk.free()
+        await sink.wait_until(lambda: len(dsns(sink)) >= 1)
+        await eventually(lambda: spool_files(relay) == [], what="the spool forgets it")
+    async with running(config) as again:  # a restart: nothing left to deliver
+        assert len(again.spool) == 0 and again.scheduler.messages == 0
     assert delivered_to(sink) == dict.fromkeys(sorted(want), 1)
     (dsn,) = dsns(sink)
     assert dsn.rcpts == ["app@sender.test"] and b"c@three.test" in dsn.data
@@ -147,11 +127,10 @@ async def test_disk_full_mid_delivery_sends_each_recipient_once(
 
 
 async def test_expired_message_with_the_disk_full_backs_off_and_bounces_once(
-    tmp_path: Path, spool_disk: Disk, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, spool_disk: Disk, sink: Sink, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="warmrelay")
     dead = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-    sink = await Sink().start()
     config = relay_config(
         tmp_path,
         sink.port,
@@ -161,25 +140,21 @@ async def test_expired_message_with_the_disk_full_backs_off_and_bounces_once(
         },
         delivery={"queue_lifetime_s": 1.0, "retry_first_s": 0.2, "retry_max_s": 1.0},
     )
-    try:
-        async with running(config) as relay:
-            _, reply = await send(relay, ["late@example.test"], sender="app@sender.test")
-            queue_id = reply.rsplit(" ", 1)[1]
-            spool_disk.fill()
-            fault_s = 4.0
-            await asyncio.sleep(1.0 + fault_s)  # the lifetime, then the fault lasts a while
-            lines = [r.getMessage() for r in caplog.records if queue_id in r.getMessage()]
-            expiries = [m for m in lines if " expired " in m]
-            assert 1 <= len(expiries) <= fault_s + 2, expiries  # backoff: ~1 per retry_max_s
-            assert len(lines) <= 4 * (fault_s + 2), lines
-            assert dsns(sink) == [] and relay.metrics.dsn_sent._value.get() == 0
-            spool_disk.free()
-            await sink.wait_until(lambda: len(dsns(sink)) >= 1)
-            await eventually(lambda: spool_files(relay) == [], what="the spool is empty")
-            assert relay.metrics.dsn_sent._value.get() == 1
-    finally:
-        await sink.stop()
-        dead.close()
+    async with dead, running(config) as relay:
+        _, reply = await send(relay, ["late@example.test"], sender="app@sender.test")
+        queue_id = reply.rsplit(" ", 1)[1]
+        spool_disk.fill()
+        fault_s = 4.0
+        await asyncio.sleep(1.0 + fault_s)  # the lifetime, then the fault lasts a while
+        lines = [r.getMessage() for r in caplog.records if queue_id in r.getMessage()]
+        expiries = [m for m in lines if " expired " in m]
+        assert 1 <= len(expiries) <= fault_s + 2, expiries  # backoff: ~1 per retry_max_s
+        assert len(lines) <= 4 * (fault_s + 2), lines
+        assert dsns(sink) == [] and relay.metrics.dsn_sent._value.get() == 0
+        spool_disk.free()
+        await sink.wait_until(lambda: len(dsns(sink)) >= 1)
+        await eventually(lambda: spool_files(relay) == [], what="the spool is empty")
+        assert relay.metrics.dsn_sent._value.get() == 1
     (dsn,) = sink.messages
     assert dsn.rcpts == ["app@sender.test"] and b"Status: 4.4.7" in dsn.data
     found = errors(caplog, "warmrelay")
@@ -190,32 +165,29 @@ async def test_expired_message_with_the_disk_full_backs_off_and_bounces_once(
 
 
 async def test_read_only_spool_during_delivery_then_restart_sends_nothing_twice(
-    tmp_path: Path, spool_disk: Disk, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, spool_disk: Disk, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     go = asyncio.Event()
 
     def receiver(peer: str, rcpt: str) -> str | None:
         return None if go.is_set() else "451 4.3.0 not yet"
 
-    sink = await Sink(rcpt_reply=receiver).start()
+    sink = await make_sink(rcpt_reply=receiver)
     config = relay_config(tmp_path, sink.port)
     rcpts = [[f"m{i}@one.test", f"m{i}@two.test"] for i in range(4)]  # partial progress too
-    try:
-        async with running(config) as relay:
-            for pair in rcpts:
-                await send(relay, pair)
-            await spool_disk.read_only()
-            go.set()  # deliveries succeed now, while the spool cannot record or remove
-            everyone = {r for pair in rcpts for r in pair}
-            await sink.wait_until(lambda: everyone <= set(delivered_to(sink)))
-            await eventually(lambda: relay.scheduler.messages == 0, what="all finished")
-            assert len(spool_files(relay)) >= 4  # still on disk: only memory knows
-            await spool_disk.writable()
-            await eventually(lambda: spool_files(relay) == [], what="written once writable")
-        async with running(config) as again:
-            assert len(again.spool) == 0 and again.scheduler.messages == 0
-    finally:
-        await sink.stop()
+    async with running(config) as relay:
+        for pair in rcpts:
+            await send(relay, pair)
+        await spool_disk.read_only()
+        go.set()  # deliveries succeed now, while the spool cannot record or remove
+        everyone = {r for pair in rcpts for r in pair}
+        await sink.wait_until(lambda: everyone <= set(delivered_to(sink)))
+        await eventually(lambda: relay.scheduler.messages == 0, what="all finished")
+        assert len(spool_files(relay)) >= 4  # still on disk: only memory knows
+        await spool_disk.writable()
+        await eventually(lambda: spool_files(relay) == [], what="written once writable")
+    async with running(config) as again:
+        assert len(again.spool) == 0 and again.scheduler.messages == 0
     assert delivered_to(sink) == dict.fromkeys(sorted(everyone), 1)
     found = errors(caplog, "warmrelay.spool", "warmrelay.delivery")
     assert len(found) == 1 and "not writable" in found[0], found
@@ -230,24 +202,10 @@ async def test_a_read_only_spool_refuses_to_start(tmp_path: Path, spool_disk: Di
     await spool_disk.read_only()
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "warmrelay",
-        "serve",
-        "-c",
-        str(path),
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:  # it started after all: do not leave it running
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1, err.decode()
-    assert "Read-only file system" in err.decode()
+    # bounded: a relay that started after all is killed at the timeout, failing the test
+    served = await warmrelay_async("serve", "-c", str(path))
+    assert served.returncode == 1, served.stderr
+    assert "Read-only file system" in served.stderr
 
 
 async def test_a_stop_while_read_only_names_what_will_be_delivered_again(
@@ -352,9 +310,8 @@ async def test_health_says_the_spool_is_not_writable_and_recovers(
 
 
 @pytest.fixture
-def counters_disk(tmp_path: Path) -> Iterator[Disk]:
-    with mount_tmpfs(tmp_path / "db", "1m") as disk:
-        yield disk
+def counters_disk(tmp_path: Path, tmpfs: Tmpfs) -> Disk:
+    return tmpfs(tmp_path / "db", "1m")
 
 
 async def test_failed_release_is_retried_when_the_store_answers(
@@ -391,7 +348,7 @@ async def test_failed_release_is_retried_when_the_store_answers(
 
 
 async def test_greylisted_on_a_full_counters_disk_costs_the_cap_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, make_sink: MakeSink, tmpfs: Tmpfs, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The counters database (state.dir) fills up between reserve and release: the
     greylisted recipient's reservation is given back once the disk has room."""
@@ -404,31 +361,26 @@ async def test_greylisted_on_a_full_counters_disk_costs_the_cap_nothing(
             return "451 4.7.1 greylisted"
         return None
 
-    sink = await Sink(rcpt_reply=greylist).start()
-    try:
-        with contextlib.ExitStack() as mounts:
-            state_disk = mounts.enter_context(mount_tmpfs(tmp_path / "state", "1m"))
-            # the spool on a disk of its own, which has room throughout
-            mounts.enter_context(mount_tmpfs(tmp_path / "state" / "spool", "2m"))
-            async with running(relay_config(tmp_path, sink.port)) as relay:
-                warming = relay.config.ips[0]
-                await send(relay, ["u@example.test"])
-                await sink.wait_for(1)  # the retry left from the pool: the store is failing
-                assert tries[0] == "127.0.0.2"
-                assert relay.router.ledger.unreleased == 1
-                assert await metric(relay, "warmrelay_reservations_unreleased") == "1.0"
-                state_disk.free()
+    sink = await make_sink(rcpt_reply=greylist)
+    state_disk = tmpfs(tmp_path / "state", "1m")
+    tmpfs(tmp_path / "state" / "spool", "2m")  # the spool on a disk of its own, with room
+    async with running(relay_config(tmp_path, sink.port)) as relay:
+        warming = relay.config.ips[0]
+        await send(relay, ["u@example.test"])
+        await sink.wait_for(1)  # the retry left from the pool: the store is failing
+        assert tries[0] == "127.0.0.2"
+        assert relay.router.ledger.unreleased == 1
+        assert await metric(relay, "warmrelay_reservations_unreleased") == "1.0"
+        state_disk.free()
 
-                async def given_back() -> bool:
-                    try:
-                        return await relay.router.sent(warming, relay.clock()) == 0
-                    except CounterError:
-                        return False
+        async def given_back() -> bool:
+            try:
+                return await relay.router.sent(warming, relay.clock()) == 0
+            except CounterError:
+                return False
 
-                await eventually(given_back, what="the reservation is given back")
-                assert await metric(relay, "warmrelay_reservations_unreleased") == "0.0"
-    finally:
-        await sink.stop()
+        await eventually(given_back, what="the reservation is given back")
+        assert await metric(relay, "warmrelay_reservations_unreleased") == "0.0"
     assert len(errors(caplog, "warmrelay.router")) == 1
 
 
@@ -461,7 +413,7 @@ async def test_held_mail_is_released_oldest_first(tmp_path: Path, sink: Sink) ->
 
 
 async def test_an_operator_bounce_that_cannot_store_its_dsn_changes_nothing(
-    tmp_path: Path, spool_disk: Disk, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, spool_disk: Disk, make_sink: MakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`queue bounce` on a full spool: exit 1 with one line, the message stays as it was
     (same retry, nothing suppressed, no invented delivery); delivered normally later."""
@@ -471,7 +423,7 @@ async def test_an_operator_bounce_that_cannot_store_its_dsn_changes_nothing(
     def receiver(peer: str, rcpt: str) -> str | None:
         return None if accept.is_set() else "451 4.7.1 not yet"
 
-    sink = await Sink(rcpt_reply=receiver).start()
+    sink = await make_sink(rcpt_reply=receiver)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         admin_port = s.getsockname()[1]
@@ -485,47 +437,34 @@ async def test_an_operator_bounce_that_cannot_store_its_dsn_changes_nothing(
     path.write_text(yaml.safe_dump(document))
 
     async def queue(*args: str) -> subprocess.CompletedProcess[str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "warmrelay", "queue", *args, "-c", str(path),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-        )  # fmt: skip
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode is not None
-        return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+        return await warmrelay_async("queue", *args, "-c", str(path))
 
-    try:
-        async with running(parse_config(document)) as relay:
-            _, reply = await send(relay, ["keep@one.test"], sender="app@sender.test")
-            queue_id = reply.rsplit(" ", 1)[1]
-            before: dict[str, Any] = {}
+    async with running(parse_config(document)) as relay:
+        _, reply = await send(relay, ["keep@one.test"], sender="app@sender.test")
+        queue_id = reply.rsplit(" ", 1)[1]
+        before: dict[str, Any] = {}
 
-            async def deferred() -> bool:
-                before.update(json.loads((await queue("show", queue_id, "--json")).stdout))
-                return before.get("state") == "deferred"
+        async def deferred() -> bool:
+            before.update(json.loads((await queue("show", queue_id, "--json")).stdout))
+            return before.get("state") == "deferred"
 
-            await eventually(deferred, what="deferred after the first 451")
-            spool_disk.fill()
-            bounced = await queue("bounce", queue_id, "--reason", "customer left")
-            assert bounced.returncode == 1
-            (line,) = bounced.stderr.strip().splitlines()  # one line
-            assert line.startswith(f"queue bounce: {queue_id}: cannot store the DSN"), line
-            assert line.endswith(": nothing changed"), line
-            after = json.loads((await queue("show", queue_id, "--json")).stdout)
-            assert after["state"] == "deferred" and after["next_retry"] == before["next_retry"]
-            assert [r["status"] for r in after["recipients"]] == ["pending"]
-            listed = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "warmrelay", "suppression", "list", "--json",
-                "-c", str(path), stdout=subprocess.PIPE, cwd=ROOT,
-            )  # fmt: skip
-            out, _ = await asyncio.wait_for(listed.communicate(), 60)
-            assert json.loads(out)["entries"] == []
-            spool_disk.free()
-            accept.set()
-            flushed = await queue("flush", queue_id)
-            assert flushed.returncode == 0, flushed.stderr
-            await sink.wait_until(lambda: relay.scheduler.messages == 0)
-    finally:
-        await sink.stop()
+        await eventually(deferred, what="deferred after the first 451")
+        spool_disk.fill()
+        bounced = await queue("bounce", queue_id, "--reason", "customer left")
+        assert bounced.returncode == 1
+        (line,) = bounced.stderr.strip().splitlines()  # one line
+        assert line.startswith(f"queue bounce: {queue_id}: cannot store the DSN"), line
+        assert line.endswith(": nothing changed"), line
+        after = json.loads((await queue("show", queue_id, "--json")).stdout)
+        assert after["state"] == "deferred" and after["next_retry"] == before["next_retry"]
+        assert [r["status"] for r in after["recipients"]] == ["pending"]
+        listed = await warmrelay_async("suppression", "list", "--json", "-c", str(path))
+        assert json.loads(listed.stdout)["entries"] == []
+        spool_disk.free()
+        accept.set()
+        flushed = await queue("flush", queue_id)
+        assert flushed.returncode == 0, flushed.stderr
+        await sink.wait_until(lambda: relay.scheduler.messages == 0)
     assert delivered_to(sink) == {"keep@one.test": 1} and dsns(sink) == []
     lines = [r.getMessage() for r in caplog.records]
     assert not [m for m in lines if "bounced" in m and queue_id in m], lines

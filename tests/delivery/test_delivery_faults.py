@@ -5,35 +5,37 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiosmtpd.smtp import Envelope
 from support.relay import relay_config, running, send, status
 from support.sink import Sink
 
+MakeSink = Callable[..., Awaitable[Sink]]
 
-async def test_451_then_250_is_delivered_on_retry(tmp_path: Path) -> None:
+
+async def test_451_then_250_is_delivered_on_retry(tmp_path: Path, make_sink: MakeSink) -> None:
     tries: list[str] = []
 
     def first_time_451(peer: str, envelope: Envelope) -> str | None:
         tries.append(peer)
         return "451 4.3.0 try again later" if len(tries) == 1 else None
 
-    sink = await Sink(data_reply=first_time_451).start()
+    sink = await make_sink(data_reply=first_time_451)
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, ["u@example.test"])
         (msg,) = await sink.wait_for(1)
         assert len(tries) == 2
         assert msg.rcpts == ["u@example.test"]
         assert (await status(relay))["spool"]["messages"] == 0
-    await sink.stop()
 
 
-async def test_550_bounces_and_the_sender_gets_a_dsn(tmp_path: Path) -> None:
+async def test_550_bounces_and_the_sender_gets_a_dsn(tmp_path: Path, make_sink: MakeSink) -> None:
     def refuse(peer: str, rcpt: str) -> str | None:
         return "550 5.1.1 no such user" if rcpt.startswith("nobody@") else None
 
-    sink = await Sink(rcpt_reply=refuse).start()
+    sink = await make_sink(rcpt_reply=refuse)
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, ["nobody@example.test", "ok@example.test"], sender="app@sender.test")
         got = await sink.wait_for(2)
@@ -50,13 +52,14 @@ async def test_550_bounces_and_the_sender_gets_a_dsn(tmp_path: Path) -> None:
         delivered = next(m for m in got if m.mail_from == "app@sender.test")
         assert delivered.rcpts == ["ok@example.test"]
         assert (await status(relay))["spool"]["messages"] == 0
-    await sink.stop()
 
 
-async def test_no_dsn_for_a_bounce_from_the_null_sender(tmp_path: Path) -> None:
-    sink = await Sink(
+async def test_no_dsn_for_a_bounce_from_the_null_sender(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
+    sink = await make_sink(
         rcpt_reply=lambda peer, rcpt: "550 5.1.1 gone" if "example" in rcpt else None
-    ).start()
+    )
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, ["x@example.test"], sender="")
         await send(relay, ["y@example.test"], sender="app@sender.test")  # one DSN, to compare
@@ -66,10 +69,9 @@ async def test_no_dsn_for_a_bounce_from_the_null_sender(tmp_path: Path) -> None:
     assert len(relay.spool) == 0  # x bounced too, and made no DSN
     assert relay.metrics.dsn_sent._value.get() == 1
     assert len(sink.messages) == 1
-    await sink.stop()
 
 
-async def test_dead_next_hop_keeps_mail_and_retries(tmp_path: Path) -> None:
+async def test_dead_next_hop_keeps_mail_and_retries(tmp_path: Path, make_sink: MakeSink) -> None:
     """Connections are refused at first; the mail stays spooled and arrives once a sink is up."""
     attempts = asyncio.Event()
     count = 0
@@ -83,18 +85,17 @@ async def test_dead_next_hop_keeps_mail_and_retries(tmp_path: Path) -> None:
 
     dead = await asyncio.start_server(slam, "127.0.0.1", 0)
     port = dead.sockets[0].getsockname()[1]
-    async with running(relay_config(tmp_path, port)) as relay:
+    async with dead, running(relay_config(tmp_path, port)) as relay:
         await send(relay, ["u@example.test"])
-        await asyncio.wait_for(attempts.wait(), 10)  # tried, failed, retried
+        await asyncio.wait_for(attempts.wait(), 30)  # tried, failed, retried
         st = await status(relay)
         assert st["spool"]["messages"] == 1
         assert st["ips"][0]["sent"] == 0  # no receiver took it: the reservation was released
         dead.close()
         await dead.wait_closed()
-        sink = await Sink(port=port).start()
+        sink = await make_sink(port=port)
         (msg,) = await sink.wait_for(1)
         assert msg.rcpts == ["u@example.test"]
-        await sink.stop()
 
 
 async def test_unplumbed_source_ip_is_marked_down_never_used(tmp_path: Path, sink: Sink) -> None:
@@ -131,11 +132,10 @@ async def test_queue_lifetime_expires_with_a_dsn(tmp_path: Path, sink: Sink) -> 
         },
         delivery={"queue_lifetime_s": 1.0, "retry_first_s": 0.3},
     )
-    async with running(config) as relay:
+    async with dead, running(config) as relay:
         await send(relay, ["late@example.test"], sender="app@sender.test")
         (dsn,) = await sink.wait_for(1)
         assert dsn.rcpts == ["app@sender.test"]
         assert b"Status: 4.4.7" in dsn.data
         assert b"Action: failed" in dsn.data
         assert (await status(relay))["spool"]["messages"] == 0
-    dead.close()

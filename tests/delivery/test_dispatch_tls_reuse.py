@@ -4,36 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trustme
 from support.relay import relay_config, running, send
 from support.sink import Sink
 
+MakeSink = Callable[..., Awaitable[Sink]]
 
-async def test_starttls_is_used_when_offered(tmp_path: Path) -> None:
+
+async def test_starttls_is_used_when_offered(tmp_path: Path, make_sink: MakeSink) -> None:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("sink.test").configure_cert(server_ctx)
-    sink = await Sink(tls_context=server_ctx).start()
+    sink = await make_sink(tls_context=server_ctx)
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, ["a@example.test"])
         (msg,) = await sink.wait_for(1)
     assert msg.tls
-    await sink.stop()
 
 
-async def test_starttls_never_sends_in_clear(tmp_path: Path) -> None:
+async def test_starttls_never_sends_in_clear(tmp_path: Path, make_sink: MakeSink) -> None:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("sink.test").configure_cert(server_ctx)
-    sink = await Sink(tls_context=server_ctx).start()
+    sink = await make_sink(tls_context=server_ctx)
     config = relay_config(tmp_path, sink.port, delivery={"starttls": "never"})
     async with running(config) as relay:
         await send(relay, ["a@example.test"])
         (msg,) = await sink.wait_for(1)
     assert not msg.tls
-    await sink.stop()
 
 
 async def test_connections_are_reused(tmp_path: Path, sink: Sink) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from support.dnsserver import LoopbackDNS
@@ -9,8 +10,10 @@ from support.relay import relay_config, running, send, status
 from support.sink import Sink
 
 
-async def test_mx_failover_implicit_mx_and_null_mx(tmp_path: Path) -> None:
-    sink = await Sink(host="127.0.0.20").start()
+async def test_mx_failover_implicit_mx_and_null_mx(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
+    sink = await make_sink(host="127.0.0.20")
     async with LoopbackDNS() as dns:
         # example.test: the preferred MX (127.0.0.21) refuses connections; the backup takes it
         dns.add_mx("example.test", 20, "backup.example.test")
@@ -25,7 +28,7 @@ async def test_mx_failover_implicit_mx_and_null_mx(tmp_path: Path) -> None:
             tmp_path,
             sink.port,
             routes={},
-            dns={"nameservers": [f"127.0.0.1:{dns.port}"], "timeout_s": 2},
+            dns={"nameservers": [f"127.0.0.1:{dns.port}"], "timeout_s": 5},
             delivery={"mx_port": sink.port},
         )
         async with running(config) as relay:
@@ -43,4 +46,3 @@ async def test_mx_failover_implicit_mx_and_null_mx(tmp_path: Path) -> None:
             assert b"c@nullmx.test" in dsn.data
             assert (await status(relay))["spool"]["messages"] == 0
         assert dns.query_count("primary.example.test") >= 1
-    await sink.stop()

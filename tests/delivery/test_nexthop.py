@@ -38,7 +38,7 @@ def make_resolver(
         routes=routes or {},
         nameservers=[server.address],
         mx_port=SINK_PORT,
-        timeout_s=2.0,
+        timeout_s=5.0,  # the server is on loopback: only a stalled machine takes long
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -153,7 +153,7 @@ async def test_dropped_query_times_out_as_temporary(dns_server: LoopbackDNS) -> 
     with pytest.raises(NextHopError) as info:
         await resolver.resolve("example.test")
     assert not info.value.permanent
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 3.0  # its 0.5 s with room to spare, not the 5 s default
 
 
 async def test_unreachable_nameserver_is_temporary(dns_server: LoopbackDNS) -> None:

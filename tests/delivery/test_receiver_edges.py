@@ -30,6 +30,7 @@ from warmrelay.warmup.counters import MemoryCounters
 from warmrelay.warmup.router import Hold, Router
 
 WARMING, POOL = "127.0.0.2", "127.0.0.3"
+MakeSink = Callable[..., Awaitable[Sink]]
 
 
 async def warming_sent(relay: Relay) -> int:
@@ -66,7 +67,7 @@ async def gmail_hosted(
 
 
 async def test_421_at_the_first_rcpt_suspends_and_all_recipients_go_from_the_pool(
-    tmp_path: Path,
+    tmp_path: Path, make_sink: MakeSink
 ) -> None:
     """aiosmtplib closes the connection after a 421; the next RCPT then fails with "not
     connected". Every recipient must still be seen as throttled, not as a generic failure."""
@@ -76,20 +77,21 @@ async def test_421_at_the_first_rcpt_suspends_and_all_recipients_go_from_the_poo
             return "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail"
         return None
 
-    sink = await Sink(host="127.0.0.20", rcpt_reply=throttle_warming).start()
+    sink = await make_sink(host="127.0.0.20", rcpt_reply=throttle_warming)
     async with gmail_hosted(tmp_path, sink) as (relay, _):
         rcpts = ["a@brand.test", "b@brand.test", "c@brand.test"]
         await send(relay, rcpts)
-        got = await sink.wait_for(1, timeout_s=10)
+        got = await sink.wait_for(1)
         assert [(m.peer, sorted(m.rcpts)) for m in got] == [(POOL, rcpts)]
         assert set(relay.router.control(WARMING).suspended) == {"gmail"}
         assert await warming_sent(relay) == 0  # nothing was handed over from the warming IP
         text = await metrics(relay)
         assert 'warmrelay_throttled_total{ip="127.0.0.2",provider="gmail"} 3.0' in text
-    await sink.stop()
 
 
-async def test_throttle_at_the_greeting_is_recognised(tmp_path: Path, logs: LogWatch) -> None:
+async def test_throttle_at_the_greeting_is_recognised(
+    tmp_path: Path, logs: LogWatch, make_sink: MakeSink
+) -> None:
     """The receiver throttles before any command: a 421 greeting to the warming IP."""
 
     async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -97,10 +99,10 @@ async def test_throttle_at_the_greeting_is_recognised(tmp_path: Path, logs: LogW
         await writer.drain()
         writer.close()
 
-    pool_sink = await Sink(host="127.0.0.21").start()
+    pool_sink = await make_sink(host="127.0.0.21")
     server = await asyncio.start_server(greet, "127.0.0.22", 0)
     throttling_port = server.sockets[0].getsockname()[1]
-    async with LoopbackDNS() as dns:
+    async with server, LoopbackDNS() as dns:
         dns.add_mx("ymail.test", 10, "mta5.am0.yahoodns.net")
         dns.add_a("mta5.am0.yahoodns.net", "127.0.0.22")
         config = relay_config(
@@ -116,11 +118,11 @@ async def test_throttle_at_the_greeting_is_recognised(tmp_path: Path, logs: LogW
             await logs.wait_for("yahoo throttles 127.0.0.2")
             assert set(relay.router.control(WARMING).suspended) == {"yahoo"}
             assert await warming_sent(relay) == 0
-    server.close()
-    await pool_sink.stop()
 
 
-async def test_reputation_block_retries_from_the_pool_without_a_dsn(tmp_path: Path) -> None:
+async def test_reputation_block_retries_from_the_pool_without_a_dsn(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
     def block_warming(peer: str, rcpt: str) -> str | None:
         if peer == WARMING:
             return (
@@ -128,10 +130,10 @@ async def test_reputation_block_retries_from_the_pool_without_a_dsn(tmp_path: Pa
             )
         return None
 
-    sink = await Sink(host="127.0.0.23", rcpt_reply=block_warming).start()
+    sink = await make_sink(host="127.0.0.23", rcpt_reply=block_warming)
     async with gmail_hosted(tmp_path, sink) as (relay, _):
         await send(relay, ["a@brand.test"], sender="app@sender.test")
-        got = await sink.wait_for(1, timeout_s=10)
+        got = await sink.wait_for(1)
         assert [(m.peer, m.rcpts) for m in got] == [(POOL, ["a@brand.test"])]
         suspension = relay.router.control(WARMING).suspended["gmail"]
         assert "spamhaus" in suspension.reason
@@ -141,28 +143,28 @@ async def test_reputation_block_retries_from_the_pool_without_a_dsn(tmp_path: Pa
         assert relay.metrics.dsn_sent._value.get() == 0
         assert await warming_sent(relay) == 0
     assert all(m.mail_from for m in sink.messages)  # no DSN ever went out
-    await sink.stop()
 
 
-async def test_microsoft_block_after_the_dot_is_no_bounce(tmp_path: Path) -> None:
+async def test_microsoft_block_after_the_dot_is_no_bounce(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
     def block(peer: str, envelope: Envelope) -> str | None:
         if peer == WARMING:
             return "550 5.7.606 Access denied, banned sending IP [127.0.0.2]"
         return None
 
-    sink = await Sink(host="127.0.0.24", data_reply=block).start()
+    sink = await make_sink(host="127.0.0.24", data_reply=block)
     async with gmail_hosted(tmp_path, sink) as (relay, _):
         await send(relay, ["a@brand.test", "b@brand.test"], sender="app@sender.test")
-        got = await sink.wait_for(1, timeout_s=10)
+        got = await sink.wait_for(1)
         assert [(m.peer, sorted(m.rcpts)) for m in got] == [
             (POOL, ["a@brand.test", "b@brand.test"])
         ]
         assert relay.metrics.dsn_sent._value.get() == 0
         assert await warming_sent(relay) == 0
-    await sink.stop()
 
 
-async def test_greylisting_costs_the_cap_once(tmp_path: Path) -> None:
+async def test_greylisting_costs_the_cap_once(tmp_path: Path, make_sink: MakeSink) -> None:
     seen: set[str] = set()
 
     def greylist(peer: str, rcpt: str) -> str | None:
@@ -171,14 +173,13 @@ async def test_greylisting_costs_the_cap_once(tmp_path: Path) -> None:
             return "451 4.7.1 Greylisted, please try again later"
         return None
 
-    sink = await Sink(rcpt_reply=greylist).start()
+    sink = await make_sink(rcpt_reply=greylist)
     config = relay_config(tmp_path, sink.port, cap=1000, delivery={"retry_first_s": 0.1})
     async with running(config) as relay:
         await send(relay, ["a@example.test", "b@example.test"])
         (msg,) = await sink.wait_for(1)
         assert msg.peer == WARMING
         assert await warming_sent(relay) == 2  # one each, not one per attempt
-    await sink.stop()
 
 
 Server = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -208,11 +209,13 @@ def refuse_tls_handshake() -> Server:
     return serve
 
 
-async def test_tls_failure_moves_to_the_next_mx_and_counts_once(tmp_path: Path) -> None:
+async def test_tls_failure_moves_to_the_next_mx_and_counts_once(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
     broken = await asyncio.start_server(refuse_tls_handshake(), "127.0.0.25", 0)
     port = broken.sockets[0].getsockname()[1]
-    sink = await Sink(host="127.0.0.26", port=port).start()  # same port, other address
-    async with LoopbackDNS() as dns:
+    sink = await make_sink(host="127.0.0.26", port=port)  # same port, other address
+    async with broken, LoopbackDNS() as dns:
         dns.add_mx("two-mx.test", 10, "mx1.two-mx.test")
         dns.add_a("mx1.two-mx.test", "127.0.0.25")
         dns.add_mx("two-mx.test", 20, "mx2.two-mx.test")
@@ -230,8 +233,6 @@ async def test_tls_failure_moves_to_the_next_mx_and_counts_once(tmp_path: Path) 
             (msg,) = await sink.wait_for(1)
             assert msg.peer == WARMING
             assert await warming_sent(relay) == 1
-    broken.close()
-    await sink.stop()
 
 
 async def test_tls_failure_on_the_only_mx_defers_and_gives_the_count_back(
@@ -246,7 +247,7 @@ async def test_tls_failure_on_the_only_mx_defers_and_gives_the_count_back(
         routes={"*": f"127.0.0.27:{port}"},
         delivery={"retry_first_s": 3600},
     )
-    async with running(config) as relay:
+    async with broken, running(config) as relay:
         await send(relay, ["a@example.test"])
         line = await logs.wait_for("to=<a@example.test>")
         assert " deferred (451 4.4.1 " in line and "TLS failed" in line
@@ -255,27 +256,29 @@ async def test_tls_failure_on_the_only_mx_defers_and_gives_the_count_back(
         assert len(relay.spool) == 1  # waiting for its retry in an hour, not spinning
         text = await metrics(relay)
         assert 'warmrelay_deliveries_total{ip="127.0.0.2",outcome="deferred"} 1.0' in text
-    broken.close()
 
 
-async def test_a_dsn_leaves_from_a_pool_ip(tmp_path: Path) -> None:
-    sink = await Sink(
+async def test_a_dsn_leaves_from_a_pool_ip(tmp_path: Path, make_sink: MakeSink) -> None:
+    sink = await make_sink(
         rcpt_reply=lambda peer, rcpt: "550 5.1.1 no such user" if rcpt.startswith("gone") else None
-    ).start()
+    )
     async with running(relay_config(tmp_path, sink.port, cap=1000)) as relay:
         await send(relay, ["gone@example.test"], sender="app@sender.test")
         (dsn,) = await sink.wait_for(1)
         assert dsn.mail_from == ""
         assert dsn.peer == POOL
         assert await warming_sent(relay) == 0  # refused at RCPT: not handed over, not counted
-    await sink.stop()
 
 
-async def test_a_slow_destination_does_not_stall_the_others(tmp_path: Path) -> None:
-    """Head of line: 20 messages to a destination that takes 2 s each, with 4 sends at once
-    and 2 connections per destination; a message to another domain goes out at once."""
-    slow = await Sink(host="127.0.0.28", delay_s=2.0).start()
-    fast = await Sink(host="127.0.0.29").start()
+async def test_a_slow_destination_does_not_stall_the_others(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
+    """Head of line: 20 messages to a destination that holds each one at DATA (until the
+    test lets go), with 4 sends at once and 2 connections per destination; a message to
+    another domain goes out at once."""
+    held = asyncio.Event()
+    slow = await make_sink(host="127.0.0.28", data_gate=held)
+    fast = await make_sink(host="127.0.0.29")
     config = relay_config(
         tmp_path,
         slow.port,
@@ -284,35 +287,37 @@ async def test_a_slow_destination_does_not_stall_the_others(tmp_path: Path) -> N
         delivery={"concurrency": 4, "connections_per_destination": 2},
     )
     async with running(config) as relay:
-        for i in range(20):
-            await send(relay, [f"u{i}@slow.test"])
-        await slow.wait_until(lambda: slow.ehlos >= 2)  # both its connections are busy
-        await send(relay, ["v@fast.test"])
-        # with the head-of-line block it would wait for ~20 s of slow sends
-        (msg,) = await fast.wait_for(1, timeout_s=3)
-        assert msg.rcpts == ["v@fast.test"]
-        assert len(slow.messages) < 20
-    await slow.stop()
-    await fast.stop()
+        try:
+            for i in range(20):
+                await send(relay, [f"u{i}@slow.test"])
+            await slow.wait_until(lambda: slow.in_data >= 2)  # both its connections are busy
+            await send(relay, ["v@fast.test"])
+            # with the head-of-line block it would wait for slow sends that never finish
+            (msg,) = await fast.wait_for(1, timeout_s=15)
+            assert msg.rcpts == ["v@fast.test"]
+            assert len(slow.messages) < 20
+        finally:
+            held.set()  # the slow destination answers: the relay can stop
 
 
-async def test_8bitmime_is_declared_on_a_fresh_starttls_connection(tmp_path: Path) -> None:
+async def test_8bitmime_is_declared_on_a_fresh_starttls_connection(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("sink.test").configure_cert(server_ctx)
-    sink = await Sink(tls_context=server_ctx).start()
+    sink = await make_sink(tls_context=server_ctx)
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, ["a@example.test"], body="Grüße aus Köln")
         (msg,) = await sink.wait_for(1)
     assert msg.tls
     assert "BODY=8BITMIME" in [o.upper() for o in msg.mail_options]
-    await sink.stop()
 
 
 async def test_utf8_address_to_a_receiver_without_smtputf8_bounces_at_once(
-    tmp_path: Path,
+    tmp_path: Path, make_sink: MakeSink
 ) -> None:
-    sink = await Sink(smtputf8=False).start()
+    sink = await make_sink(smtputf8=False)
     config = relay_config(tmp_path, sink.port, delivery={"retry_first_s": 3600})
     async with running(config) as relay:
         message = b"From: <app@sender.test>\r\nSubject: x\r\n\r\nhi\r\n"
@@ -325,41 +330,46 @@ async def test_utf8_address_to_a_receiver_without_smtputf8_bounces_at_once(
     report = parsed.get_payload()[1].get_payload()[1]
     assert report["Status"] == "5.6.7"
     assert dsn.rcpts == ["app@sender.test"]
-    await sink.stop()
 
 
 async def test_a_timeout_after_the_dot_is_deferred_not_resent(
-    tmp_path: Path, logs: LogWatch
+    tmp_path: Path, logs: LogWatch, make_sink: MakeSink
 ) -> None:
     """The receiver stores the message but answers the final dot later than our timeout:
     resending at once (on a fresh connection) would deliver it twice."""
-    sink = Sink()
+    sink = await make_sink()  # no connection yet: the hook below is the one sessions use
     original = sink.handle_DATA
+    late = asyncio.Event()  # set once the relay has given up on the reply
 
     async def handle_DATA(server: Any, session: Any, envelope: Envelope) -> str:
         reply = await original(server, session, envelope)  # stored...
         if envelope.rcpt_tos == ["slow@example.test"]:
-            await asyncio.sleep(1.5)  # ...but the reply comes late
+            await late.wait()  # ...but the reply comes after our timeout
         return reply
 
     sink.handle_DATA = handle_DATA  # type: ignore[method-assign]
-    await sink.start()
     config = relay_config(
         tmp_path,
         sink.port,
         ips=[{"address": POOL, "helo": "mta2.example.test"}],
-        delivery={"timeout_s": 0.5, "retry_first_s": 3600, "connections_per_destination": 1},
+        # every command's timeout: room for a busy machine on the first message's replies
+        delivery={"timeout_s": 3.0, "retry_first_s": 3600, "connections_per_destination": 1},
     )
     async with running(config) as relay:
-        await send(relay, ["first@example.test"])
-        await sink.wait_for(1)
-        await send(relay, ["slow@example.test"])  # on the reused connection
-        line = await logs.wait_for("to=<slow@example.test>")
-        assert " deferred (451 4.4.2 " in line and "uncertain" in line
-        assert sink.ehlos == 1  # no second connection was opened to resend it
-        assert [m.rcpts for m in sink.messages] == [["first@example.test"], ["slow@example.test"]]
-        assert relay.scheduler.deferred == 1  # it waits for its retry, as a deferral
-    await sink.stop()
+        try:
+            await send(relay, ["first@example.test"])
+            await sink.wait_for(1)
+            await send(relay, ["slow@example.test"])  # on the reused connection
+            line = await logs.wait_for("to=<slow@example.test>")
+            assert " deferred (451 4.4.2 " in line and "uncertain" in line
+            assert sink.ehlos == 1  # no second connection was opened to resend it
+            assert [m.rcpts for m in sink.messages] == [
+                ["first@example.test"],
+                ["slow@example.test"],
+            ]
+            assert relay.scheduler.deferred == 1  # it waits for its retry, as a deferral
+        finally:
+            late.set()
 
 
 async def test_idle_connections_are_closed_and_forgotten(tmp_path: Path, sink: Sink) -> None:
@@ -372,25 +382,30 @@ async def test_idle_connections_are_closed_and_forgotten(tmp_path: Path, sink: S
         assert not relay.dispatcher._idle
 
 
-async def test_cut_short_at_the_drain_timeout_gives_the_reservation_back(tmp_path: Path) -> None:
+async def test_cut_short_at_the_drain_timeout_gives_the_reservation_back(
+    tmp_path: Path, make_sink: MakeSink
+) -> None:
     started = asyncio.Event()
+    never = asyncio.Event()  # the receiver holds DATA past the drain timeout
 
     def accept(peer: str, rcpt: str) -> str | None:
         started.set()
         return None
 
-    sink = await Sink(rcpt_reply=accept, delay_s=30).start()
+    sink = await make_sink(rcpt_reply=accept, data_gate=never)
     config = relay_config(tmp_path, sink.port, cap=1000, delivery={"drain_timeout_s": 0.2})
-    relay = Relay(config)
-    await relay.start()
-    await send(relay, ["a@example.test"])
-    await asyncio.wait_for(started.wait(), 10)
-    assert await warming_sent(relay) == 1
-    await relay.stop()
-    again = Relay(config)  # a fresh process reading the same SQLite counters
-    assert await again.router.sent(config.ips[0], again.clock()) == 0
-    await again.counters.close()
-    await sink.stop()
+    try:
+        async with running(config) as relay:
+            await send(relay, ["a@example.test"])
+            await asyncio.wait_for(started.wait(), 30)
+            assert await warming_sent(relay) == 1
+        again = Relay(config)  # a fresh process reading the same SQLite counters
+        try:
+            assert await again.router.sent(config.ips[0], again.clock()) == 0
+        finally:
+            await again.counters.close()
+    finally:
+        never.set()  # lets the held DATA handler finish
 
 
 async def test_held_mail_comes_back_when_the_suspension_ends() -> None:
@@ -433,7 +448,7 @@ class LogWatch(logging.Handler):
         self.lines.append(record.getMessage())
         self._changed.set()
 
-    async def wait_for(self, text: str, timeout_s: float = 10.0) -> str:
+    async def wait_for(self, text: str, timeout_s: float = 30.0) -> str:
         async def until() -> str:
             while True:
                 for line in self.lines:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from aiosmtpd.smtp import Envelope
 from support.dnsserver import LoopbackDNS
 from support.relay import http, http_get, relay_config, running, send, status
 from support.sink import Sink
+
+MakeSink = Callable[..., Awaitable[Sink]]
 
 
 def gmail_throttles_the_warming_ip(peer: str, envelope: Envelope) -> str | None:
@@ -22,8 +25,8 @@ def gmail_throttles_the_warming_ip(peer: str, envelope: Envelope) -> str | None:
     return None
 
 
-async def test_gmail_throttle_suspends_only_for_gmail(tmp_path: Path) -> None:
-    sink = await Sink(host="127.0.0.20", data_reply=gmail_throttles_the_warming_ip).start()
+async def test_gmail_throttle_suspends_only_for_gmail(tmp_path: Path, make_sink: MakeSink) -> None:
+    sink = await make_sink(host="127.0.0.20", data_reply=gmail_throttles_the_warming_ip)
     async with LoopbackDNS() as dns:
         dns.add_mx("brand.test", 10, "gmail-smtp-in.l.google.com")
         dns.add_a("gmail-smtp-in.l.google.com", "127.0.0.20")
@@ -53,7 +56,6 @@ async def test_gmail_throttle_suspends_only_for_gmail(tmp_path: Path) -> None:
             _, metrics = await http_get(relay.admin.port, "/metrics")
             assert b'warmrelay_throttled_total{ip="127.0.0.2",provider="gmail"} 1.0' in metrics
             assert b'warmrelay_suspended{ip="127.0.0.2",provider="gmail"} 1.0' in metrics
-    await sink.stop()
 
 
 async def test_only_eligible_mail_uses_the_warming_ip(tmp_path: Path, sink: Sink) -> None:
@@ -122,9 +124,10 @@ async def test_smarthost_overflow_with_starttls_and_auth(
     smarthost_tls: tuple[ssl.SSLContext, Path],
     password: str,
     monkeypatch: pytest.MonkeyPatch,
+    make_sink: MakeSink,
 ) -> None:
     ctx, ca_file = smarthost_tls
-    smarthost = await Sink(tls_context=ctx, credentials=("relay", "s3cret")).start()
+    smarthost = await make_sink(tls_context=ctx, credentials=("relay", "s3cret"))
     monkeypatch.setenv("TEST_SMARTHOST_PASSWORD", password)
     config = relay_config(
         tmp_path,
@@ -161,11 +164,12 @@ async def test_smarthost_overflow_with_starttls_and_auth(
             assert st["spool"]["messages"] == 3
             assert smarthost.messages == []
             assert len(sink.messages) == 2  # and no DSN went to the sender
-    await smarthost.stop()
 
 
-async def test_smarthost_without_starttls_is_refused(tmp_path: Path, sink: Sink) -> None:
-    plain = await Sink().start()  # offers no STARTTLS
+async def test_smarthost_without_starttls_is_refused(
+    tmp_path: Path, sink: Sink, make_sink: MakeSink
+) -> None:
+    plain = await make_sink()  # offers no STARTTLS
     config = relay_config(
         tmp_path,
         sink.port,
@@ -187,4 +191,3 @@ async def test_smarthost_without_starttls_is_refused(tmp_path: Path, sink: Sink)
         st = await status(relay)
         assert st["spool"]["messages"] == 1
     assert plain.messages == []
-    await plain.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,15 @@ def ids_at(sink: Sink) -> list[int]:
     return out
 
 
-async def test_sigkill_in_flight_then_restart_delivers_everything(tmp_path: Path) -> None:
-    sink = await Sink(delay_s=0.1).start()  # a slow receiver keeps mail in flight
+StartRelay = Callable[..., Awaitable[RelayProcess]]
+
+
+async def test_sigkill_in_flight_then_restart_delivers_everything(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]], relay_process: StartRelay
+) -> None:
+    sink = await make_sink(delay_s=0.1)  # a slow receiver keeps mail in flight
     config = process_config(tmp_path, sink.port)
-    relay = await RelayProcess(config, tmp_path).start()
+    relay = await relay_process(config)
     sessions = 20
     chunks = [range(k, N, sessions) for k in range(sessions)]
     acked = sorted(
@@ -61,11 +67,10 @@ async def test_sigkill_in_flight_then_restart_delivers_everything(tmp_path: Path
     before = len(sink.messages)
     assert before < N, "the test needs mail in flight at the kill"
 
-    restarted = await RelayProcess(config, tmp_path).start()
+    restarted = await relay_process(config)
     recovered = [line for line in restarted.log if "recovered" in line]
     await sink.wait_for_ids(set(acked), ids_at, timeout_s=60)
     assert await restarted.terminate() == 0
-    await sink.stop()
 
     seen = ids_at(sink)
     duplicates = len(seen) - len(set(seen))
@@ -74,11 +79,13 @@ async def test_sigkill_in_flight_then_restart_delivers_everything(tmp_path: Path
     assert duplicates <= 8 * 2  # at most what was on the wire at the kill (2 IPs x 8 conns)
 
 
-async def test_sigterm_drains_and_keeps_the_rest_spooled(tmp_path: Path) -> None:
-    sink = await Sink(delay_s=0.3).start()
+async def test_sigterm_drains_and_keeps_the_rest_spooled(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]], relay_process: StartRelay
+) -> None:
+    sink = await make_sink(delay_s=0.3)
     config = process_config(tmp_path, sink.port)
     config["delivery"] = {"connections_per_destination": 2, "drain_timeout_s": 10}
-    relay = await RelayProcess(config, tmp_path).start()
+    relay = await relay_process(config)
     acked = await push(relay.smtp_port, range(40))
     assert len(acked) == 40
     await sink.wait_for(1)
@@ -90,8 +97,7 @@ async def test_sigterm_drains_and_keeps_the_rest_spooled(tmp_path: Path) -> None
     delivered = len(sink.messages)
     assert remaining > 0 and delivered + remaining == 40
 
-    restarted = await RelayProcess(config, tmp_path).start()
+    restarted = await relay_process(config)
     await sink.wait_for_ids(set(range(40)), ids_at, timeout_s=60)
     assert await restarted.terminate() == 0
-    await sink.stop()
     assert sorted(ids_at(sink)) == list(range(40))

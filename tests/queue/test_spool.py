@@ -12,11 +12,12 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.disk import Disk
 
 from warmrelay.errors import SpoolError
 from warmrelay.queue.spool import RecoveredMessage, Spool, new_queue_id
@@ -24,6 +25,7 @@ from warmrelay.queue.spool import RecoveredMessage, Spool, new_queue_id
 ROOT = Path(__file__).resolve().parents[2]
 WRITER = Path(__file__).resolve().parents[1] / "support" / "spool_writer.py"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+WRITER_TIMEOUT_S = 120.0  # the spool writer is a helper, not the CLI: bounded here
 
 
 @pytest.fixture
@@ -209,13 +211,20 @@ async def test_every_acknowledged_message_survives_kill_9(tmp_path: Path) -> Non
     )
     assert proc.stdout is not None and proc.stderr is not None
     acked: list[bytes] = []
-    while len(acked) < 1500:  # each line: that store() had returned (the 250 moment)
-        line = await proc.stdout.readline()
-        assert line, (await proc.stderr.read()).decode()
-        acked.append(line)
-    proc.send_signal(signal.SIGKILL)  # mid-run: other stores are in flight right now
-    acked += (await proc.stdout.read()).splitlines(keepends=True)  # printed before the kill
-    assert await proc.wait() == -signal.SIGKILL
+    try:
+        async with asyncio.timeout(WRITER_TIMEOUT_S):
+            while len(acked) < 1500:  # each line: that store() had returned (the 250 moment)
+                line = await proc.stdout.readline()
+                assert line, (await proc.stderr.read()).decode()
+                acked.append(line)
+            proc.send_signal(signal.SIGKILL)  # mid-run: other stores are in flight right now
+            # printed before the kill
+            acked += (await proc.stdout.read()).splitlines(keepends=True)
+            assert await proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:  # the test failed first: the writer never stops by itself
+            proc.kill()
+            await proc.wait()
 
     s, found = await reopen(directory)
     try:
@@ -241,7 +250,12 @@ async def test_kill_in_the_middle_of_a_write_leaves_no_half_file_in_queue(
         stderr=asyncio.subprocess.PIPE,
         env=ENV,
     )
-    out, err = await proc.communicate()
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), WRITER_TIMEOUT_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == -signal.SIGXFSZ, err.decode()
     [line] = out.decode().splitlines()  # the second store never returned
     assert len(os.listdir(directory / "incoming")) == 1  # the half-written file
@@ -260,7 +274,7 @@ def run_fault_writer(directory: Path, limit: int) -> Any:
         capture_output=True,
         env=ENV,
         check=True,
-        timeout=120,
+        timeout=WRITER_TIMEOUT_S,
     )
     return json.loads(result.stdout)
 
@@ -281,26 +295,11 @@ async def test_write_failure_raises_spool_error_and_later_stores_work(tmp_path: 
     await s.close()
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "--lazy", str(mnt)], check=False)  # even if files are open
-
-
-async def test_disk_full_raises_enospc_and_recovers(tiny_tmpfs: Path) -> None:
-    s = Spool(tiny_tmpfs / "spool")
+async def test_disk_full_raises_enospc_and_recovers(
+    tmp_path: Path, tmpfs: Callable[..., Disk]
+) -> None:
+    disk = tmpfs(tmp_path / "tmpfs", "512k")
+    s = Spool(disk.path / "spool")
     await s.open()
     try:
         with pytest.raises(SpoolError) as info:

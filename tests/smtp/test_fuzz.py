@@ -11,11 +11,13 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiosmtplib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.polling import eventually
 from support.relay import http_get, relay_doc
 from support.relayproc import RelayProcess
 from support.sink import Sink
@@ -81,14 +83,15 @@ async def sessions(admin_port: int) -> int:
     return int(float(line.split()[1]))
 
 
-async def test_fuzzed_dialogues(tmp_path: Path) -> None:
-    sink = await Sink().start()
+async def test_fuzzed_dialogues(
+    tmp_path: Path, sink: Sink, relay_process: Callable[..., Awaitable[RelayProcess]]
+) -> None:
     doc = relay_doc(
         tmp_path,
         sink.port,
         smtp={"allow_networks": ["127.0.0.1/32"], "max_connections_per_client": 1000},
     )
-    relay = await RelayProcess(doc, tmp_path).start()
+    relay = await relay_process(doc)
     assert relay.proc is not None
     pid = relay.proc.pid
     baseline = open_fds(pid)
@@ -106,11 +109,10 @@ async def test_fuzzed_dialogues(tmp_path: Path) -> None:
 
     await asyncio.get_running_loop().run_in_executor(None, fuzz)
 
-    for _ in range(200):  # sessions end when the relay sees each client's close
-        if await sessions(relay.admin_port) == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert await sessions(relay.admin_port) == 0
+    async def no_sessions() -> bool:  # sessions end when the relay sees each client's close
+        return await sessions(relay.admin_port) == 0
+
+    await eventually(no_sessions, what="every fuzzing session ended")
     assert open_fds(pid) <= baseline + 2  # no leaked sockets or files
 
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp_port) as client:
@@ -119,6 +121,5 @@ async def test_fuzzed_dialogues(tmp_path: Path) -> None:
         )
     got = await sink.wait_for(1)
     assert await relay.terminate() == 0
-    await sink.stop()
     assert [m.rcpts for m in got] == [["ok@example.test"]]  # nothing relayed for the fuzzer
     assert not any("Traceback" in line for line in relay.log), "".join(relay.log[-30:])

@@ -12,8 +12,6 @@ import random
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 import pytest
 import trustme
 import yaml
+from support.cli import warmrelay
+from support.polling import eventually
 from support.relay import relay_doc, running, send
 from support.sink import Sink
 
@@ -30,6 +30,9 @@ from warmrelay.smtp.auth import hash_password
 
 PASSWORD = "correct horse battery"
 REPLY_S = 5.0  # the longest any single reply may take before a test fails
+# a lockout the reload test sees both active and run out: long enough that a busy machine
+# still checks it while active, short enough to wait out
+LOCKOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +114,6 @@ class Line:
 
     def close(self) -> None:
         self.writer.close()
-
-
-async def until(done: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    """Wait for a condition of the relay's state (it changes on loop events we cannot await)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not done():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def proxy_v1(client: str) -> bytes:
@@ -223,12 +217,7 @@ def test_check_config_refuses_proxy_protocol_without_proxy_from(
     path = tmp_path / "relay.yaml"
     doc = relay_doc(tmp_path, 2600, smtp={"listen": ["127.0.0.1:2525", listener]})
     path.write_text(yaml.safe_dump(doc))
-    result = subprocess.run(
-        [sys.executable, "-m", "warmrelay", "check-config", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = warmrelay("check-config", "-c", str(path))
     assert result.returncode == 1
     assert problem in result.stderr, result.stderr
 
@@ -359,7 +348,7 @@ async def test_connection_cap_counts_the_client_behind_the_balancer(
         assert limits.open == 9
         for c in held:
             c.close()
-        await until(lambda: limits.open == 0)
+        await eventually(lambda: limits.open == 0, what="every session closed")
         held = [await via_balancer(port, "203.0.113.9") for _ in range(2)]  # slots came back
         for c in held:
             c.close()
@@ -570,7 +559,7 @@ async def test_hostile_clients_leave_no_errors_and_the_relay_keeps_working(
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(150))), 120)
         assert relay.handler is not None
         handler = relay.handler
-        await until(lambda: handler.limits.open == 0)
+        await eventually(lambda: handler.limits.open == 0, what="every session closed")
         gc.collect()
         for _ in range(3):
             await asyncio.sleep(0)
@@ -662,7 +651,7 @@ async def test_reload_applies_connection_and_auth_limits_to_the_running_relay(
             max_connections=3,
             max_connections_per_client=2,
             max_auth_failures=3,
-            auth_lockout_s=1.0,
+            auth_lockout_s=LOCKOUT_S,
             auth_tarpit_s=0.05,
         )
         path.write_text(yaml.safe_dump(relay_doc(tmp_path, sink.port, smtp=smtp)))
@@ -681,11 +670,11 @@ async def test_reload_applies_connection_and_auth_limits_to_the_running_relay(
             assert (await c.say(b"NOOP")).startswith(b"250")  # held sessions live on
             c.close()
         other.close()
-        await until(lambda: limits.open == 0)
+        await eventually(lambda: limits.open == 0, what="every session closed")
 
         assert await fail_auth("127.0.0.41", 2) >= 0.05  # the new tarpit
         await fail_auth("127.0.0.41", 1)  # not locked after 2: 3 failures allowed now
         assert (await auth_reply("127.0.0.41")).startswith(b"421 4.7.0")  # locked after 3
-        await asyncio.sleep(1.05)  # the new lockout (1 s) runs out
+        await asyncio.sleep(LOCKOUT_S + 0.05)  # the new lockout runs out
         assert (await auth_reply("127.0.0.41")).startswith(b"235")
         assert (await auth_reply("127.0.0.40")).startswith(b"421 4.7.0")  # locked before: kept
