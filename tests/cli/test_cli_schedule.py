@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from support.cli import warmrelay
 
 
 def run_schedule(tmp_path: Path, start_offset_days: int, *extra: str) -> str:
@@ -19,12 +19,8 @@ def run_schedule(tmp_path: Path, start_offset_days: int, *extra: str) -> str:
         f" warmup: {{start: {start.isoformat()}, schedule: [10, 20, 30]}}}}\n"
         "  - {address: 127.0.0.3, helo: b.example.test}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "warmrelay", "schedule", "-c", str(cfg), *extra],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    result = warmrelay("schedule", "-c", str(cfg), *extra)
+    assert result.returncode == 0, result.stderr
     return result.stdout
 
 

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "warmrelay", *args], capture_output=True, text=True, check=False
-    )
+from support.cli import warmrelay
 
 
 def write_config(tmp_path: Path, warmup: str) -> Path:
@@ -27,7 +21,7 @@ def write_config(tmp_path: Path, warmup: str) -> Path:
 def test_simulate_sendgrid_completes_on_day_42_and_writes_a_chart(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "{start: 2026-11-01, schedule: sendgrid}")
     chart = tmp_path / "plan.svg"
-    result = run(
+    result = warmrelay(
         "simulate",
         "-c",
         str(cfg),
@@ -55,7 +49,7 @@ def test_simulate_sendgrid_completes_on_day_42_and_writes_a_chart(tmp_path: Path
 
 def test_simulate_rejects_a_bad_mix(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, "{start: 2026-11-01, schedule: [10]}")
-    result = run("simulate", "-c", str(cfg), "--daily", "100", "--mix", "gmail=0.8,yahoo=0.5")
+    result = warmrelay("simulate", "-c", str(cfg), "--daily", "100", "--mix", "gmail=0.8,yahoo=0.5")
     assert result.returncode == 2
     assert "more than 1" in result.stderr
 
@@ -67,7 +61,7 @@ def test_schedule_shows_per_hour_and_provider_caps(tmp_path: Path) -> None:
         f"{{start: {today}, schedule: [120, 240], sending_hours: '08:00-20:00', "
         "providers: {gmail: {share: 0.25}}}",
     )
-    result = run("schedule", "-c", str(cfg), "--days", "3")
+    result = warmrelay("schedule", "-c", str(cfg), "--days", "3")
     assert result.returncode == 0, result.stderr
     assert "per hour" in result.stdout and "gmail" in result.stdout
     assert "over 12 hours" in result.stdout

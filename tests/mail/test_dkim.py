@@ -30,7 +30,6 @@ import re
 import shutil
 import stat
 import struct
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from aiosmtpd.smtp import Envelope
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
+from support.cli import warmrelay
 from support.dnsserver import LoopbackDNS
 from support.relay import relay_config, relay_doc, running
 from support.sink import Sink
@@ -66,12 +66,32 @@ from warmrelay.mail.dkim import (
     write_key,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "example.test"
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+async def run_tool(
+    *argv: str, stdin: bytes | None = None, timeout_s: float = 30.0
+) -> tuple[int, bytes, bytes]:
+    """A verifier (or a probe of one) as a process of its own, bounded in time: killed when
+    it runs over, so a hung tool fails its test instead of hanging the suite."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
 
 
 # -- keys, DNS and the two verifiers ----------------------------------------------------
@@ -197,6 +217,7 @@ async def opendkim(zone: LoopbackDNS, tmp_path: Path) -> AsyncIterator[Callable[
         try:
             await port53.start()
         except OSError as exc:
+            port53.stop()  # UDP may be bound already
             reason = f"cannot serve DNS on {port53.address}:53: {exc}"
     if reason:
         if _in_ci():
@@ -205,16 +226,12 @@ async def opendkim(zone: LoopbackDNS, tmp_path: Path) -> AsyncIterator[Callable[
 
     async def verify(data: bytes) -> tuple[int, str]:
         script = 'mount --bind "$1" /etc/resolv.conf && exec opendkim-testmsg'
-        proc = await asyncio.create_subprocess_exec(
+        code, _, err = await run_tool(
             *("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"),
             str(port53.resolv_conf),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdin=data,
         )
-        _, err = await asyncio.wait_for(proc.communicate(data), 30)
-        assert proc.returncode is not None
-        return proc.returncode, err.decode(errors="replace")
+        return code, err.decode(errors="replace")
 
     try:
         yield verify
@@ -250,14 +267,10 @@ class MailDkim:
         self.ed25519 = ed25519  # this Mail::DKIM verifies ed25519-sha256
 
     async def __call__(self, data: bytes) -> dict[str, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *("perl", "-e", MAIL_DKIM_VERIFY, self.zone.host, str(self.zone.port)),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        code, out, err = await run_tool(
+            *("perl", "-e", MAIL_DKIM_VERIFY, self.zone.host, str(self.zone.port)), stdin=data
         )
-        out, err = await asyncio.wait_for(proc.communicate(data), 30)
-        assert proc.returncode == 0, err.decode(errors="replace")
+        assert code == 0, err.decode(errors="replace")
         lines = out.decode(errors="replace").splitlines()
         return dict(line.split("\t", 1) for line in lines)
 
@@ -266,10 +279,8 @@ class MailDkim:
 
 
 async def _perl_has(module: str) -> bool:
-    proc = await asyncio.create_subprocess_exec(
-        "perl", f"-M{module}", "-e", "1", stderr=asyncio.subprocess.DEVNULL
-    )
-    return await proc.wait() == 0
+    code, _, _ = await run_tool("perl", f"-M{module}", "-e", "1")
+    return code == 0
 
 
 @pytest.fixture
@@ -830,7 +841,7 @@ async def test_keygen_writes_a_0600_key_and_a_record_that_verifies(
     assert (await opendkim(data))[0] == 0
 
 
-async def test_a_broken_key_file_stops_the_start_naming_it(tmp_path: Path, keys: Keys) -> None:
+def test_a_broken_key_file_stops_the_start_naming_it(tmp_path: Path, keys: Keys) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
     small = tmp_path / "small.pem"
@@ -854,26 +865,16 @@ async def test_a_broken_key_file_stops_the_start_naming_it(tmp_path: Path, keys:
     # the real command: refuses to start, exit 1, the key path on stderr, never "ready"
     path = tmp_path / "relay.yaml"
     path.write_text(yaml.safe_dump(relay_doc(tmp_path, 9, **doc)))
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "warmrelay", "serve", "-c", str(path)),
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    assert str(garbage) in err.decode() and str(missing) in err.decode()
-    assert " ready: " not in err.decode()
+    serve = warmrelay("serve", "-c", str(path))
+    assert serve.returncode == 1
+    assert str(garbage) in serve.stderr and str(missing) in serve.stderr
+    assert " ready: " not in serve.stderr
 
     # --workers: the supervisor refuses too, before any worker (no restart loop)
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "warmrelay", "serve", "-c", str(path), "--workers", "2"),
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    assert str(garbage) in err.decode()
-    assert "exited" not in err.decode() and " ready: " not in err.decode()
+    serve = warmrelay("serve", "-c", str(path), "--workers", "2")
+    assert serve.returncode == 1
+    assert str(garbage) in serve.stderr
+    assert "exited" not in serve.stderr and " ready: " not in serve.stderr
 
 
 async def test_reload_keeps_the_keys_when_a_key_breaks_and_takes_a_rotation(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import aiosmtplib
 import pytest
 import yaml
 from support.dnsserver import LoopbackDNS
+from support.polling import eventually
 from support.redisserver import RedisServer, free_port
 from support.relay import http, http_get, relay_config, relay_doc, running, send
 from support.sink import Sink
@@ -29,15 +30,6 @@ DEAD = "dead@example.test"
 BOUNCE = f"550 5.1.1 <{DEAD}>: Recipient address rejected: User unknown in virtual table"
 STATUSES = ("5.1.1", "5.1.2", "5.1.10", "5.2.1")
 TOKEN_ENV = "WARMRELAY_TEST_SUPPRESSION_TOKEN"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Bounded polling of state no event announces."""
-    for _ in range(int(timeout_s / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout_s} s")
 
 
 async def rcpt(relay: Relay, address: str) -> tuple[int, str]:
@@ -110,21 +102,24 @@ def test_the_enhanced_status_decides(reply: Reply, status: str | None) -> None:
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Counters]:
     if request.param == "memory":
         yield MemoryCounters()
         return
-    server = None
-    counters: Counters
-    if request.param == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
-        counters = RedisCounters(server.url)
-    else:
-        counters = SqliteCounters(tmp_path / "c.sqlite3")
-    yield counters
-    await counters.close()
-    if server is not None:
-        await server.stop()
+    server = RedisServer(tmp_path / "redis") if request.param == "redis" else None
+    counters: Counters | None = None
+    try:
+        if server is not None:
+            await server.start()
+            counters = RedisCounters(server.url)
+        else:
+            counters = SqliteCounters(tmp_path / "c.sqlite3")
+        yield counters
+    finally:
+        if counters is not None:
+            await counters.close()
+        if server is not None:
+            await server.stop()
 
 
 async def test_values_are_listed_by_key_prefix(store: Counters) -> None:
@@ -144,14 +139,16 @@ async def test_values_are_listed_by_key_prefix(store: Counters) -> None:
 # -- end to end -----------------------------------------------------------------------------
 
 
-async def test_a_hard_bounce_suppresses_the_address(tmp_path: Path) -> None:
+async def test_a_hard_bounce_suppresses_the_address(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
     tried: list[str] = []
 
     def receiver(peer: str, address: str) -> str | None:
         tried.append(address)
         return BOUNCE if address == DEAD else None
 
-    sink = await Sink(rcpt_reply=receiver).start()
+    sink = await make_sink(rcpt_reply=receiver)
     async with running(relay_config(tmp_path, sink.port)) as relay:
         await send(relay, [DEAD], sender="app@sender.test")
         (dsn,) = await sink.wait_for(1)  # the first bounce still gets its DSN
@@ -175,11 +172,11 @@ async def test_a_hard_bounce_suppresses_the_address(tmp_path: Path) -> None:
         _, text = await http_get(relay.admin.port, "/metrics")
         assert metric(text.decode(), "added") == 1
         assert metric(text.decode(), "refused") == 2
-    await sink.stop()
 
 
-async def test_a_session_with_many_suppressed_addresses_is_not_hung_up(tmp_path: Path) -> None:
-    sink = await Sink().start()
+async def test_a_session_with_many_suppressed_addresses_is_not_hung_up(
+    tmp_path: Path, sink: Sink
+) -> None:
     config = relay_config(tmp_path, sink.port, smtp={"max_bad_commands": 3})
     async with running(config) as relay:
         dead = [f"gone{i}@example.test" for i in range(5)]
@@ -189,12 +186,13 @@ async def test_a_session_with_many_suppressed_addresses_is_not_hung_up(tmp_path:
         assert {a: r[0] for a, r in refused.items()} == dict.fromkeys(dead, 550)
         (msg,) = await sink.wait_for(1)
         assert msg.rcpts == ["alive@example.test"]
-    await sink.stop()
 
 
-async def test_an_entry_expires_after_the_ttl(tmp_path: Path) -> None:
+async def test_an_entry_expires_after_the_ttl(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
     dead = True
-    sink = await Sink(rcpt_reply=lambda peer, a: BOUNCE if a == DEAD and dead else None).start()
+    sink = await make_sink(rcpt_reply=lambda peer, a: BOUNCE if a == DEAD and dead else None)
     clock = Clock()
     config = relay_config(tmp_path, sink.port, suppression={"ttl_s": 3600})
     async with running(config, clock=clock) as relay:
@@ -215,14 +213,15 @@ async def test_an_entry_expires_after_the_ttl(tmp_path: Path) -> None:
         async def cleaned_up() -> bool:
             return await relay.counters.get_value(f"suppressed:{DEAD}") is None
 
-        await eventually(cleaned_up)
+        await eventually(cleaned_up, what="the expired entry removed from the store")
         assert await listed(relay) == []
         _, text = await http_get(relay.admin.port, "/metrics")
         assert metric(text.decode(), "expired") == 1
-    await sink.stop()
 
 
-async def test_refusals_about_policy_or_for_now_do_not_suppress(tmp_path: Path) -> None:
+async def test_refusals_about_policy_or_for_now_do_not_suppress(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
     tries: dict[str, int] = {}
 
     def receiver(peer: str, address: str) -> str | None:
@@ -235,12 +234,12 @@ async def test_refusals_about_policy_or_for_now_do_not_suppress(tmp_path: Path) 
             return "450 4.2.1 Mailbox busy"
         return None
 
-    sink = await Sink(
+    sink = await make_sink(
         rcpt_reply=receiver,
         data_reply=lambda peer, env: (
             "550 5.1.1 no such user" if "data@x.test" in env.rcpt_tos else None
         ),
-    ).start()
+    )
     async with running(relay_config(tmp_path, sink.port)) as relay:
         for address in ("policy@x.test", "later@x.test", "busy@x.test", "data@x.test"):
             await send(relay, [address], sender="app@sender.test")
@@ -250,11 +249,9 @@ async def test_refusals_about_policy_or_for_now_do_not_suppress(tmp_path: Path) 
         assert await listed(relay) == []
         for address in ("policy@x.test", "later@x.test", "busy@x.test", "data@x.test"):
             assert (await rcpt(relay, address))[0] == 250
-    await sink.stop()
 
 
-async def test_null_mx_and_no_such_domain_suppress(tmp_path: Path) -> None:
-    sink = await Sink().start()
+async def test_null_mx_and_no_such_domain_suppress(tmp_path: Path, sink: Sink) -> None:
     async with LoopbackDNS() as dns:
         dns.add_mx("nullmx.test", 0, ".")  # RFC 7505; nowhere.test: NXDOMAIN
         dns.set_servfail("flaky.test")  # a lookup failure is no verdict
@@ -272,18 +269,15 @@ async def test_null_mx_and_no_such_domain_suppress(tmp_path: Path) -> None:
             _, message = await rcpt(relay, "a@nullmx.test")
             assert "suppressed since" in message and 'after "556 5.1.10 nullmx.test' in message
             assert (await rcpt(relay, "c@flaky.test"))[0] == 250
-    await sink.stop()
 
 
-async def test_the_list_survives_a_restart(tmp_path: Path) -> None:
-    sink = await Sink().start()
+async def test_the_list_survives_a_restart(tmp_path: Path, sink: Sink) -> None:
     config = relay_config(tmp_path, sink.port)
     async with running(config) as relay:
         await relay.suppression_action(DEAD, "add")
     async with running(config) as relay:
         code, message = await rcpt(relay, DEAD)
         assert code == 550 and 'after "added by the operator"' in message
-    await sink.stop()
 
 
 # -- admin endpoints and the command line ---------------------------------------------------
@@ -401,33 +395,30 @@ async def test_cli_goes_through_the_running_relay(
 # -- a fleet on one Redis -------------------------------------------------------------------
 
 
-async def test_a_fleet_on_one_redis_shares_the_list(tmp_path: Path) -> None:
-    redis = await RedisServer(tmp_path / "redis").start()
-    sink = await Sink(rcpt_reply=lambda peer, a: BOUNCE if a == DEAD else None).start()
+async def test_a_fleet_on_one_redis_shares_the_list(
+    tmp_path: Path, redis_server: RedisServer, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
+    sink = await make_sink(rcpt_reply=lambda peer, a: BOUNCE if a == DEAD else None)
 
     def config(name: str) -> Any:
-        state = {"dir": str(tmp_path / name), "counters": redis.url}
+        state = {"dir": str(tmp_path / name), "counters": redis_server.url}
         return relay_config(tmp_path, sink.port, state=state, suppression={"refresh_s": 0.2})
 
-    try:
-        async with running(config("a")) as a, running(config("b")) as b:
-            assert (await rcpt(b, DEAD))[0] == 250  # B knows nothing yet
-            await send(a, [DEAD], sender="app@sender.test")  # bounces through A
-            await sink.wait_for(1)
+    async with running(config("a")) as a, running(config("b")) as b:
+        assert (await rcpt(b, DEAD))[0] == 250  # B knows nothing yet
+        await send(a, [DEAD], sender="app@sender.test")  # bounces through A
+        await sink.wait_for(1)
 
-            async def refused_by_b() -> bool:
-                return (await rcpt(b, DEAD))[0] == 550
+        async def refused_by_b() -> bool:
+            return (await rcpt(b, DEAD))[0] == 550
 
-            await eventually(refused_by_b, timeout_s=5)  # a few refresh intervals
-            _, message = await rcpt(b, DEAD)
-            assert f'after "{BOUNCE}"' in message
+        await eventually(refused_by_b, what="B refuses it")  # a few refresh intervals
+        _, message = await rcpt(b, DEAD)
+        assert f'after "{BOUNCE}"' in message
 
-            await b.suppression_action(DEAD, "remove")  # and back: removed through B
+        await b.suppression_action(DEAD, "remove")  # and back: removed through B
 
-            async def accepted_by_a() -> bool:
-                return (await rcpt(a, DEAD))[0] == 250
+        async def accepted_by_a() -> bool:
+            return (await rcpt(a, DEAD))[0] == 250
 
-            await eventually(accepted_by_a, timeout_s=5)
-    finally:
-        await sink.stop()
-        await redis.stop()
+        await eventually(accepted_by_a, what="A accepts it again")

@@ -15,6 +15,8 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 from aiosmtpd.smtp import Envelope
+from support.cli import warmrelay_async
+from support.polling import eventually
 from support.redisserver import RedisServer, free_port
 from support.relay import http_get, relay_config, relay_doc, running, send, status
 from support.relayproc import RelayProcess
@@ -31,6 +33,7 @@ from warmrelay.warmup.router import Router, RouteReason
 DAY1 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY2 = DAY1 + timedelta(days=1)
 WARMING = "127.0.0.2"
+WORKER_TIMEOUT_S = 60.0  # a worker process that hangs fails the test instead of the suite
 
 
 def results_config() -> Config:
@@ -52,13 +55,12 @@ def results_config() -> Config:
     )
 
 
-async def poll(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
-    """Bounded polling of observable state (for what no event announces)."""
-    for _ in range(int(timeout_s / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not reached within {timeout_s} s")
+async def connect_writer(counters: Counters) -> None:
+    """Two SQLite clients in one process share the writers' lock (POSIX record locks belong
+    to the process), so their first writes (the schema, the pruning) can race as two
+    processes' never do ("database is locked"). Each client opens its write connection here,
+    before any race; the delete of an absent key writes nothing."""
+    await counters.set_value("test:connected", None)
 
 
 class SharedStore:
@@ -71,20 +73,24 @@ class SharedStore:
 
     async def start(self) -> SharedStore:
         if self.kind == "redis":
-            self.server = await RedisServer(self.tmp_path / "redis").start()
+            # set before it starts: stop() stops it even if it never got ready
+            self.server = RedisServer(self.tmp_path / "redis")
+            await self.server.start()
         return self
 
     @property
     def spec(self) -> str:
         return self.server.url if self.server else f"sqlite:{self.tmp_path / 'c.sqlite3'}"
 
-    def client(self) -> Counters:
+    async def client(self) -> Counters:
         c: Counters = (
             RedisCounters(self.server.url)
             if self.server
             else SqliteCounters(self.tmp_path / "c.sqlite3")
         )
         self.clients.append(c)
+        if self.server is None:
+            await connect_writer(c)
         return c
 
     async def stop(self) -> None:
@@ -96,9 +102,11 @@ class SharedStore:
 
 @pytest.fixture(params=["sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SharedStore]:
-    s = await SharedStore(request.param, tmp_path).start()
-    yield s
-    await s.stop()
+    s = SharedStore(request.param, tmp_path)
+    try:
+        yield await s.start()
+    finally:
+        await s.stop()
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
@@ -106,9 +114,12 @@ async def counters(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     if request.param == "memory":
         yield MemoryCounters()
         return
-    s = await SharedStore(request.param, tmp_path).start()
-    yield s.client()
-    await s.stop()
+    s = SharedStore(request.param, tmp_path)
+    try:
+        await s.start()
+        yield await s.client()
+    finally:
+        await s.stop()
 
 
 class DamagedHeader:
@@ -183,35 +194,43 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 
 async def test_read_modify_write_loses_nothing_across_processes(store: SharedStore) -> None:
     """Two OS processes and three tasks here change one record 60 times each at once."""
-    local = store.client()
+    local = await store.client()
 
     async def bump(text: str | None) -> str | None:
         return json.dumps((json.loads(text) if text else 0) + 1)
 
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            CAS_WORKER,
-            store.spec,
-            "60",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    for p in procs:
-        assert p.stdout is not None
-        assert (await p.stdout.readline()).strip() == b"ready"
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for _ in range(2):
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-c",
+                    CAS_WORKER,
+                    store.spec,
+                    "60",
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+        for p in procs:
+            assert p.stdout is not None
+            ready = await asyncio.wait_for(p.stdout.readline(), WORKER_TIMEOUT_S)
+            assert ready.strip() == b"ready"
 
-    async def here() -> None:
-        for _ in range(60):
-            await update_value(local, "test:n", bump)
+        async def here() -> None:
+            for _ in range(60):
+                await update_value(local, "test:n", bump)
 
-    outs = [p.communicate(b"go\n") for p in procs]
-    await asyncio.gather(*outs, here(), here(), here())
-    assert [p.returncode for p in procs] == [0, 0]
-    assert await local.get_value("test:n") == "300"
+        outs = [p.communicate(b"go\n") for p in procs]
+        await asyncio.wait_for(asyncio.gather(*outs, here(), here(), here()), WORKER_TIMEOUT_S)
+        assert [p.returncode for p in procs] == [0, 0]
+        assert await local.get_value("test:n") == "300"
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
 
 
 # -- the fleet bug: facts changed by different processes all survive ------------------
@@ -222,8 +241,8 @@ async def test_pause_throttle_and_day_advance_from_two_processes_all_survive(
 ) -> None:
     """The interleaving that lost facts with one blob per IP: each router writes from a
     stale view of the others' facts."""
-    a = Router(results_config(), store.client())
-    b = Router(results_config(), store.client())
+    a = Router(results_config(), await store.client())
+    b = Router(results_config(), await store.client())
     ip = a.ips[0]
     plan = await a.route(100, DAY1)  # day 1's cap used in full: day 2 begins tomorrow
     assert sum(p.count for p in plan.routes if p.reason is RouteReason.WARMUP) == 100
@@ -234,7 +253,7 @@ async def test_pause_throttle_and_day_advance_from_two_processes_all_survive(
     gmail = await b.throttled(ip, "gmail", 1, DAY2, "421 4.7.28")  # b believes "running"
     yahoo = await a.throttled(ip, "yahoo", 1, DAY2, "421 4.7.0 [TSS04]")  # a: no gmail
 
-    fresh = Router(results_config(), store.client())
+    fresh = Router(results_config(), await store.client())
     await fresh.refresh(DAY2)
     c = fresh.control(WARMING)
     assert c.paused_since == DAY2.date()
@@ -248,11 +267,11 @@ async def test_pause_throttle_and_day_advance_from_two_processes_all_survive(
 
 
 async def test_two_processes_judging_the_same_day_advance_it_once(store: SharedStore) -> None:
-    routers = [Router(results_config(), store.client()) for _ in range(3)]
+    routers = [Router(results_config(), await store.client()) for _ in range(3)]
     await routers[0].route(100, DAY1)
     for day in (DAY2, DAY2 + timedelta(days=1)):  # day 2 used nothing: it repeats
         await asyncio.gather(*(r.refresh(day) for r in routers))
-    fresh = Router(results_config(), store.client())
+    fresh = Router(results_config(), await store.client())
     day3 = DAY2 + timedelta(days=1)
     await fresh.refresh(day3)
     assert fresh.control(WARMING).progress == Progress(2, day3.date())
@@ -260,7 +279,7 @@ async def test_two_processes_judging_the_same_day_advance_it_once(store: SharedS
 
 
 async def test_the_throttle_cooldown_can_be_given(store: SharedStore) -> None:
-    router = Router(results_config(), store.client())
+    router = Router(results_config(), await store.client())
     ip = router.ips[0]
     s = await router.throttled(ip, "gmail", 1, DAY1, "550 5.7.1 blocked", cooldown=(7200, 86400))
     assert (s.cooldown_s, s.until) == (7200, DAY1 + timedelta(hours=2))
@@ -275,7 +294,7 @@ async def test_throttles_of_sends_already_under_way_do_not_double_the_cooldown(
 ) -> None:
     """12 sends in flight when Gmail starts throttling all get 421 within a second: one
     episode, one cooldown (each of them doubling it took 1 h to 24 h at once)."""
-    router = Router(results_config(), store.client())
+    router = Router(results_config(), await store.client())
     ip = router.ips[0]
     moments = [DAY1 + timedelta(milliseconds=80 * i) for i in range(12)]
     got = [await router.throttled(ip, "gmail", 1, at, "421 4.7.28 rate") for at in moments]
@@ -339,7 +358,7 @@ async def test_a_change_made_while_sqlite_fails_is_stored_when_it_answers(tmp_pa
         await router.refresh(DAY1)  # writes what is pending once the store answers
         return PAUSE.loads(await reader.get_value(PAUSE.key(WARMING))).since == DAY1.date()
 
-    await poll(stored)
+    await eventually(stored, timeout_s=20, what="the pending pause stored")
     assert counters.healthy is True
     await counters.close()
     await reader.close()
@@ -376,7 +395,7 @@ async def test_sqlite_failure_is_visible_and_mail_still_flows(
         async def up() -> bool:
             return bool((await status(relay))["counters"]["up"])
 
-        await poll(up)  # it recovers by itself
+        await eventually(up, timeout_s=20, what="counters up again")  # it recovers by itself
         await send(relay, ["after@example.test"])
         after = (await sink.wait_for(5))[-1]
         assert after.peer == WARMING
@@ -399,8 +418,10 @@ def throttles_brand(peer: str, envelope: Envelope) -> str | None:
 
 async def test_workers_keep_a_throttle_the_progress_day_and_an_operator_pause(
     tmp_path: Path,
+    make_sink: Callable[..., Awaitable[Sink]],
+    relay_process: Callable[..., Awaitable[RelayProcess]],
 ) -> None:
-    sink = await Sink(data_reply=throttles_brand).start()
+    sink = await make_sink(data_reply=throttles_brand)
     today = datetime.now(UTC).date()
     yesterday = today - timedelta(days=1)
     doc = relay_doc(
@@ -423,47 +444,34 @@ async def test_workers_keep_a_throttle_the_progress_day_and_an_operator_pause(
     await seed.reserve([Limit(CounterKey(WARMING, yesterday.isoformat()), 10)], 10)
     await seed.close()
 
-    relay = await RelayProcess(doc, tmp_path, "--workers", "2").start()
-    try:
-        await send_to(relay.smtp_port, "someone@brand.test")
-        (rerouted,) = await sink.wait_for(1)
-        assert rerouted.peer == "127.0.0.3"  # throttled from the warming IP in a worker
+    relay = await relay_process(doc, "--workers", "2")  # killed at the end if still running
+    await send_to(relay.smtp_port, "someone@brand.test")
+    (rerouted,) = await sink.wait_for(1)
+    assert rerouted.peer == "127.0.0.3"  # throttled from the warming IP in a worker
 
-        command = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "warmrelay",
-            "ip",
-            "pause",
-            WARMING,
-            "-c",
-            str(relay.config_path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await command.communicate()
-        assert command.returncode == 0, err
-        assert b"done by the running relay" in out
+    command = await warmrelay_async("ip", "pause", WARMING, "-c", str(relay.config_path))
+    assert command.returncode == 0, command.stderr
+    assert "done by the running relay" in command.stdout
 
-        code, body = await http_get(relay.admin_port, "/status")
-        assert code == 200
-        warming = json.loads(body)["ips"][0]
-        assert warming["state"] == "paused"
-        assert warming["paused_since"] == today.isoformat()
-        assert warming["warmup_day"] == 6  # judged once by three processes: 5 -> 6
-        assert set(warming["suspended"]) == {"brand.test"}
-        assert "4.7.28" in warming["suspended"]["brand.test"]["reason"]
-    finally:
-        assert await relay.terminate() == 0
-        await sink.stop()
+    code, body = await http_get(relay.admin_port, "/status")
+    assert code == 200
+    warming = json.loads(body)["ips"][0]
+    assert warming["state"] == "paused"
+    assert warming["paused_since"] == today.isoformat()
+    assert warming["warmup_day"] == 6  # judged once by three processes: 5 -> 6
+    assert set(warming["suspended"]) == {"brand.test"}
+    assert "4.7.28" in warming["suspended"]["brand.test"]["reason"]
+    assert await asyncio.wait_for(relay.terminate(), 60) == 0  # drains and stops
 
     reader = SqliteCounters(db)
-    fresh = Router(parse_config(doc), reader)
-    await fresh.refresh(datetime.now(UTC))
-    c = fresh.control(WARMING)
-    assert (c.paused_since, c.day, set(c.suspended)) == (today, 6, {"brand.test"})
-    assert await reader.get_value(legacy_key(WARMING)) is None
-    await reader.close()
+    try:
+        fresh = Router(parse_config(doc), reader)
+        await fresh.refresh(datetime.now(UTC))
+        c = fresh.control(WARMING)
+        assert (c.paused_since, c.day, set(c.suspended)) == (today, 6, {"brand.test"})
+        assert await reader.get_value(legacy_key(WARMING)) is None
+    finally:
+        await reader.close()
 
 
 async def send_to(port: int, rcpt: str) -> None:

@@ -19,22 +19,27 @@ from warmrelay.warmup.counters.redis import RedisCounters
 
 KEY = CounterKey("127.0.0.2", "2026-11-28")
 WORKER = Path(__file__).resolve().parents[1] / "support" / "counter_worker.py"
+WORKER_TIMEOUT_S = 60.0  # a worker process that hangs fails the test instead of the suite
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 async def counters(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Counters]:
-    server = None
-    if request.param == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
-        c: Counters = RedisCounters(server.url)
-    elif request.param == "sqlite":
-        c = SqliteCounters(tmp_path / "c.sqlite3")
-    else:
-        c = MemoryCounters()
-    yield c
-    await c.close()
-    if server is not None:
-        await server.stop()
+    server = RedisServer(tmp_path / "redis") if request.param == "redis" else None
+    c: Counters | None = None
+    try:
+        if server is not None:
+            await server.start()
+            c = RedisCounters(server.url)
+        elif request.param == "sqlite":
+            c = SqliteCounters(tmp_path / "c.sqlite3")
+        else:
+            c = MemoryCounters()
+        yield c
+    finally:
+        if c is not None:
+            await c.close()
+        if server is not None:
+            await server.stop()
 
 
 async def test_partial_grant_then_nothing(counters: Counters) -> None:
@@ -85,15 +90,16 @@ async def test_sqlite_count_survives_restart(tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path, backend: str) -> None:
     """200 reservations: 2 OS processes x 70 tasks + 60 tasks here, one store, cap 50."""
-    server = None
-    if backend == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
-        spec, local = server.url, RedisCounters(server.url)
-    else:
-        db = tmp_path / "shared.sqlite3"
-        spec, local = f"sqlite:{db}", SqliteCounters(db)
+    server = RedisServer(tmp_path / "redis") if backend == "redis" else None
+    local: Counters | None = None
     procs: list[asyncio.subprocess.Process] = []
     try:
+        if server is not None:
+            await server.start()
+            spec, local = server.url, RedisCounters(server.url)
+        else:
+            db = tmp_path / "shared.sqlite3"
+            spec, local = f"sqlite:{db}", SqliteCounters(db)
         await local.get(KEY)
         for _ in range(2):
             procs.append(
@@ -109,13 +115,17 @@ async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path, backend:
             )
         for p in procs:
             assert p.stdout is not None
-            assert (await p.stdout.readline()).strip() == b"ready"
+            assert (await asyncio.wait_for(p.stdout.readline(), WORKER_TIMEOUT_S)).strip() == (
+                b"ready"
+            )
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
             await p.stdin.drain()
         here = asyncio.gather(*(local.reserve([Limit(KEY, 50)], 1) for _ in range(60)))
-        outs = await asyncio.gather(*(p.communicate() for p in procs))
+        outs = await asyncio.wait_for(
+            asyncio.gather(*(p.communicate() for p in procs)), WORKER_TIMEOUT_S
+        )
         granted_here = sum(await here)
         granted_there = [int(out.strip()) for out, _ in outs]
         assert all(p.returncode == 0 for p in procs)
@@ -126,7 +136,8 @@ async def test_two_processes_and_tasks_never_exceed_cap(tmp_path: Path, backend:
             if p.returncode is None:
                 p.kill()
                 await p.wait()
-        await local.close()
+        if local is not None:
+            await local.close()
         if server is not None:
             await server.stop()
 
@@ -208,10 +219,11 @@ async def test_sqlite_reservations_waiting_together_share_one_transaction(tmp_pa
         await counters.close()
 
 
-async def test_redis_reservations_waiting_together_share_one_script_run(tmp_path: Path) -> None:
-    server = await RedisServer(tmp_path / "redis").start()
-    counters = RedisCounters(server.url)
-    probe = aioredis.Redis.from_url(server.url)
+async def test_redis_reservations_waiting_together_share_one_script_run(
+    redis_server: RedisServer,
+) -> None:
+    counters = RedisCounters(redis_server.url)
+    probe = aioredis.Redis.from_url(redis_server.url)
     limits = [Limit(k, CAPS[k] * 10) for k in KINDS["A"]]
 
     async def script_runs() -> int:
@@ -228,7 +240,6 @@ async def test_redis_reservations_waiting_together_share_one_script_run(tmp_path
     finally:
         await probe.aclose()
         await counters.close()
-        await server.stop()
 
 
 async def test_one_batch_over_several_ips_keeps_each_ips_caps(counters: Counters) -> None:

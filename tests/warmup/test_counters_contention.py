@@ -7,15 +7,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from support.counter_worker import CAPS, DAY, H08, H09, KINDS, PROV_A, PROV_B
+from support.polling import eventually
 from support.redisserver import RedisServer
 
 from warmrelay.errors import CounterError
@@ -24,18 +27,23 @@ from warmrelay.warmup.counters.redis import RedisCounters
 
 WORKER = Path(__file__).resolve().parents[1] / "support" / "counter_worker.py"
 KEY = CounterKey("127.0.0.2", "2026-11-28")
+PROCESS_TIMEOUT_S = 60.0  # a helper process that hangs fails the test instead of the suite
+T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
 async def shared_store(tmp_path: Path, backend: str) -> AsyncIterator[tuple[str, Counters]]:
     """(the spec a worker process opens, this process's own client of the same store)"""
     if backend == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
-        local: Counters = RedisCounters(server.url)
+        server = RedisServer(tmp_path / "redis")
         try:
-            yield server.url, local
+            await server.start()
+            local: Counters = RedisCounters(server.url)
+            try:
+                yield server.url, local
+            finally:
+                await local.close()
         finally:
-            await local.close()
             await server.stop()
     else:
         db = tmp_path / "shared.sqlite3"
@@ -69,7 +77,7 @@ async def start_worker(procs: list[asyncio.subprocess.Process], *args: str) -> N
     )
     procs.append(proc)
     assert proc.stdout is not None
-    assert (await proc.stdout.readline()).strip() == b"ready"
+    assert (await bounded(proc.stdout.readline())).strip() == b"ready"
 
 
 async def tell(procs: list[asyncio.subprocess.Process], word: bytes) -> None:
@@ -79,12 +87,9 @@ async def tell(procs: list[asyncio.subprocess.Process], word: bytes) -> None:
         await p.stdin.drain()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
-    """Bounded polling, for a store that answers again after its back-off."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s"
-        await asyncio.sleep(0.05)
+async def bounded(step: Awaitable[T]) -> T:
+    """A read from or a wait for a helper process, bounded in time."""
+    return await asyncio.wait_for(step, PROCESS_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("ops", [0, 25], ids=["fill", "churn-then-fill"])
@@ -99,7 +104,9 @@ async def test_processes_never_exceed_day_hour_or_provider_caps(
         for seed in range(3):
             await start_worker(procs, spec, "mix", "45", str(ops), str(seed))
         await tell(procs, b"go")
-        churned = asyncio.gather(*(p.stdout.readline() for p in procs if p.stdout))
+        churned = asyncio.ensure_future(
+            bounded(asyncio.gather(*(p.stdout.readline() for p in procs if p.stdout)))
+        )
         watched = 0
         while not churned.done() or not watched:
             for key, cap in CAPS.items():  # a grant over a cap would show here
@@ -108,7 +115,8 @@ async def test_processes_never_exceed_day_hour_or_provider_caps(
         assert [line.strip() for line in await churned] == [b"churned"] * 3
         await tell(procs, b"fill")
         outs = [
-            json.loads(out) for out, _ in await asyncio.gather(*(p.communicate() for p in procs))
+            json.loads(out)
+            for out, _ in await bounded(asyncio.gather(*(p.communicate() for p in procs)))
         ]
         assert [p.returncode for p in procs] == [0, 0, 0]
         assert [o["errors"] for o in outs] == [0, 0, 0]
@@ -136,13 +144,50 @@ async def test_four_processes_of_100_tasks_grant_the_small_cap_exactly(
         for _ in range(4):
             await start_worker(procs, spec, "100", "150")
         await tell(procs, b"go")
-        outs = await asyncio.gather(*(p.communicate() for p in procs))
+        outs = await bounded(asyncio.gather(*(p.communicate() for p in procs)))
         assert [p.returncode for p in procs] == [0] * 4
         assert sum(int(out) for out, _ in outs) == 150
         assert await local.get(KEY) == 150
 
 
 # -- a batch the store fails ---------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lock_holder(path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Another process holding the writers' lock of the database at ``path`` until it reads a
+    line (or is killed); killed at the end if still running."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from warmrelay.warmup.counters.sqlite import WriterLock\n"
+        f"with WriterLock(Path({str(path) + '.lock'!r})).held():\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.readline()\n",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        assert await bounded(holder.stdout.readline()) == b"held\n"
+        yield holder
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+def waits_for_lock(lock: Path) -> bool:
+    """This process has a blocked request for a lock on the file ``lock``: the kernel lists
+    it in /proc/locks with "->" (an observation, where a sleep would only hope)."""
+    inode, pid = str(os.stat(lock).st_ino), str(os.getpid())
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1:2] == ["->"] and fields[5] == pid and fields[6].rsplit(":", 1)[1] == inode:
+            return True
+    return False
 
 
 async def batch(counters: Counters, limits: list[Limit], size: int) -> list[int | BaseException]:
@@ -188,12 +233,11 @@ async def test_sqlite_batch_fails_whole_while_another_writer_holds_the_database(
     limits = [Limit(KEY, 50)]
     try:
         assert await counters.reserve(limits, 5) == 5
-        blocker = sqlite3.connect(path, isolation_level=None)  # e.g. the sqlite3 shell
-        blocker.execute("BEGIN IMMEDIATE")
-        assert all_failed(await batch(counters, limits, 40))
-        assert counters.healthy is False
-        blocker.execute("ROLLBACK")
-        blocker.close()
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as blocker:
+            blocker.execute("BEGIN IMMEDIATE")  # e.g. the sqlite3 shell
+            assert all_failed(await batch(counters, limits, 40))
+            assert counters.healthy is False
+            blocker.execute("ROLLBACK")
         assert sum(await recovered(counters, limits, 40)) == 40
         assert counters.healthy is True
         assert await counters.get(KEY) == 45
@@ -211,35 +255,18 @@ async def test_sqlite_batch_abandoned_behind_a_stuck_lock_holder_never_commits(
     path = tmp_path / "c.sqlite3"
     counters = SqliteCounters(path, busy_timeout_s=0.3)
     limits = [Limit(KEY, 1000)]
-    holder = None
     try:
         assert await counters.reserve(limits, 2) == 2
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "import sys\n"
-            "from pathlib import Path\n"
-            "from warmrelay.warmup.counters.sqlite import WriterLock\n"
-            f"with WriterLock(Path({str(path) + '.lock'!r})).held():\n"
-            "    print('held', flush=True)\n"
-            "    sys.stdin.readline()\n",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert holder.stdout is not None
-        assert await holder.stdout.readline() == b"held\n"
-        started = time.monotonic()
-        assert all_failed(await batch(counters, limits, 40))
-        assert time.monotonic() - started < 5  # the busy timeout, not forever
-        assert counters.healthy is False
-        await holder.communicate(b"\n")  # the lock frees: the abandoned batch gets it
-        assert holder.returncode == 0
+        async with lock_holder(path) as holder:
+            started = time.monotonic()
+            assert all_failed(await batch(counters, limits, 40))
+            assert time.monotonic() - started < 5  # the busy timeout, not forever
+            assert counters.healthy is False
+            await bounded(holder.communicate(b"\n"))  # the lock frees: the abandoned batch gets it
+            assert holder.returncode == 0
         assert sum(await recovered(counters, limits, 40)) == 40
         assert await counters.get(KEY) == 42  # 2 + 40, not + the 40 that failed
     finally:
-        if holder is not None and holder.returncode is None:
-            holder.kill()
-            await holder.wait()
         await counters.close()
 
 
@@ -251,27 +278,17 @@ async def test_sqlite_lock_of_a_killed_process_frees_at_once(tmp_path: Path) -> 
     limits = [Limit(KEY, 1000)]
     try:
         assert await counters.reserve(limits, 2) == 2
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            "import sys\n"
-            "from pathlib import Path\n"
-            "from warmrelay.warmup.counters.sqlite import WriterLock\n"
-            f"with WriterLock(Path({str(path) + '.lock'!r})).held():\n"
-            "    print('held', flush=True)\n"
-            "    sys.stdin.readline()\n",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert holder.stdout is not None
-        assert await holder.stdout.readline() == b"held\n"
-        waiting = asyncio.ensure_future(batch(counters, limits, 40))
-        await asyncio.sleep(0.2)  # let the batch queue behind the holder
-        assert not waiting.done()  # it does wait for the lock
-        started = time.monotonic()
-        holder.kill()
-        await holder.wait()
-        assert await waiting == [1] * 40
+        async with lock_holder(path) as holder:
+            waiting = asyncio.ensure_future(batch(counters, limits, 40))
+            lock = Path(f"{path}.lock")
+            await eventually(
+                lambda: waits_for_lock(lock), what="the batch queued behind the holder"
+            )
+            assert not waiting.done()  # it does wait for the lock
+            started = time.monotonic()
+            holder.kill()
+            await holder.wait()
+        assert await bounded(waiting) == [1] * 40
         assert time.monotonic() - started < 5
         assert await counters.get(KEY) == 42
     finally:
@@ -301,18 +318,16 @@ async def test_sqlite_batch_on_a_garbage_file_fails_whole_then_works_once_restor
         await counters.close()
 
 
-async def test_redis_batch_fails_whole_while_the_server_is_down(tmp_path: Path) -> None:
-    server = await RedisServer(tmp_path / "redis").start()
-    counters = RedisCounters(server.url)
+async def test_redis_batch_fails_whole_while_the_server_is_down(redis_server: RedisServer) -> None:
+    counters = RedisCounters(redis_server.url)
     limits = [Limit(KEY, 20), Limit(CounterKey("127.0.0.2", "2026-11-28", "h08"), 25)]
     try:
         assert await counters.reserve(limits, 3) == 3
-        await server.stop()
+        await redis_server.stop()
         assert all_failed(await batch(counters, limits, 30))
         assert counters.healthy is False
-        await server.start()  # same port, counts kept (appendonly)
+        await redis_server.start()  # same port, counts kept (appendonly)
         assert sum(await recovered(counters, limits, 30)) == 17
         assert await counters.get(KEY) == 20
     finally:
         await counters.close()
-        await server.stop()

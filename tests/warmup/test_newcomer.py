@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from support.cli import warmrelay, warmrelay_async
 from support.redisserver import RedisServer, free_port
 from support.relay import running, send
 from support.sink import Sink
@@ -27,16 +26,9 @@ from warmrelay.warmup.counters.redis import RedisCounters
 from warmrelay.warmup.plan import WarmupState
 from warmrelay.warmup.router import Router, RouteReason
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 WARMING = "127.0.0.2"
 TODAY = datetime.now(UTC).date()
-
-
-def warmrelay(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "warmrelay", *args], capture_output=True, text=True, check=False
-    )
 
 
 def example_doc(tmp_path: Path, sink_port: int) -> dict[str, Any]:
@@ -88,17 +80,26 @@ def first_use_config(**warmup: Any) -> Config:
 @pytest.fixture(params=["sqlite", "redis"])
 async def shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[Counters]]:
     """Two independent clients of one store, as two processes (or relays) would have."""
-    server = None
-    if request.param == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
-        clients: list[Counters] = [RedisCounters(server.url), RedisCounters(server.url)]
-    else:
-        clients = [SqliteCounters(tmp_path / "c.sqlite3"), SqliteCounters(tmp_path / "c.sqlite3")]
-    yield clients
-    for c in clients:
-        await c.close()
-    if server is not None:
-        await server.stop()
+    server = RedisServer(tmp_path / "redis") if request.param == "redis" else None
+    clients: list[Counters] = []
+    try:
+        if server is not None:
+            await server.start()
+            clients += [RedisCounters(server.url) for _ in range(2)]
+        else:
+            clients += [SqliteCounters(tmp_path / "c.sqlite3") for _ in range(2)]
+            # both in this process share the writers' lock (POSIX record locks belong to the
+            # process): their first writes (schema, pruning) would race as two processes'
+            # never do. Each opens its write connection before the test (deleting an absent
+            # key writes nothing).
+            for c in clients:
+                await c.set_value("test:connected", None)
+        yield clients
+    finally:
+        for c in clients:
+            await c.close()
+        if server is not None:
+            await server.stop()
 
 
 async def test_first_use_is_day_one_for_every_process_and_after_a_restart(
@@ -263,21 +264,6 @@ def test_warnings_for_a_warmup_that_is_over_or_not_begun(tmp_path: Path) -> None
     assert "warning: ips[0].warmup.start:" in warmrelay("schedule", "-c", str(ahead)).stderr
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    """The command line in a process of its own while the relay runs in this loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "warmrelay",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_uncomplete_through_the_running_relay(tmp_path: Path, sink: Sink) -> None:
     path = write_config(tmp_path, {"start": str(TODAY), "schedule": [5, 5]})
     doc = yaml.safe_load(path.read_text())
@@ -285,18 +271,20 @@ async def test_uncomplete_through_the_running_relay(tmp_path: Path, sink: Sink) 
     doc["routes"] = {"*": f"127.0.0.1:{sink.port}"}
     path.write_text(yaml.safe_dump(doc))
     async with running(load_config(path)) as relay:
-        code, out, err = await cli("ip", "complete", WARMING, "-c", str(path))
-        assert (code, out.strip()) == (
+        done = await warmrelay_async("ip", "complete", WARMING, "-c", str(path))
+        assert (done.returncode, done.stdout.strip()) == (
             0,
             f"{WARMING}: complete done by the running relay; state warm",
-        )
+        ), done.stderr
         await send(relay, ["pool@example.test"])
         await sink.wait_for(1)
         ip = relay.config.ips[0]
         assert await relay.router.sent(ip, datetime.now(UTC)) == 0  # pool traffic: not counted
-        code, out, err = await cli("ip", "uncomplete", WARMING, "-c", str(path))
-        assert code == 0, err
-        assert out.strip() == f"{WARMING}: uncomplete done by the running relay; state warming"
+        undone = await warmrelay_async("ip", "uncomplete", WARMING, "-c", str(path))
+        assert undone.returncode == 0, undone.stderr
+        assert undone.stdout.strip() == (
+            f"{WARMING}: uncomplete done by the running relay; state warming"
+        )
         await send(relay, ["warming@example.test"])
         await sink.wait_for(2)
         assert await relay.router.sent(ip, datetime.now(UTC)) == 1  # under its cap again

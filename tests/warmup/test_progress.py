@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from support.cli import warmrelay
 
 from warmrelay.config import parse_config
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
@@ -160,13 +159,8 @@ def test_ip_command_offline_writes_the_store(tmp_path: Path) -> None:
         " warmup: {start: 2026-11-01, schedule: [10]}}\n"
         "  - {address: 127.0.0.3, helo: b.example.test}\n"
     )
-    run = [sys.executable, "-m", "warmrelay", "ip"]
-    paused = subprocess.run(
-        [*run, "pause", "127.0.0.2", "-c", str(cfg)], capture_output=True, text=True, check=False
-    )
+    paused = warmrelay("ip", "pause", "127.0.0.2", "-c", str(cfg))
     assert paused.returncode == 0, paused.stderr
     assert "no relay running" in paused.stdout and "state paused" in paused.stdout
-    unknown = subprocess.run(
-        [*run, "pause", "10.1.1.1", "-c", str(cfg)], capture_output=True, text=True, check=False
-    )
+    unknown = warmrelay("ip", "pause", "10.1.1.1", "-c", str(cfg))
     assert unknown.returncode == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from support.dnsserver import LoopbackDNS
@@ -10,10 +11,12 @@ from support.relay import relay_config, running, send, status
 from support.sink import Sink
 
 
-async def test_gmail_share_of_30_percent(tmp_path: Path) -> None:
+async def test_gmail_share_of_30_percent(
+    tmp_path: Path, make_sink: Callable[..., Awaitable[Sink]]
+) -> None:
     """Cap 100, gmail 30%: of 200 gmail and 200 other recipients, 30 gmail and 70 others
     leave from the warming IP; the rest from the pool."""
-    sink = await Sink(host="127.0.0.20").start()
+    sink = await make_sink(host="127.0.0.20")
     async with LoopbackDNS() as dns:
         dns.add_mx("brand.test", 10, "aspmx.l.google.com")  # a domain hosted at Google
         dns.add_a("aspmx.l.google.com", "127.0.0.20")
@@ -48,7 +51,6 @@ async def test_gmail_share_of_30_percent(tmp_path: Path) -> None:
             st = await status(relay)
             assert st["ips"][0]["providers"] == {"gmail": {"cap": 30, "cap_now": 30, "sent": 30}}
             assert st["ips"][0]["sent"] == 100
-    await sink.stop()
     by = {(m.peer, m.rcpts[0].split("@")[1]) for m in got}
     counts = {key: sum(1 for m in got if (m.peer, m.rcpts[0].split("@")[1]) == key) for key in by}
     assert counts[("127.0.0.2", "brand.test")] == 30

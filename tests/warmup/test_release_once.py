@@ -25,6 +25,8 @@ from warmrelay.warmup.reservation import Ledger, Reservation
 A = CounterKey("127.0.0.2", "2026-12-06")
 B = CounterKey("127.0.0.3", "2026-12-06")
 CAP = 10
+PING_WAIT_S = 0.5  # an awake server answers a PING on loopback well within this, even busy
+CLIENT_TIMEOUT_S = 2.0  # RedisCounters' socket timeout: a server asleep longer is given up on
 
 
 async def settled(ledger: Ledger, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -63,7 +65,9 @@ def command(*words: str) -> bytes:
 async def asleep(server: RedisServer, seconds: float) -> AsyncIterator[None]:
     """The server runs ``DEBUG SLEEP`` (busy, answering nobody) while the block runs; it
     is known to sleep before the block starts: a PING on another connection goes
-    unanswered. Leaves once the sleep is over."""
+    unanswered for PING_WAIT_S. Leaves once the sleep is over. The block starts at most
+    about PING_WAIT_S into the sleep: ``seconds`` must leave the block's work its time
+    after that."""
     sleeper = await asyncio.open_connection("127.0.0.1", server.port)
     pinger = await asyncio.open_connection("127.0.0.1", server.port)
     try:
@@ -73,7 +77,7 @@ async def asleep(server: RedisServer, seconds: float) -> AsyncIterator[None]:
             pinger[1].write(command("PING"))
             await pinger[1].drain()
             try:
-                assert await asyncio.wait_for(resp(pinger[0]), 0.2) == b"+PONG\r\n"
+                assert await asyncio.wait_for(resp(pinger[0]), PING_WAIT_S) == b"+PONG\r\n"
             except TimeoutError:
                 break
         yield
@@ -132,15 +136,6 @@ class Cutter:
             task.cancel()
 
 
-@pytest.fixture
-async def debug_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    server = await RedisServer(tmp_path / "redis", "--enable-debug-command", "yes").start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 async def released_marker(server: RedisServer, r: Reservation) -> bool:
     probe = aioredis.Redis.from_url(server.url)
     try:
@@ -151,24 +146,25 @@ async def released_marker(server: RedisServer, r: Reservation) -> bool:
 
 
 async def test_a_release_the_client_gave_up_on_but_the_server_ran_counts_once(
-    debug_redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     """Reserve 5 + 5 under a cap of 10; the server sleeps past the client's 2 s timeout
     while the second 5 are given back: the client gives up, the script runs after the
-    sleep. The ledger's retry must not give them back again."""
-    counters = RedisCounters(debug_redis.url)
+    sleep. The ledger's retry must not give them back again. The sleep leaves the give-back
+    over 2 s beyond the client's timeout to be sent in (a busy machine)."""
+    counters = RedisCounters(redis_server.url)
     ledger = Ledger()
     try:
         handed_over = await reservation(counters, A, ledger, 5)
         not_sent = await reservation(counters, A, ledger, 5)
         handed_over.keep(5)
         await handed_over.settle()  # nothing to give back
-        async with asleep(debug_redis, 3.0):
+        async with asleep(redis_server, PING_WAIT_S + CLIENT_TIMEOUT_S + 2.5):
             not_sent.keep(0)
             await not_sent.settle()  # times out: kept by the ledger to retry
             assert ledger.unreleased == 5
         await settled(ledger, lambda: ledger.unreleased == 0)
-        assert await released_marker(debug_redis, not_sent)  # the first one ran after all
+        assert await released_marker(redis_server, not_sent)  # the first one ran after all
         assert await counters.get(A) == 5  # exactly what was handed over
         assert await counters.reserve([Limit(A, CAP)], 10) == 5  # never 15 against 10
     finally:
@@ -177,9 +173,9 @@ async def test_a_release_the_client_gave_up_on_but_the_server_ran_counts_once(
 
 
 async def test_a_connection_killed_after_the_script_ran_releases_once(
-    debug_redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
-    cutter = Cutter(debug_redis.port)
+    cutter = Cutter(redis_server.port)
     port = await cutter.start()
     counters = RedisCounters(f"redis://127.0.0.1:{port}/0")
     ledger = Ledger()
@@ -194,7 +190,7 @@ async def test_a_connection_killed_after_the_script_ran_releases_once(
         assert cutter.cut.is_set()
         assert ledger.unreleased == 5  # the client saw a dead connection
         await settled(ledger, lambda: ledger.unreleased == 0)
-        assert await released_marker(debug_redis, not_sent)
+        assert await released_marker(redis_server, not_sent)
         assert await counters.get(A) == 5
         assert await counters.reserve([Limit(A, CAP)], 10) == 5
     finally:
@@ -204,12 +200,12 @@ async def test_a_connection_killed_after_the_script_ran_releases_once(
 
 
 async def test_one_ips_failing_script_does_not_fail_the_other_ips_release(
-    debug_redis: RedisServer,
+    redis_server: RedisServer,
 ) -> None:
     """Releases for two IPs in one batch run one script each; B's fails (its count key
     holds the wrong type). A's ran: its caller is told so, and nothing gives A back twice."""
-    counters = RedisCounters(debug_redis.url)
-    probe = aioredis.Redis.from_url(debug_redis.url)
+    counters = RedisCounters(redis_server.url)
+    probe = aioredis.Redis.from_url(redis_server.url)
     ledger = Ledger()
     try:
         a_sent = await reservation(counters, A, ledger, 5)
@@ -238,9 +234,7 @@ async def test_one_ips_failing_script_does_not_fail_the_other_ips_release(
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_a_release_id_is_remembered_across_a_restart(tmp_path: Path, backend: str) -> None:
-    server = None
-    if backend == "redis":
-        server = await RedisServer(tmp_path / "redis").start()
+    server = RedisServer(tmp_path / "redis") if backend == "redis" else None
 
     def open_store() -> RedisCounters | SqliteCounters:
         if server is not None:
@@ -248,6 +242,8 @@ async def test_a_release_id_is_remembered_across_a_restart(tmp_path: Path, backe
         return SqliteCounters(tmp_path / "c.sqlite3")
 
     try:
+        if server is not None:
+            await server.start()
         first = open_store()
         assert await first.reserve([Limit(A, CAP)], 8) == 8
         await first.release([A], 3, "same-id")
