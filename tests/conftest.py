@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from support.disk import Disk, mount_tmpfs
-from support.redisserver import RedisServer
+from support.redisserver import RedisServer, redis_running
 from support.relayproc import RelayProcess
 from support.sink import Sink
 
@@ -45,11 +45,8 @@ async def make_sink() -> AsyncIterator[Callable[..., Awaitable[Sink]]]:
 @pytest.fixture
 async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     """A real redis-server on a free loopback port (DEBUG allowed: fault tests use it)."""
-    server = await RedisServer(tmp_path / "redis", "--enable-debug-command", "yes").start()
-    try:
+    async with redis_running(tmp_path / "redis", "--enable-debug-command", "yes") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import contextlib
 import errno
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -96,3 +96,6 @@ def mount_tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[D
         subprocess.run(["mount", "-o", "remount,rw", str(path)], capture_output=True, check=False)
         if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
             subprocess.run(["umount", "--lazy", str(path)], check=False)  # files still open
+
+
+Tmpfs = Callable[..., Disk]  # the tmpfs fixture

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -59,11 +61,17 @@ class RedisServer:
             stderr=asyncio.subprocess.STDOUT,
         )
         assert self.proc.stdout is not None
-        async with asyncio.timeout(20):
-            async for line in self.proc.stdout:
-                if b"Ready to accept connections" in line:
-                    break
-        asyncio.get_running_loop().create_task(self._drain())
+        try:
+            async with asyncio.timeout(20):
+                async for line in self.proc.stdout:
+                    if b"Ready to accept connections" in line:
+                        break
+                else:
+                    raise RuntimeError(f"redis-server on port {self.port} exited at start")
+        except BaseException:
+            await self.stop()  # never leave a server that did not get ready
+            raise
+        self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return self
 
     async def _drain(self) -> None:
@@ -74,4 +82,20 @@ class RedisServer:
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
-            await self.proc.wait()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 20)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def redis_running(workdir: Path, *extra: str) -> AsyncIterator[RedisServer]:
+    """A started redis-server, stopped on the way out: for parametrized stores, where a
+    fixture cannot ask for ``redis_server`` only in the redis case."""
+    server = RedisServer(workdir, *extra)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import yaml
@@ -83,11 +84,19 @@ class RelayProcess:
             self.proc.terminate()
         return await self.exited()
 
-    async def exited(self) -> int:
+    async def exited(self, timeout_s: float = 60.0) -> int:
         """The exit code of a relay that is stopping already (a second SIGTERM would make
-        it stop at once, not drain)."""
+        it stop at once, not drain); killed, and TimeoutError, past ``timeout_s``."""
         assert self.proc is not None
-        code = await self.proc.wait()
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), timeout_s)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise
         if self._reader:
             await self._reader
         return code
+
+
+StartRelay = Callable[..., Awaitable["RelayProcess"]]  # the relay_process fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,3 +166,6 @@ class Sink:
         for m in self.messages:
             out[m.peer] = out.get(m.peer, 0) + len(m.rcpts)
         return out
+
+
+MakeSink = Callable[..., Awaitable["Sink"]]  # the make_sink fixture
