@@ -17,6 +17,11 @@ the loop; ``-r`` repeats, the median is reported with [min-max]:
 The line "dual adds" is dual minus none: the budget issue 12 set is 0.5 ms per
 4 KB message. ``bench.py --dkim dual`` measures the same on a running relay.
 
+- dual+bounces: the same keys with a bounce domain (issue 20): acceptance only checks
+  the key (``defer``), delivery adds the IP's Feedback-ID and signs, then makes one
+  recipient's return path and sealed trace header. "bounces add" is dual+bounces minus
+  dual: what taking reports home costs per message.
+
 Keys are made fresh in a temp dir. Nothing touches the network.
 
     python bench/dkim_cpu.py                 # 2000 x 4 KB, 5 repeats
@@ -38,7 +43,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from warmrelay.config import parse_config
+from warmrelay.feedback.outbound import Marks
+from warmrelay.feedback.token import Tokens
 from warmrelay.mail.dkim import Signer, generate_key, write_key
+from warmrelay.queue.spool import SpooledMessage, new_queue_id
 
 MODES = ("none", "rsa", "ed25519", "dual")
 
@@ -91,6 +99,29 @@ def run(signer: Signer, messages: list[bytes]) -> float:
     return (time.process_time() - start) / len(messages)
 
 
+def run_bounces(signer: Signer, messages: list[bytes]) -> float:
+    """CPU seconds per message: acceptance (defer) + delivery from one IP to one recipient
+    (Feedback-ID, DKIM, return path, trace header), as a relay with ``bounces`` does."""
+    config = parse_config(
+        {
+            "smtp": {"hostname": "relay.bench.test"},
+            "ips": [{"address": "127.0.0.2", "helo": "mta.bench.test"}],
+            "bounces": {"domain": "bounces.shop.example", "secret_env": "UNUSED"},
+        }
+    )
+    tokens = Tokens(b"0123456789abcdef0123456789abcdef", "bounces.shop.example")
+    marks = Marks(tokens, lambda: config, lambda: signer)
+    now = time.time()
+    start = time.process_time()
+    for i, data in enumerate(messages):
+        accepted = signer.sign(data, now, defer=True).data
+        msg = SpooledMessage(
+            new_queue_id(), "orders@shop.example", (f"c{i}@mail.example",), now, {}, len(data)
+        )
+        marks.transactions(msg, [0], "127.0.0.2", "gmail", accepted)
+    return (time.process_time() - start) / len(messages)
+
+
 def run_off_loop(signer: Signer, messages: list[bytes]) -> tuple[float, float]:
     """(loop-thread CPU, process CPU) seconds per message, 16 signings in flight."""
 
@@ -121,11 +152,14 @@ def main() -> int:
         by_mode = signers(Path(tmp))
         for signer in by_mode.values():  # warm caches and lazy imports
             run(signer, messages[:20])
-        samples: dict[str, list[float]] = {m: [] for m in (*MODES, "loop", "process")}
+        samples: dict[str, list[float]] = {
+            m: [] for m in (*MODES, "dual+bounces", "loop", "process")
+        }
         run_off_loop(by_mode["dual"], messages[:20])
         for _ in range(a.repeats):
             for mode in MODES:  # interleaved: a noisy moment hits every mode alike
                 samples[mode].append(run(by_mode[mode], messages))
+            samples["dual+bounces"].append(run_bounces(by_mode["dual"], messages))
             loop_cpu, cpu = run_off_loop(by_mode["dual"], messages)
             samples["loop"].append(loop_cpu)
             samples["process"].append(cpu)
@@ -136,7 +170,7 @@ def main() -> int:
         "loop": "dual in the listener: loop thread",
         "process": "dual in the listener: process",
     }
-    for mode in (*MODES, "loop", "process"):
+    for mode in (*MODES, "dual+bounces", "loop", "process"):
         ms = [s * 1e3 for s in samples[mode]]
         med = statistics.median(ms)
         print(f"  {labels.get(mode, mode):33} {med:7.3f} ms  [{min(ms):.3f}-{max(ms):.3f}]")
@@ -144,6 +178,9 @@ def main() -> int:
     added = result["dual_ms"] - result["none_ms"]
     print(f"  dual adds {added:.3f} ms per message (median dual - median none)")
     result["dual_adds_ms"] = round(added, 4)
+    bounces = result["dual+bounces_ms"] - result["dual_ms"]
+    print(f"  bounces add {bounces:.3f} ms per message (median dual+bounces - median dual)")
+    result["bounces_add_ms"] = round(bounces, 4)
     print("JSON " + json.dumps(result))
     return 0
 

@@ -23,6 +23,7 @@ from warmrelay.config import (
     LogConfig,
     admin_token,
     bind_error,
+    bounce_secret,
     config_warnings,
     describe_changes,
     load_config,
@@ -32,6 +33,10 @@ from warmrelay.delivery.dispatcher import Dispatcher
 from warmrelay.delivery.dispositions import Recorder
 from warmrelay.delivery.nexthop import NextHopResolver
 from warmrelay.errors import ConfigError, CounterError, StartError
+from warmrelay.feedback.intake import FeedbackIntake
+from warmrelay.feedback.outbound import Marks
+from warmrelay.feedback.rates import FeedbackCounts
+from warmrelay.feedback.token import Tokens
 from warmrelay.mail.dkim import DkimKeyError, Signer, quiet_key_warnings
 from warmrelay.mail.preflight import RelayPreflight
 from warmrelay.mail.suppression import SuppressionList
@@ -108,6 +113,28 @@ class Relay:
         )
         self.attempts.configure(config, self.router, self.resolver)
         self.actions = QueueActions(self.scheduler, self.recorder, self.spool, clock)
+        # what comes back after the handover (bounces:): a return path of our own per
+        # recipient, the intake of DSNs and complaints, the rates per IP and provider
+        self.intake: FeedbackIntake | None = None
+        if config.bounces is not None:
+            tokens = Tokens(bounce_secret(config.bounces), config.bounces.domain)  # fails closed
+            counts = FeedbackCounts(self.counters, config.zone)
+            self.attempts.marks = Marks(
+                tokens, lambda: self.config, lambda: self.handler.dkim if self.handler else None
+            )
+            self.attempts.counts = counts
+            self.intake = FeedbackIntake(
+                lambda: self.config,
+                tokens,
+                lambda: self.attempts.providers,
+                counts,
+                self.suppression,
+                self.spool,
+                self.scheduler.accept,
+                self.metrics,
+                clock,
+                config.state.dir / "feedback",
+            )
         # DNS identity checks: at start, GET /preflight, warmrelay_preflight_ok (getters: a
         # reload replaces config and router)
         self.preflight = RelayPreflight(
@@ -205,6 +232,7 @@ class Relay:
             self.scheduler.admit,
             self.suppression,
         )
+        handler.intake = self.intake
         loop = asyncio.get_running_loop()
         tls_ctx = self.tls.context if self.tls is not None else None
         if self.tls is not None:
@@ -288,6 +316,7 @@ class Relay:
             "admin": new.admin == old.admin,
             "state": new.state == old.state,
             "delivery.concurrency": new.delivery.concurrency == old.delivery.concurrency,
+            "bounces": new.bounces == old.bounces,
         }
         if not all(fixed.values()):
             kept.append(
@@ -297,7 +326,13 @@ class Relay:
         delivery = new.delivery.model_copy(update={"concurrency": old.delivery.concurrency})
         smtp = new.smtp.model_copy(update={"listen": old.smtp.listen, "tls": old.smtp.tls})
         applied = new.model_copy(
-            update={"smtp": smtp, "admin": old.admin, "state": old.state, "delivery": delivery}
+            update={
+                "smtp": smtp,
+                "admin": old.admin,
+                "state": old.state,
+                "delivery": delivery,
+                "bounces": old.bounces,
+            }
         )
         router = Router(applied, self.counters)
         router.carry_over(self.router)
@@ -376,6 +411,8 @@ class Relay:
                 await sessions
         await self.dispatcher.close()
         await self.spool.close()
+        if self.intake is not None:
+            await self.intake.close()  # counts in flight written first
         await self.suppression.stop()
         await self.counters.close()
         if self._admin is not None:
@@ -429,6 +466,7 @@ class Relay:
         today = now.astimezone(self.config.zone).date()
         # like the queue: with --workers a question to each worker, so not for every scrape
         tally = await self.today_tally(today) if queue else None
+        feedback = await self._feedback_rates(today) if self.intake is not None else None
         ips = []
         for ip in self.config.ips:
             st = self.router.status(ip, now)
@@ -482,6 +520,8 @@ class Relay:
                     }
             if tally is not None:
                 _add_today(entry, tally)
+            if feedback is not None:  # complaints and bounces over handed over, per provider
+                entry["feedback"] = feedback.get(address, {})
             ips.append(entry)
         report = self.preflight.latest
         return {
@@ -501,6 +541,16 @@ class Relay:
             "reasons": await self.latest_reasons() if queue else None,
             **({} if tally is None else {"today": _today(tally, self.config.zone)}),
         }
+
+    async def _feedback_rates(self, today: date) -> dict[str, dict[str, dict[str, Any]]] | None:
+        """Per IP and provider: today's and the week's rates (None while the store fails)."""
+        assert self.intake is not None
+        ips = [str(ip.address) for ip in self.config.ips]
+        providers = [*self.attempts.providers.names, "other"]
+        try:
+            return await self.intake.counts.rates(ips, providers, today)
+        except CounterError:
+            return None
 
     def _today_json(self) -> dict[str, Any]:
         today = self.clock().astimezone(self.config.zone).date()

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from warmrelay.cli.check import notes, stored_state, timing_warnings
 from warmrelay.cli.common import load_or_exit
-from warmrelay.config import (
-    IPConfig,
-)
+from warmrelay.config import Config, IPConfig
 from warmrelay.warmup.plan import WarmupState, local_date, plan
 
 if TYPE_CHECKING:
@@ -125,6 +123,56 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             )
     for warning in timing_warnings(config, router, now):
         print(f"warning: {warning}", file=sys.stderr)
+    for line in _feedback_lines(config, today):
+        print(line)
     print()
     print(stored)
     return 0
+
+
+def _feedback_lines(config: Config, today: date) -> list[str]:
+    """What came back per IP and provider (with bounces:): hard bounces and complaints
+    over what was handed over, the last 7 days and today, read from the state store."""
+    import asyncio
+
+    from warmrelay.errors import CounterError
+    from warmrelay.feedback.rates import FeedbackCounts
+    from warmrelay.warmup.counters import SqliteCounters, open_counters
+    from warmrelay.warmup.providers import BUILTIN
+
+    if config.bounces is None or config.state.counters == "memory":
+        return []
+    counters = open_counters(config.state.counters, config.state.dir)
+    if isinstance(counters, SqliteCounters) and not counters.path.exists():
+        return []
+    providers = [*config.providers, *(r.name for r in BUILTIN), "other"]
+
+    async def read() -> dict[str, dict[str, dict[str, Any]]]:
+        try:
+            ips = [str(ip.address) for ip in config.ips]
+            return await FeedbackCounts(counters, config.zone).rates(ips, providers, today)
+        finally:
+            await counters.close()
+
+    try:
+        rates = asyncio.run(read())
+    except (CounterError, OSError) as exc:
+        return ["", f"what came back: cannot read the state store ({exc})"]
+    lines = ["", f"what came back to {config.bounces.domain} (hard bounces, complaints):"]
+    if not rates:
+        lines.append("  nothing handed over or reported in the last 7 days")
+    for ip, by_provider in rates.items():
+        for provider, spans in by_provider.items():
+            week, day = spans["week"], spans["today"]
+            lines.append(
+                f"  {ip:<15} {provider:<11} 7 days: handed {week['handed']:,}, "
+                f"hard {week['hard']} ({_pct(week['hard_rate'])}), complaints "
+                f"{week['complaints']} ({_pct(week['complaint_rate'])}); today: handed "
+                f"{day.get('handed', 0):,}, hard {day.get('hard', 0)}, "
+                f"complaints {day.get('complaints', 0)}"
+            )
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f} %"

@@ -37,6 +37,7 @@ from warmrelay.config.delivery import (
     SmarthostConfig,
     ThrottleConfig,
 )
+from warmrelay.config.feedback import BouncesConfig, bounce_secret
 from warmrelay.config.loader import (
     ConfigSyntaxError,
     config_error_lines,
@@ -84,6 +85,7 @@ __all__ = [
     "Address",
     "AdminConfig",
     "BlockConfig",
+    "BouncesConfig",
     "Config",
     "ConfigSyntaxError",
     "CooldownConfig",
@@ -119,6 +121,7 @@ __all__ = [
     "WarmupConfig",
     "admin_token",
     "bind_error",
+    "bounce_secret",
     "config_error_lines",
     "config_warnings",
     "describe_changes",

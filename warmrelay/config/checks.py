@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 from warmrelay.config.model import Config
 from warmrelay.config.values import IPAddress, is_public_network
@@ -25,7 +26,43 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
                     "every host in it may relay without AUTH; make sure they are all yours",
                 )
             )
+    warnings += _alignment_warnings(config)
     return warnings
+
+
+def organisational_domain(domain: str) -> str:
+    """The registrable domain (DMARC's organisational domain: one label under the public
+    suffix, from the Public Suffix List)."""
+    from publicsuffixlist import PublicSuffixList  # its list loads once, on first need
+
+    global _PSL
+    if _PSL is None:
+        _PSL = PublicSuffixList()
+    return str(_PSL.privatesuffix(domain.lower().rstrip(".")) or domain.lower())
+
+
+_PSL: Any = None
+
+
+def _alignment_warnings(config: Config) -> list[ConfigProblem]:
+    """DMARC passes on SPF only when the return path (our bounce domain) shares the From
+    domain's organisational domain; with DKIM signing the signatures align instead, but
+    a receiver that checks SPF alignment alone then sees a mismatch."""
+    if config.bounces is None:
+        return []
+    ours = organisational_domain(config.bounces.domain)
+    froms = sorted({*config.dkim.domains, *config.dkim.map.values()})
+    apart = [d for d in froms if not d.startswith("*.") and organisational_domain(d) != ours]
+    if not apart:
+        return []
+    return [
+        ConfigProblem(
+            "bounces.domain",
+            f"{config.bounces.domain} does not share the organisational domain of "
+            f"{', '.join(apart)} ({ours}): SPF will not align for DMARC there (DKIM still "
+            "can); use a bounce domain under each From domain's own domain",
+        )
+    ]
 
 
 _NOT_ON_THIS_HOST = {errno.EADDRNOTAVAIL, errno.EINVAL, errno.EAFNOSUPPORT}

@@ -17,6 +17,7 @@ from warmrelay.config.delivery import (
     SmarthostConfig,
     ThrottleConfig,
 )
+from warmrelay.config.feedback import BouncesConfig
 from warmrelay.config.mail import DkimConfig, PreflightConfig, SuppressionConfig
 from warmrelay.config.service import AdminConfig, DnsConfig, LogConfig, StateConfig
 from warmrelay.config.smtp import SmtpConfig
@@ -43,6 +44,7 @@ class Config(Frozen):
     dkim: DkimConfig = DkimConfig()
     preflight: PreflightConfig = PreflightConfig()
     suppression: SuppressionConfig = SuppressionConfig()
+    bounces: BouncesConfig | None = None
     log: LogConfig = LogConfig()
 
     @field_validator("timezone")

@@ -14,6 +14,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from warmrelay.config.feedback import bounce_secret
 from warmrelay.config.model import Config
 from warmrelay.config.service import AdminConfig
 from warmrelay.config.smtp import TlsConfig
@@ -171,9 +172,9 @@ def _listen_problem(where: str, address: tuple[str, int]) -> ConfigProblem | Non
 
 def start_problems(config: Config) -> list[ConfigProblem]:
     """Everything ``serve`` refuses to start with, beyond a valid file: an unset admin
-    token, DKIM keys it cannot use, TLS files it cannot load, listening addresses it
-    cannot bind, a state.dir it cannot create or write. check-config reports the same
-    list, so it refuses what serve refuses."""
+    token or bounce secret, DKIM keys it cannot use, TLS files it cannot load, listening
+    addresses it cannot bind, a state.dir it cannot create or write. check-config reports
+    the same list, so it refuses what serve refuses."""
     from warmrelay.mail.dkim import load_keys  # dkim imports warmrelay.config
 
     problems: list[ConfigProblem] = []
@@ -193,6 +194,11 @@ def start_problems(config: Config) -> list[ConfigProblem]:
         problems += exc.problems
     if config.smtp.tls is not None:
         problems += _tls_problems(config.smtp.tls)
+    if config.bounces is not None:
+        try:
+            bounce_secret(config.bounces)
+        except ConfigError as exc:
+            problems += exc.problems
     state = state_dir_problem(config.state.dir)
     if state is not None:
         problems.append(state)

@@ -24,11 +24,13 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from warmrelay.config import Config
-from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint
+from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint, Transaction
 from warmrelay.delivery.dispositions import Recorder, Verdicts, attempt_outcome, retry_delay
 from warmrelay.delivery.nexthop import NextHop, NextHopResolver
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules
 from warmrelay.errors import NextHopError, SpoolError
+from warmrelay.feedback.outbound import Marks
+from warmrelay.feedback.rates import FeedbackCounts
 from warmrelay.operate.metrics import Metrics
 from warmrelay.queue.messages import Delivery, QueuedMessage
 from warmrelay.queue.readyqueue import Job
@@ -94,6 +96,8 @@ class Attempts:
         self._metrics = metrics
         self._clock = clock
         self.providers = ProviderMap()
+        self.marks: Marks | None = None  # what each delivery carries for reports (bounces)
+        self.counts: FeedbackCounts | None = None  # handed over, per IP and provider
 
     def configure(self, config: Config, router: Router, resolver: NextHopResolver) -> None:
         """Take a (re)loaded configuration: everything derived from it is rebuilt here."""
@@ -236,9 +240,13 @@ class Attempts:
             log.error("%s: cannot read the spooled message: %s", d.queue_id, exc)
             self._queue.later(d.again(chunk), self._delivery.retry_first_s)
             return
-        rcpts = [msg.rcpt_tos[i] for i in chunk]
+        label = s.provider if s.provider in self.providers.names else "other"
+        if self.marks is not None:  # bounces: a return path per recipient, Feedback-ID
+            txs = self.marks.transactions(msg, chunk, ip, label, data)
+        else:
+            txs = [Transaction(msg.mail_from, [msg.rcpt_tos[i] for i in chunk], data)]
         started = asyncio.get_running_loop().time()
-        result = await self._dispatcher.send(endpoint, hops, msg.mail_from, rcpts, data)
+        result = await self._dispatcher.send_all(endpoint, hops, txs)
         now = self._clock()
         if result.connected is Connected.BIND_FAILED:
             until = datetime.fromtimestamp(now.timestamp() + self._delivery.ip_down_s, UTC)
@@ -257,6 +265,8 @@ class Attempts:
         self._metrics.count_routed(ip, s.part, len(chunk), now, self._config.zone)
         warming = route is not None and route.reason is RouteReason.WARMUP
         v, kept, throttled, blocked = self._classify(chunk, result.replies, warming)
+        if self.counts is not None and v.delivered:  # the denominator of the report rates
+            self.counts.note(ip, label, "handed", len(v.delivered), now)
         connected = result.connected is Connected.YES
         self._metrics.attempt_seconds.labels(
             attempt_outcome(connected, v, len(throttled), len(blocked))

@@ -57,6 +57,16 @@ class Connected(enum.Enum):
 
 
 @dataclass(frozen=True)
+class Transaction:
+    """One envelope and its bytes. Several share a connection when each recipient needs a
+    return path of its own (VERP: ``bounces``)."""
+
+    mail_from: str
+    rcpts: Sequence[str]
+    data: bytes
+
+
+@dataclass(frozen=True)
 class DispatchResult:
     connected: Connected
     replies: tuple[Reply, ...]  # one per recipient, in order
@@ -121,9 +131,18 @@ class Dispatcher:
         rcpts: Sequence[str],
         data: bytes,
     ) -> DispatchResult:
-        """Try the next hops in order until one answers a transaction. A hop that refuses us
-        before the transaction is skipped, unless it blames our IP (throttle or block):
-        the next MX of the same provider would only say the same to the same IP."""
+        """One transaction (see ``send_all``)."""
+        return await self.send_all(endpoint, hops, [Transaction(mail_from, rcpts, data)])
+
+    async def send_all(
+        self, endpoint: Endpoint, hops: Sequence[NextHop], txs: Sequence[Transaction]
+    ) -> DispatchResult:
+        """Try the next hops in order until one answers; there, run the transactions one
+        after another on one connection. A hop that refuses us before the transaction is
+        skipped, unless it blames our IP (throttle or block): the next MX of the same
+        provider would only say the same to the same IP. Replies: one per recipient, in
+        the order of ``txs``."""
+        rcpts = [r for tx in txs for r in tx.rcpts]
         last = Reply(451, "4.4.1 No next hop answered", "", Stage.CONNECT)
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
@@ -136,7 +155,7 @@ class Dispatcher:
             smtp = self._reuse(key)
             if smtp is not None:
                 try:
-                    replies = await self._transaction(smtp, mail_from, rcpts, data, label, True)
+                    replies = await self._transactions(smtp, txs, label, True)
                     return self._done(key, smtp, replies)
                 except _Stale:  # the receiver closed an idle connection: go fresh
                     smtp.close()
@@ -157,7 +176,7 @@ class Dispatcher:
                 log.info("connect %s from %s failed: %s", label, endpoint.source or "default", exc)
                 continue
             try:
-                replies = await self._transaction(smtp, mail_from, rcpts, data, label, False)
+                replies = await self._transactions(smtp, txs, label, False)
             except _Stale as exc:  # fresh connection lost before anything was accepted
                 smtp.close()
                 lost = Reply(451, f"4.4.2 {label}: {exc.__cause__ or exc}", label, Stage.MAIL)
@@ -249,6 +268,29 @@ class Dispatcher:
             smtp.close()
             raise
         return smtp
+
+    async def _transactions(
+        self, smtp: aiosmtplib.SMTP, txs: Sequence[Transaction], label: str, reused: bool
+    ) -> tuple[Reply, ...]:
+        """Each transaction in turn; ``_Stale`` only from the first on a reused connection.
+        Once the receiver hung up, the ones left get a deferral (nothing of them sent)."""
+        replies: list[Reply] = []
+        for n, tx in enumerate(txs):
+            if n and not smtp.is_connected:
+                # a 421 that closed the connection speaks for the rest too (as within one
+                # transaction: a throttle stays a throttle); else they were never tried
+                last = replies[-1] if replies else None
+                gone = (
+                    Reply(last.code, last.text, label, last.stage)
+                    if last is not None and last.code == 421
+                    else Reply(451, f"4.4.2 {label}: connection closed before MAIL", label)
+                )
+                replies += [gone] * len(tx.rcpts)
+                continue
+            replies += await self._transaction(
+                smtp, tx.mail_from, tx.rcpts, tx.data, label, reused and n == 0
+            )
+        return tuple(replies)
 
     async def _transaction(
         self,

@@ -291,7 +291,7 @@ class Signer:
         key raises DkimKeyError (the reload then keeps the Signer in force as a whole)."""
         return cls(config.dkim, load_keys(config.dkim), config.smtp.hostname)
 
-    async def sign_off_loop(self, content: bytes, now: float) -> Signed:
+    async def sign_off_loop(self, content: bytes, now: float, *, defer: bool = False) -> Signed:
         """``sign``, inline for the usual message and in a thread of its own pool for a
         large one. RSA-2048 + Ed25519 take ~0.5 ms CPU per 4 KB message inline; handing
         that to a thread costs another ~0.2 ms of CPU (wake-ups, the future) and with one
@@ -299,8 +299,8 @@ class Signer:
         A 1 MB body takes ~10 ms to canonicalise and hash: that would stall every other
         session, so from OFF_LOOP_BYTES on it goes to the pool (OpenSSL and hashlib
         release the GIL there)."""
-        if not self.keys or len(content) < OFF_LOOP_BYTES:
-            return self.sign(content, now)
+        if not self.keys or defer or len(content) < OFF_LOOP_BYTES:
+            return self.sign(content, now, defer=defer)
         return await asyncio.get_running_loop().run_in_executor(_pool(), self.sign, content, now)
 
     def signing_domain(self, from_domain: str) -> str | None:
@@ -314,9 +314,14 @@ class Signer:
                 return target
         return None
 
-    def sign(self, content: bytes, now: float) -> Signed:
+    def sign(self, content: bytes, now: float, *, defer: bool = False) -> Signed:
         """Hygiene first (Message-ID, Date), then one signature per key of the signing
-        domain, placed above the content in key order. ``content`` has CRLF line ends."""
+        domain, placed above the content in key order. ``content`` has CRLF line ends.
+
+        ``defer``: hygiene and the key lookup only (what acceptance must decide: refuse
+        mode), no signature: the delivery stage signs per source IP, once it added the
+        IP's Feedback-ID (``bounces``). Signing is deterministic for the same bytes and
+        ``now`` (the acceptance time), so every retry from an IP sends the same bytes."""
         head, body = split_message(content)
         try:
             headers = parse_header_section(head)
@@ -336,6 +341,9 @@ class Signer:
                 return Signed(content, "refused", from_domain, why, refuse=True)
             return Signed(content, "unsigned", from_domain, why)
         assert domain is not None
+        if defer:
+            detail = f"d={domain} s={','.join(k.selector for k in keys)} (at delivery)"
+            return Signed(content, "signed", domain, detail)
         names = [name.lower() for name, _ in headers]
         unsure = _unsure_names(headers, names) if _UNSURE.search(head) else set()
         include = self._include(names, unsure)

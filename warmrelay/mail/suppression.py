@@ -25,7 +25,7 @@ out by the case of their local part.
 Store layout (the counters' value store: SQLite, or Redis for a fleet):
 
 - ``suppressed:{address}``: ``{"since": ISO time, "reply": "...", "by":
-  "bounce"|"operator"}``, one record per address, listed by key prefix
+  "bounce"|"async bounce"|"complaint"|"operator"}``, one record per address, listed by key prefix
   (``Counters.list_values``); expiry is computed from ``since`` and the
   configured ``ttl_s``, so a changed ``ttl_s`` applies to every entry;
 - ``suppression:changed``: a random token rewritten after every add or remove.
@@ -119,7 +119,7 @@ class Entry:
     address: str
     since: datetime
     reply: str
-    by: str  # "bounce" or "operator"
+    by: str  # "bounce", "async bounce", "complaint" or "operator"
 
     def until(self, ttl_s: float) -> datetime:
         return self.since + timedelta(seconds=ttl_s)
@@ -272,6 +272,28 @@ class SuppressionList:
             settings.ttl_s / 86400,
             status,
             reply.line[:200],
+        )
+        return added
+
+    async def reported(
+        self, address: str, by: str, status: str, text: str, now: datetime, queue_id: str = ""
+    ) -> Added | None:
+        """A report that came back after the handover: a complaint always suppresses the
+        address (``by`` "complaint"); an out-of-band bounce (``by`` "async bounce") when its
+        status is one of ``suppression.statuses``, as an in-band bounce would."""
+        settings = self._settings()
+        if not settings.enabled:
+            return None
+        if by != "complaint" and status not in settings.statuses:
+            return None
+        added = await self._put(Entry(normalize(address), now, text[:REPLY_MAX], by))
+        log.info(
+            "%s: <%s> suppressed for %.0f days after a %s (%s)",
+            queue_id or "-",
+            added.entry.address,
+            settings.ttl_s / 86400,
+            by,
+            text[:200],
         )
         return added
 

@@ -200,6 +200,34 @@ class Metrics:
             multiprocess_mode="mostrecent",
             registry=r,
         )
+        self.async_bounces = Counter(
+            "warmrelay_async_bounces",
+            "Bounces that came back after the handover (DSNs to our return path), by the IP "
+            "and provider that carried the mail and class: hard (5.x.x), soft (4.x.x), other",
+            ["ip", "provider", "class"],
+            registry=r,
+        )
+        self.complaints = Counter(
+            "warmrelay_complaints",
+            "Complaints (ARF feedback reports) by the IP and provider that carried the mail",
+            ["ip", "provider"],
+            registry=r,
+        )
+        self.feedback_reports = Counter(
+            "warmrelay_feedback_reports",
+            "Reports taken in at the bounce domain, by kind (dsn, text, arf, own: our own "
+            "DSN, unrecognised: kept in state.dir/feedback) and whether they could be "
+            "attributed to an IP and provider",
+            ["kind", "attributed"],
+            registry=r,
+        )
+        self.feedback_forwarded = Counter(
+            "warmrelay_feedback_forwarded",
+            "Reports forwarded to the original sender (forwarded), or not: no_sender (the "
+            "report quotes no trace header of ours), failed (the spool refused it)",
+            ["result"],
+            registry=r,
+        )
         self.suppressed = Counter(
             "warmrelay_suppressed",
             "Suppression list events: added (a hard bounce or the operator), refused (a RCPT "

@@ -432,6 +432,36 @@ def _shared(per_ip: Mapping[str, Issues]) -> tuple[str, set[tuple[str, str]]]:
     return note, shared
 
 
+def _rate(value: object) -> str:
+    return f"{value * 100:.2f} %" if isinstance(value, int | float) else "\u2013"
+
+
+def _feedback(ip: Mapping[str, Any]) -> str:
+    """What came back after the handover, per provider (bounces: configured): hard bounces
+    and complaints over what this IP handed over, today and over 7 days."""
+    feedback = ip.get("feedback")
+    if not isinstance(feedback, Mapping) or not feedback:
+        return ""
+    rows = []
+    for name, spans in feedback.items():
+        if not isinstance(spans, Mapping):
+            continue
+        today = spans.get("today") if isinstance(spans.get("today"), Mapping) else {}
+        week = spans.get("week") if isinstance(spans.get("week"), Mapping) else {}
+        assert isinstance(today, Mapping) and isinstance(week, Mapping)
+        rows.append(
+            [
+                e(name),
+                e(week.get("handed", 0)),
+                f'<span data-field="hard-rate">{_rate(week.get("hard_rate"))}</span>',
+                f'<span data-field="complaint-rate">{_rate(week.get("complaint_rate"))}</span>',
+                f"{e(today.get('hard', 0))} / {e(today.get('complaints', 0))}",
+            ]
+        )
+    head = ["Came back", "Handed over (7 d)", "Hard bounces", "Complaints", "Today (b / c)"]
+    return _table(head, rows, "feedback", numeric=4)
+
+
 def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]], issues: Issues) -> str:
     address = str(ip.get("address", ""))
     label, colour = ROLES.get(str(ip.get("role")), (str(ip.get("role") or ip.get("state")), ""))
@@ -448,6 +478,7 @@ def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]], iss
         + _counts(ip)
         + _since(ip)
         + _providers(ip)
+        + _feedback(ip)
         + _suspensions(ip, now)
         + _chips(checks, issues)
         + "</article>"

@@ -27,6 +27,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TL
 
 from warmrelay.config import Config, IPAddress, IPNetwork, ListenerConfig
 from warmrelay.errors import SpoolError
+from warmrelay.feedback.intake import FeedbackIntake
+from warmrelay.feedback.token import FEEDBACK_ID, without_header
 from warmrelay.mail.dkim import Signer
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
@@ -447,6 +449,7 @@ class RelayHandler:
         self.metrics = metrics
         self.admit = admit
         self.suppression = suppression  # addresses that bounced hard: refused at RCPT
+        self.intake: FeedbackIntake | None = None  # reports to the bounce domain (bounces:)
         smtp = config.smtp
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
         self.guard = AuthGuard(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
@@ -564,6 +567,22 @@ class RelayHandler:
         rcpt_options: list[str],
     ) -> str:
         client = _client(server, session)
+        reports = self._reports(envelope)
+        if self.intake is not None and self.intake.is_report(address):
+            # anyone may send reports here (receivers bounce from anywhere); they are never
+            # relayed on, so they need no relay permission
+            if envelope.rcpt_tos and not reports:
+                return "452 4.5.3 Send reports to the bounce domain in a transaction of their own"
+            if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
+                return "452 4.5.3 Too many recipients"
+            reply = self.intake.rcpt(address)
+            if reply.startswith("250"):
+                envelope.rcpt_tos.append(address)
+            else:
+                log.info("%s: <%s> refused: %s", client, address, reply[4:])
+            return reply
+        if reports:
+            return "452 4.5.3 Send reports to the bounce domain in a transaction of their own"
         listener: ListenerConfig | None = getattr(server, "listener", None)
         known = not isinstance(server, RelaySMTP) or server.client_known
         by_network = known and self.may_relay(client) and not (listener and listener.require_auth)
@@ -586,9 +605,20 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
+    def _reports(self, envelope: Envelope) -> bool:
+        """A transaction to the bounce domain (its first recipient says it)."""
+        return (
+            self.intake is not None
+            and bool(envelope.rcpt_tos)
+            and self.intake.is_report(envelope.rcpt_tos[0])
+        )
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content: bytes = envelope.original_content or b""
         client = _client(server, session)
+        if self._reports(envelope):
+            assert self.intake is not None
+            return await self.intake.take(client, envelope.rcpt_tos, content)
         if b"\0" in content:
             return "554 5.6.0 Message contains NUL characters"
         if _has_bare_newline(content):
@@ -600,7 +630,13 @@ class RelayHandler:
         received_at = time.time()
         # Signed once, here, before the spool: every retry sends these bytes. Our own
         # Received: line is added after, unsigned (it is trace, not the author's content).
-        signed = await self.dkim.sign_off_loop(content, received_at)
+        # With a bounce domain, each source IP's Feedback-ID must be signed too: the
+        # delivery stage signs (deterministically: retries from an IP send the same bytes);
+        # here only what decides acceptance (refuse mode) and the added Message-ID/Date.
+        deferred = self.config.bounces is not None
+        if deferred:
+            content = without_header(content, FEEDBACK_ID)  # ours names the IP
+        signed = await self.dkim.sign_off_loop(content, received_at, defer=deferred)
         if signed.refuse:
             self.metrics.dkim.labels(signed.domain, signed.result).inc()
             log.warning(

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from itertools import chain
 
 from warmrelay.config import Config, IPAddress, bind_error
+from warmrelay.mail.preflight.bounces import bounce_domain_checks
 from warmrelay.mail.preflight.dns import DnsClient
 from warmrelay.mail.preflight.dnsbl import dnsbl_check
 from warmrelay.mail.preflight.domain import domain_checks
@@ -67,6 +68,19 @@ class Preflight:
                 *(
                     domain_checks(dns, name, domain.keys, config.ips, self._domain_skip(name))
                     for name, domain in config.dkim.domains.items()
+                ),
+                *(
+                    [
+                        bounce_domain_checks(
+                            dns,
+                            config.bounces.domain,
+                            config.ips,
+                            config.smtp.hostname,
+                            self._domain_skip(config.bounces.domain),
+                        )
+                    ]
+                    if config.bounces is not None
+                    else []
                 ),
             )
         finally:

@@ -60,6 +60,10 @@ class Counters(Protocol):
 
     async def get(self, key: CounterKey) -> int: ...
 
+    async def counts(self, keys: Sequence[CounterKey]) -> list[int]:
+        """Many counts in one read (a status page asks for a week of them)."""
+        ...
+
     async def get_value(self, key: str) -> str | None:
         """Small persistent state beside the counts (pause flags, warmup progress)."""
         ...
@@ -88,6 +92,15 @@ RELEASE_ID_TTL_S = 2 * 86400  # applied release ids are remembered this long (a 
 def new_release_id() -> str:
     """A release id unique across processes and hosts (a fleet shares one store)."""
     return os.urandom(9).hex()
+
+
+UNCAPPED = 2**62  # the cap of a tally: a count kept for rates, never a limit
+
+
+async def tally(counters: Counters, keys: Sequence[CounterKey], n: int) -> None:
+    """Add ``n`` to every key, with no cap: what was handed over, bounced, complained of
+    (batched with the reservations: one write for all)."""
+    await counters.reserve([Limit(key, UNCAPPED) for key in keys], n)
 
 
 def grantable(counts: Sequence[int], caps: Sequence[int], n: int) -> int:

@@ -34,6 +34,9 @@ class MemoryCounters:
     async def get(self, key: CounterKey) -> int:
         return self._counts.get(key, 0)
 
+    async def counts(self, keys: Sequence[CounterKey]) -> list[int]:
+        return [self._counts.get(key, 0) for key in keys]
+
     async def get_value(self, key: str) -> str | None:
         return self._values.get(key)
 

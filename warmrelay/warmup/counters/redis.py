@@ -237,6 +237,19 @@ class RedisCounters:
         value = await self._call("get", self._redis.get(_key(key)))
         return int(value or 0)
 
+    async def counts(self, keys: Sequence[CounterKey]) -> list[int]:
+        """One MGET per IP (its keys share a hash slot: a cluster answers it)."""
+        found: dict[CounterKey, int] = {}
+        by_ip: dict[str, list[CounterKey]] = {}
+        for key in keys:
+            by_ip.setdefault(key.ip, []).append(key)
+        for group in by_ip.values():
+            for at in range(0, len(group), SCAN_COUNT):
+                chunk = group[at : at + SCAN_COUNT]
+                values = await self._call("mget", self._redis.mget([_key(k) for k in chunk]))
+                found.update((k, int(v or 0)) for k, v in zip(chunk, values, strict=True))
+        return [found[key] for key in keys]
+
     async def get_value(self, key: str) -> str | None:
         value = await self._call("get", self._redis.get(f"warmrelay:state:{key}"))
         return value.decode() if isinstance(value, bytes) else value

@@ -291,6 +291,20 @@ class SqliteCounters:
         encoded = key.encode()
         return await self._read(lambda db: _count(db, encoded))
 
+    async def counts(self, keys: Sequence[CounterKey]) -> list[int]:
+        encoded = [k.encode() for k in keys]
+
+        def read(db: sqlite3.Connection) -> list[int]:
+            found: dict[str, int] = {}
+            for at in range(0, len(encoded), _IN_MAX):
+                chunk = encoded[at : at + _IN_MAX]
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT key, count FROM counters WHERE key IN ({marks})", chunk)
+                found.update((str(k), int(c)) for k, c in rows)
+            return [found.get(k, 0) for k in encoded]
+
+        return await self._read(read)
+
     async def get_value(self, key: str) -> str | None:
         def read(db: sqlite3.Connection) -> str | None:
             row = db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
