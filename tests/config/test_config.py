@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support.cli import warmrelay
 
 from warmrelay.config import load_config, parse_config
 from warmrelay.errors import ConfigError, WarmrelayError
@@ -37,17 +36,6 @@ def problems(doc: Any) -> list[str]:
         parse_config(doc)
     assert isinstance(info.value, WarmrelayError)
     return [str(p) for p in info.value.problems]
-
-
-def warmrelay(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the command line as a real process, bounded in time."""
-    return subprocess.run(
-        [sys.executable, "-m", "warmrelay", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout_s,
-    )
 
 
 def test_example_config_is_valid_and_resolves_state_dir_next_to_it() -> None:

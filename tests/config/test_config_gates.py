@@ -9,21 +9,20 @@ binding to it fails with EADDRNOTAVAIL, and no packet is ever sent to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from support.cli import warmrelay
+from support.disk import Disk
 from support.relay import http, http_get, relay_config, relay_doc, running, send
 from support.relayproc import RelayProcess
 from support.sink import Sink
@@ -41,24 +40,10 @@ from warmrelay.operate.admin import reason_phrase
 
 TOKEN_ENV = "WARMRELAY_GATES_TEST_TOKEN"
 UNBOUND = "192.0.2.7"
+REPLY_S = 30.0  # the longest one admin reply may take before a test fails
 
-
-def warmrelay(
-    *args: str,
-    env: dict[str, str] | None = None,
-    timeout_s: float = 60,
-    prefix: Sequence[str] = (),
-) -> subprocess.CompletedProcess[str]:
-    """Run the command line as a real process, bounded in time (``prefix``: a command that
-    runs it, e.g. with fewer rights)."""
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "warmrelay", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        timeout=timeout_s,
-    )
+StartRelay = Callable[..., Awaitable[RelayProcess]]
+Tmpfs = Callable[..., Disk]
 
 
 def env_without(name: str) -> dict[str, str]:
@@ -114,7 +99,7 @@ async def raw_request(port: int, request: str) -> tuple[str, dict[str, str]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     # one request per connection: the server keeps HTTP/1.1 connections open otherwise
     writer.write(request.replace("\r\n", "\r\nConnection: close\r\n", 1).encode())
-    raw = await asyncio.wait_for(reader.read(), 10)
+    raw = await asyncio.wait_for(reader.read(), REPLY_S)
     writer.close()
     head = raw.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
     headers: dict[str, str] = {}
@@ -357,17 +342,17 @@ async def test_healthz_stays_degraded_after_the_down_mark_expires(
         )
 
 
-async def test_supervisor_reports_an_unbound_ip(tmp_path: Path, sink: Sink) -> None:
+async def test_supervisor_reports_an_unbound_ip(
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
+) -> None:
     """serve --workers: the supervisor's own /healthz and /metrics show it, not only the
     workers' logs."""
-    relay = await RelayProcess(unbound_doc(tmp_path, sink.port), tmp_path, "--workers", "2").start()
-    try:
-        health = await http_get(relay.admin_port, "/healthz")
-        assert health == (200, f"degraded: source IP down: {UNBOUND}\n".encode())
-        _, metrics = await http_get(relay.admin_port, "/metrics")
-        assert f'warmrelay_ip_up{{ip="{UNBOUND}"}} 0.0' in metrics.decode()
-    finally:
-        await relay.terminate()
+    relay = await relay_process(unbound_doc(tmp_path, sink.port), "--workers", "2")
+    health = await http_get(relay.admin_port, "/healthz")
+    assert health == (200, f"degraded: source IP down: {UNBOUND}\n".encode())
+    _, metrics = await http_get(relay.admin_port, "/metrics")
+    assert f'warmrelay_ip_up{{ip="{UNBOUND}"}} 0.0' in metrics.decode()
+    await relay.terminate()
 
 
 async def test_healthz_is_ok_when_every_ip_is_bound(tmp_path: Path, sink: Sink) -> None:
@@ -453,8 +438,10 @@ async def test_reload_of_a_malformed_file_is_refused_with_its_key_path(
         await sink.wait_for(1)
 
 
-async def test_sighup_with_a_malformed_file_logs_an_error(tmp_path: Path, sink: Sink) -> None:
-    relay = await RelayProcess(relay_doc(tmp_path, sink.port), tmp_path).start()
+async def test_sighup_with_a_malformed_file_logs_an_error(
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
+) -> None:
+    relay = await relay_process(relay_doc(tmp_path, sink.port))
     bad = relay_doc(tmp_path, sink.port)
     bad["smtp"]["listen"] = 2525
     relay.config_path.write_text(yaml.safe_dump(bad))
@@ -504,7 +491,7 @@ def dkim_doc(tmp_path: Path, key: Path, algorithm: str = "rsa-sha256") -> dict[s
 
 
 def refused_alike(
-    path: Path, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    path: Path, env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()
 ) -> tuple[list[str], list[str]]:
     """(check-config's error lines, serve's refusal lines), each without its framing;
     both exit 1 without a traceback."""
@@ -522,7 +509,7 @@ def refused_alike(
     ]
 
 
-def assert_refused(path: Path, expected: str, env: dict[str, str] | None = None) -> None:
+def assert_refused(path: Path, expected: str, env: Mapping[str, str] | None = None) -> None:
     checked, served = refused_alike(path, env)
     assert any(p.startswith(expected) for p in checked), checked
     assert any(p.startswith(expected) for p in served), served
@@ -648,48 +635,24 @@ def test_check_config_refuses_a_state_dir_under_a_file(tmp_path: Path) -> None:
     )
 
 
-@contextlib.contextmanager
-def read_only_tmpfs(path: Path) -> Iterator[Path]:
-    """A read-only file system at ``path`` (EROFS for root too); skips where mounting is not
-    permitted, fails under CI=true (as tests/test_disk_faults.py does)."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
+def test_check_config_refuses_a_read_only_state_dir(tmp_path: Path, tmpfs: Tmpfs) -> None:
+    """A read-only file system (EROFS for root too)."""
+    ro = tmpfs(tmp_path / "ro", "1m", read_only=True).path
+    doc = relay_doc(tmp_path, 9, state={"dir": str(ro)})
+    assert_refused(write(tmp_path, doc), f"state.dir: {ro} is not writable: Read-only file system")
+    doc = relay_doc(tmp_path, 9, state={"dir": str(ro / "state")})
+    assert_refused(
+        write(tmp_path, doc),
+        f"state.dir: {ro / 'state'} cannot be created: {ro}: Read-only file system",
     )
-    if done.returncode != 0:
-        reason = f"cannot mount a tmpfs: {done.stderr.strip()}"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
-            pytest.fail(f"{reason} (CI=true: this test must run)")
-        pytest.skip(reason)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "--lazy", str(path)], check=False)
 
 
-def test_check_config_refuses_a_read_only_state_dir(tmp_path: Path) -> None:
-    with read_only_tmpfs(tmp_path / "ro") as ro:
-        doc = relay_doc(tmp_path, 9, state={"dir": str(ro)})
-        assert_refused(
-            write(tmp_path, doc), f"state.dir: {ro} is not writable: Read-only file system"
-        )
-        doc = relay_doc(tmp_path, 9, state={"dir": str(ro / "state")})
-        assert_refused(
-            write(tmp_path, doc),
-            f"state.dir: {ro / 'state'} cannot be created: {ro}: Read-only file system",
-        )
-
-
-def test_check_config_refuses_a_read_only_spool(tmp_path: Path) -> None:
+def test_check_config_refuses_a_read_only_spool(tmp_path: Path, tmpfs: Tmpfs) -> None:
     """serve refuses a read-only spool (every later start would deliver its mail again)."""
     state = tmp_path / "state"
-    with read_only_tmpfs(state / "spool") as spool:
-        path = write(tmp_path, relay_doc(tmp_path, 9))
-        assert_refused(path, f"state.dir: {spool} is not writable: Read-only file system")
+    spool = tmpfs(state / "spool", "1m", read_only=True).path
+    path = write(tmp_path, relay_doc(tmp_path, 9))
+    assert_refused(path, f"state.dir: {spool} is not writable: Read-only file system")
 
 
 def test_check_config_refuses_tls_files_serve_cannot_load(tmp_path: Path) -> None:
@@ -811,7 +774,7 @@ def test_a_port_in_use_names_its_key(tmp_path: Path, which: str, workers: tuple[
 
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")])
 async def test_a_key_readable_by_others_is_said_once(
-    tmp_path: Path, sink: Sink, workers: tuple[str, ...]
+    tmp_path: Path, sink: Sink, workers: tuple[str, ...], relay_process: StartRelay
 ) -> None:
     """Checked before the start, loaded at the start, by every worker and at each reload:
     the warning is one line all the same."""
@@ -820,12 +783,10 @@ async def test_a_key_readable_by_others_is_said_once(
     key.chmod(0o644)
     doc = dkim_doc(tmp_path, key)
     doc["routes"] = {"*": f"127.0.0.1:{sink.port}"}
-    relay = await RelayProcess(doc, tmp_path, *workers).start()
-    try:
-        assert relay.proc is not None
-        relay.proc.send_signal(signal.SIGHUP)
-        await relay.wait_for_line("reload: ")
-    finally:
-        assert await relay.terminate() == 0
+    relay = await relay_process(doc, *workers)
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    await relay.wait_for_line("reload: ")
+    assert await relay.terminate() == 0
     said = [line for line in relay.log if "readable by others" in line]
     assert len(said) == 1, said

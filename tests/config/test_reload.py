@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import yaml
@@ -41,9 +42,11 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(tmp_path: Path, 
     assert sink.by_peer() == {"127.0.0.2": 3, "127.0.0.3": 1}
 
 
-async def test_sighup_reloads_a_running_process(tmp_path: Path, sink: Sink) -> None:
+async def test_sighup_reloads_a_running_process(
+    tmp_path: Path, sink: Sink, relay_process: Callable[..., Awaitable[RelayProcess]]
+) -> None:
     doc = relay_doc(tmp_path, sink.port, cap=1)
-    relay = await RelayProcess(doc, tmp_path).start()
+    relay = await relay_process(doc)
     doc["ips"][0]["warmup"]["schedule"] = [5] * 3650
     relay.config_path.write_text(yaml.safe_dump(doc))
     assert relay.proc is not None

@@ -130,7 +130,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(server: Admi
     try:
         for _ in range(3):
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
             length = next(
                 int(line.split(b":")[1])

@@ -9,6 +9,7 @@ import logging
 import re
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from warmrelay.operate.logs import formatter
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 TEXT_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ")
+
+StartRelay = Callable[..., Awaitable[RelayProcess]]
 
 
 def record(message: str, *args: object, **extra: Any) -> logging.LogRecord:
@@ -80,47 +83,43 @@ async def send_one(port: int, rcpt: str) -> None:
 
 
 async def test_a_relay_logs_json_from_its_first_line_and_a_reload_switches_to_text(
-    tmp_path: Path, sink: Sink
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
 ) -> None:
     doc = relay_doc(tmp_path, sink.port, log={"format": "json"})
-    relay = await RelayProcess(doc, tmp_path).start()
-    try:
-        await send_one(relay.smtp_port, "a@example.test")
-        await relay.wait_for_line("to=<a@example.test>")
-        entries = parse_all(relay.log)
-        (delivered,) = [e for e in entries if e.get("rcpt") == "a@example.test"]
-        assert delivered["logger"] == "warmrelay.delivery"
-        assert (delivered["ip"], delivered["reason"]) == ("127.0.0.2", "warmup")
-        assert delivered["disposition"] == "delivered"
-        assert delivered["queue_id"] in delivered["message"]
-        assert any(" ready: smtp " in e["message"] for e in entries)
+    relay = await relay_process(doc)
+    await send_one(relay.smtp_port, "a@example.test")
+    await relay.wait_for_line("to=<a@example.test>")
+    entries = parse_all(relay.log)
+    (delivered,) = [e for e in entries if e.get("rcpt") == "a@example.test"]
+    assert delivered["logger"] == "warmrelay.delivery"
+    assert (delivered["ip"], delivered["reason"]) == ("127.0.0.2", "warmup")
+    assert delivered["disposition"] == "delivered"
+    assert delivered["queue_id"] in delivered["message"]
+    assert any(" ready: smtp " in e["message"] for e in entries)
 
-        doc["log"] = {"format": "text"}
-        relay.config_path.write_text(yaml.safe_dump(doc))
-        seen = len(relay.log)
-        assert relay.proc is not None
-        relay.proc.send_signal(signal.SIGHUP)
-        await relay.wait_for_line("reload: log.format is text from now on")
-        (applied,) = [json.loads(x) for x in relay.log[seen:] if "applied" in x]
-        assert applied["message"].endswith("applied (2 IPs): log.format: json \u2192 text")
-        assert applied["changes"] == ["log.format: json \u2192 text"]
-        switched = next(x for x in relay.log[seen:] if "log.format is text" in x)
-        assert TEXT_LINE.match(switched), switched
-    finally:
-        assert await relay.terminate() == 0
+    doc["log"] = {"format": "text"}
+    relay.config_path.write_text(yaml.safe_dump(doc))
+    seen = len(relay.log)
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    await relay.wait_for_line("reload: log.format is text from now on")
+    (applied,) = [json.loads(x) for x in relay.log[seen:] if "applied" in x]
+    assert applied["message"].endswith("applied (2 IPs): log.format: json \u2192 text")
+    assert applied["changes"] == ["log.format: json \u2192 text"]
+    switched = next(x for x in relay.log[seen:] if "log.format is text" in x)
+    assert TEXT_LINE.match(switched), switched
+    assert await relay.terminate() == 0
 
 
 async def test_workers_json_lines_reach_the_supervisors_stderr_unchanged(
-    tmp_path: Path, sink: Sink
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
 ) -> None:
     doc = relay_doc(tmp_path, sink.port, log={"format": "json"})
-    relay = await RelayProcess(doc, tmp_path, "--workers", "2").start()
-    try:
-        await send_one(relay.smtp_port, "w@example.test")
-        await relay.wait_for_line("to=<w@example.test>")
-        entries = parse_all(relay.log)  # no "[w0] " prefix: that would not be JSON
-    finally:
-        assert await relay.terminate() == 0
+    relay = await relay_process(doc, "--workers", "2")
+    await send_one(relay.smtp_port, "w@example.test")
+    await relay.wait_for_line("to=<w@example.test>")
+    entries = parse_all(relay.log)  # no "[w0] " prefix: that would not be JSON
+    assert await relay.terminate() == 0
     (delivered,) = [e for e in entries if e.get("rcpt") == "w@example.test"]
     assert delivered["worker"] in (0, 1)
     started = [
@@ -145,37 +144,33 @@ def test_log_format_must_be_text_or_json(tmp_path: Path, fmt: object) -> None:
 
 @pytest.mark.parametrize("workers", [(), ("--workers", "2")])
 async def test_log_format_on_the_command_line_wins_over_the_file_and_its_reloads(
-    tmp_path: Path, sink: Sink, workers: tuple[str, ...]
+    tmp_path: Path, sink: Sink, workers: tuple[str, ...], relay_process: StartRelay
 ) -> None:
     """`serve --log-format json` with log.format text in the file: JSON from the first
     line, with the acceptance and delivery lines' fields typed; a reload keeps JSON."""
     doc = relay_doc(tmp_path, sink.port, log={"format": "text"})
-    relay = await RelayProcess(doc, tmp_path, *workers, "--log-format", "json").start()
-    try:
-        await send_one(relay.smtp_port, "a@example.test")
-        await relay.wait_for_line("to=<a@example.test>")
-        entries = parse_all(relay.log)
-        (accepted,) = [e for e in entries if e.get("nrcpt") is not None]
-        assert accepted["from"] == "app@sender.test" and accepted["nrcpt"] == 1
-        assert accepted["size"] > 0 and accepted["client"].startswith("127.0.0.1")
-        assert (
-            accepted["dkim"].startswith("unsigned") and accepted["queue_id"] in accepted["message"]
-        )
-        (delivered,) = [e for e in entries if e.get("rcpt") == "a@example.test"]
-        assert delivered["queue_id"] == accepted["queue_id"]
-        assert (delivered["domain"], delivered["ip"], delivered["reason"]) == (
-            "example.test",
-            "127.0.0.2",
-            "warmup",
-        )
-        assert delivered["relay"] == f"127.0.0.1[127.0.0.1]:{sink.port}"
-        assert isinstance(delivered["delay"], float) and delivered["delay"] >= 0
-        assert (delivered["code"], delivered["status"]) == (250, "2.0.0")
-        assert delivered["reply"].startswith("250 ")
-        seen = len(relay.log)
-        assert relay.proc is not None
-        relay.proc.send_signal(signal.SIGHUP)
-        await relay.wait_for_line("applied")
-        parse_all(relay.log[seen:])  # still one JSON object per line
-    finally:
-        assert await relay.terminate() == 0
+    relay = await relay_process(doc, *workers, "--log-format", "json")
+    await send_one(relay.smtp_port, "a@example.test")
+    await relay.wait_for_line("to=<a@example.test>")
+    entries = parse_all(relay.log)
+    (accepted,) = [e for e in entries if e.get("nrcpt") is not None]
+    assert accepted["from"] == "app@sender.test" and accepted["nrcpt"] == 1
+    assert accepted["size"] > 0 and accepted["client"].startswith("127.0.0.1")
+    assert accepted["dkim"].startswith("unsigned") and accepted["queue_id"] in accepted["message"]
+    (delivered,) = [e for e in entries if e.get("rcpt") == "a@example.test"]
+    assert delivered["queue_id"] == accepted["queue_id"]
+    assert (delivered["domain"], delivered["ip"], delivered["reason"]) == (
+        "example.test",
+        "127.0.0.2",
+        "warmup",
+    )
+    assert delivered["relay"] == f"127.0.0.1[127.0.0.1]:{sink.port}"
+    assert isinstance(delivered["delay"], float) and delivered["delay"] >= 0
+    assert (delivered["code"], delivered["status"]) == (250, "2.0.0")
+    assert delivered["reply"].startswith("250 ")
+    seen = len(relay.log)
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    await relay.wait_for_line("applied")
+    parse_all(relay.log[seen:])  # still one JSON object per line
+    assert await relay.terminate() == 0

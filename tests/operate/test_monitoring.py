@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import yaml
 from aiosmtpd.smtp import Envelope
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from support.polling import eventually
 from support.relay import http_get, relay_config, relay_doc, running, send
 from support.sink import Sink
 
@@ -34,6 +35,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "warmrelay.json"
+
+MakeSink = Callable[..., Awaitable[Sink]]
 
 # a metric name in PromQL; "up" is Prometheus's own (the scrape succeeded)
 METRIC = re.compile(r"\bwarmrelay_[a-z0-9_]+\b")
@@ -197,7 +200,7 @@ THROTTLE = "421 4.7.28 [127.0.0.2] Our system has detected an unusual rate of un
 BLOCK = "550 5.7.606 Access denied, banned sending IP [127.0.0.2]"
 
 
-def provider_sink() -> Sink:
+async def provider_sink(make_sink: MakeSink) -> Sink:
     """Gmail throttles the warming IP, Microsoft blocks it, nobody@ does not exist, and the
     first attempt to later@ is deferred."""
     deferred: set[str] = set()
@@ -217,7 +220,7 @@ def provider_sink() -> Sink:
             return BLOCK
         return None
 
-    return Sink(rcpt_reply=rcpt_reply, data_reply=data_reply)
+    return await make_sink(rcpt_reply=rcpt_reply, data_reply=data_reply)
 
 
 async def scrape(relay: Relay) -> list[Sample]:
@@ -244,39 +247,36 @@ def series(samples: list[Sample], name: str, **labels: str) -> list[Sample]:
 
 
 async def test_every_metric_the_dashboard_and_alerts_use_is_scraped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make_sink: MakeSink
 ) -> None:
     caplog.set_level(logging.INFO, logger="warmrelay.delivery")
-    sink = await provider_sink().start()
+    sink = await provider_sink(make_sink)
     config = relay_config(tmp_path, sink.port, smtp={"allow_networks": ["127.0.0.1/32"]})
-    try:
-        async with running(config) as relay:
-            for rcpt in (
-                "first@gmail.com",
-                "second@outlook.com",
-                "ok@example.test",
-                "nobody@example.test",
-                "later@example.test",
-            ):
-                await send(relay, [rcpt])
-            with pytest.raises(Exception, match="Relaying denied"):  # counted as refused
-                await send(relay, ["x@example.test"], source="127.0.0.9")
+    async with running(config) as relay:
+        for rcpt in (
+            "first@gmail.com",
+            "second@outlook.com",
+            "ok@example.test",
+            "nobody@example.test",
+            "later@example.test",
+        ):
+            await send(relay, [rcpt])
+        with pytest.raises(Exception, match="Relaying denied"):  # counted as refused
+            await send(relay, ["x@example.test"], source="127.0.0.9")
 
-            def arrived() -> set[str]:
-                return {r for m in sink.messages for r in m.rcpts}
+        def arrived() -> set[str]:
+            return {r for m in sink.messages for r in m.rcpts}
 
-            wanted = {
-                "first@gmail.com",
-                "second@outlook.com",
-                "ok@example.test",
-                "later@example.test",
-                "app@sender.test",  # the DSN for nobody@
-            }
-            await sink.wait_until(lambda: wanted <= arrived())
-            samples = await scrape(relay)
-            reasons = relay.recorder.latest_reasons()
-    finally:
-        await sink.stop()
+        wanted = {
+            "first@gmail.com",
+            "second@outlook.com",
+            "ok@example.test",
+            "later@example.test",
+            "app@sender.test",  # the DSN for nobody@
+        }
+        await sink.wait_until(lambda: wanted <= arrived())
+        samples = await scrape(relay)
+        reasons = relay.recorder.latest_reasons()
 
     names = {s.name for s in samples}
     used: set[str] = set()
@@ -342,30 +342,25 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_scraped(
     assert gmail_line.endswith("; retry now")
 
 
-async def test_oldest_queued_message_age(tmp_path: Path) -> None:
+async def test_oldest_queued_message_age(tmp_path: Path, make_sink: MakeSink) -> None:
     accept = [False]
-    sink = await Sink(
-        rcpt_reply=lambda peer, rcpt: None if accept[0] else "451 4.3.0 later"
-    ).start()
+    sink = await make_sink(rcpt_reply=lambda peer, rcpt: None if accept[0] else "451 4.3.0 later")
     ahead = [timedelta(0)]
 
     def clock() -> datetime:
         return datetime.now(UTC) + ahead[0]
 
     config = relay_config(tmp_path, sink.port)
-    try:
-        async with running(config, clock=clock) as relay:
-            assert value(await scrape(relay), "warmrelay_queue_oldest_age_seconds") == 0
-            await send(relay, ["stuck@example.test"])
-            ahead[0] = timedelta(hours=2)  # the relay's clock: two hours after the 250
-            age = value(await scrape(relay), "warmrelay_queue_oldest_age_seconds")
-            assert 7200 <= age < 7200 + 60
-            accept[0] = True
-            await sink.wait_for(1)
-            await sink.wait_until(lambda: relay.spool_size() == 0)
-            assert value(await scrape(relay), "warmrelay_queue_oldest_age_seconds") == 0
-    finally:
-        await sink.stop()
+    async with running(config, clock=clock) as relay:
+        assert value(await scrape(relay), "warmrelay_queue_oldest_age_seconds") == 0
+        await send(relay, ["stuck@example.test"])
+        ahead[0] = timedelta(hours=2)  # the relay's clock: two hours after the 250
+        age = value(await scrape(relay), "warmrelay_queue_oldest_age_seconds")
+        assert 7200 <= age < 7200 + 60
+        accept[0] = True
+        await sink.wait_for(1)
+        await eventually(lambda: relay.spool_size() == 0, timeout_s=30)
+        assert value(await scrape(relay), "warmrelay_queue_oldest_age_seconds") == 0
 
 
 async def test_warm_ip_has_no_cap_series(tmp_path: Path, sink: Sink) -> None:

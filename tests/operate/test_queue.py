@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import subprocess
-import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ import aiohttp
 import aiosmtplib
 import pytest
 import yaml
+from support.cli import warmrelay, warmrelay_async
+from support.polling import eventually
 from support.relay import relay_doc, running, send
+from support.relayproc import RelayProcess
 from support.sink import Sink
 
 from warmrelay.config import parse_config
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN_ENV = "WARMRELAY_TEST_QUEUE_TOKEN"
 SLOW_RETRY = {"retry_first_s": 600, "retry_max_s": 3600, "drain_timeout_s": 5}
 
@@ -69,31 +71,20 @@ async def api(
 
 async def until_deferred(port: int, n: int) -> list[dict[str, Any]]:
     """Wait (polling the API the operator would use, bounded) until n messages are deferred."""
-    for _ in range(500):
+    found: list[dict[str, Any]] = []
+
+    async def deferred() -> bool:
         _, listing = await api(port, "GET", "/queue?state=deferred")
-        if listing["count"] >= n:
-            return list(listing["messages"])
-        await asyncio.sleep(0.02)
-    raise AssertionError("messages never became deferred")
+        found[:] = listing["messages"]
+        return bool(listing["count"] >= n)
+
+    await eventually(deferred, timeout_s=30, what=f"{n} message(s) deferred")
+    return found
 
 
 async def cli(config_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`warmrelay queue ...` as a separate process (the relay in this loop keeps serving)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "warmrelay",
-        "queue",
-        *args,
-        "-c",
-        str(config_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+    return await warmrelay_async("queue", *args, "-c", str(config_path))
 
 
 def proc_text(path: str) -> str:
@@ -224,8 +215,11 @@ async def test_delete_removes_without_a_dsn_and_bounce_sends_one(
         [dsn] = await sink.wait_for(1)
         assert dsn.mail_from == "" and dsn.rcpts == ["app@sender.test"]
         assert b"customer left" in dsn.data and b"back@two.test" in dsn.data
-        await sink.wait_until(lambda: relay.scheduler.messages == 0)
-        await asyncio.sleep(0)  # the unlinks run on the spool's threads
+        await eventually(lambda: relay.scheduler.messages == 0, timeout_s=30)
+        await eventually(  # the unlinks run on the spool's threads
+            lambda: not list(spool.glob(f"{ids['gone@one.test']}.*")),
+            what="the deleted message's files removed",
+        )
     # nothing else went out: no DSN for the deleted one, neither original was sent
     assert [m.rcpts for m in sink.messages] == [["app@sender.test"]]
     assert not list(spool.glob(f"{ids['gone@one.test']}.*"))
@@ -246,13 +240,7 @@ async def test_offline_tools_work_on_the_spool_and_the_relay_honours_them(
     ids = {m["pending"][0]: m["queue_id"] for m in deferred}
 
     def offline(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "warmrelay", "queue", *args, "-c", str(path)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=60,
-        )
+        return warmrelay("queue", *args, "-c", str(path))
 
     listing = offline("list", "--json")
     assert listing.returncode == 0, listing.stderr
@@ -271,7 +259,7 @@ async def test_offline_tools_work_on_the_spool_and_the_relay_honours_them(
     gate.closed = False
     async with running(config) as relay:
         await sink.wait_until(lambda: len(sink.messages) >= 2)
-        await sink.wait_until(lambda: relay.scheduler.messages == 1)
+        await eventually(lambda: relay.scheduler.messages == 1, timeout_s=30)
         got = sorted(tuple(m.rcpts) for m in sink.messages)
         assert got == [("app@sender.test",), ("keep@one.test",)]
         dsn = next(m for m in sink.messages if m.mail_from == "")
@@ -320,60 +308,58 @@ async def test_the_queue_api_needs_the_token_and_says_what_is_wrong(
         assert code == 400 and "reason" in body["error"]
 
 
-async def test_the_supervisor_merges_the_workers_queues(tmp_path: Path, sink: Sink) -> None:
+async def test_the_supervisor_merges_the_workers_queues(
+    tmp_path: Path, sink: Sink, relay_process: Callable[..., Awaitable[RelayProcess]]
+) -> None:
     """`serve --workers 2`: every worker has its own spool; the supervisor's API asks them
     all, so list, summary, show and flush see mail wherever the kernel put its session."""
-    from support.relayproc import RelayProcess
-
     gate = Gate()
     sink.rcpt_reply = gate
     document = doc(tmp_path, sink)
-    relay = await RelayProcess(document, tmp_path, "--workers", "2").start()
+    relay = await relay_process(document, "--workers", "2")
     path = relay.config_path
-    try:
-        for n in range(12):  # one session each: the kernel spreads them over both workers
-            client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp_port)
-            async with client:
-                await client.sendmail(
-                    "app@sender.test", [f"r{n}@one.test"], b"Subject: x\r\n\r\nx\r\n"
-                )
-        deferred = await until_deferred(relay.admin_port, 12)
-        assert relay.proc is not None
-        children = proc_text(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").split()
-        assert len(children) == 2
-        for pid in children:  # a worker serves no HTTP: aiohttp (~8 MB) stays out
-            assert "aiohttp" not in proc_text(f"/proc/{pid}/maps")
-        workers = {m["worker"] for m in deferred}
-        assert workers == {0, 1}, "all sessions went to one worker: cannot tell merging apart"
-        _, st = await api(relay.admin_port, "GET", "/status")  # what the status page shows
-        assert st["queue"]["messages"] == 12
-        newest = max(m["received_at"] for m in deferred)
-        latest = st["reasons"]["other"]["deferred"]
-        assert latest["reply"].startswith("451 4.7.1") and latest["time"] >= newest
-        shape = json.loads((await cli(path, "summary", "--json")).stdout)
-        assert shape["messages"] == 12 and shape["domains"][0] == {
-            "domain": "one.test",
-            "total": 12,
-            "buckets": [12] + [0] * (len(shape["buckets"]) - 1),
-        }
-        shown = json.loads((await cli(path, "show", deferred[-1]["queue_id"], "--json")).stdout)
-        assert shown["worker"] == deferred[-1]["worker"] and ["Subject", "x"] in shown["headers"]
-        gate.closed = False
-        flushed = await cli(path, "flush", "--all")
-        assert flushed.returncode == 0 and "12 message(s) by the running relay" in flushed.stdout
-        await sink.wait_for(12)
-        assert sorted(r for m in sink.messages for r in m.rcpts) == sorted(
-            f"r{n}@one.test" for n in range(12)
-        )
-    finally:
-        assert await relay.terminate() == 0
+    for n in range(12):  # one session each: the kernel spreads them over both workers
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.smtp_port)
+        async with client:
+            await client.sendmail("app@sender.test", [f"r{n}@one.test"], b"Subject: x\r\n\r\nx\r\n")
+    deferred = await until_deferred(relay.admin_port, 12)
+    assert relay.proc is not None
+    children = proc_text(f"/proc/{relay.proc.pid}/task/{relay.proc.pid}/children").split()
+    assert len(children) == 2
+    for pid in children:  # a worker serves no HTTP: aiohttp (~8 MB) stays out
+        assert "aiohttp" not in proc_text(f"/proc/{pid}/maps")
+    workers = {m["worker"] for m in deferred}
+    assert workers == {0, 1}, "all sessions went to one worker: cannot tell merging apart"
+    _, st = await api(relay.admin_port, "GET", "/status")  # what the status page shows
+    assert st["queue"]["messages"] == 12
+    newest = max(m["received_at"] for m in deferred)
+    latest = st["reasons"]["other"]["deferred"]
+    assert latest["reply"].startswith("451 4.7.1") and latest["time"] >= newest
+    shape = json.loads((await cli(path, "summary", "--json")).stdout)
+    assert shape["messages"] == 12 and shape["domains"][0] == {
+        "domain": "one.test",
+        "total": 12,
+        "buckets": [12] + [0] * (len(shape["buckets"]) - 1),
+    }
+    shown = json.loads((await cli(path, "show", deferred[-1]["queue_id"], "--json")).stdout)
+    assert shown["worker"] == deferred[-1]["worker"] and ["Subject", "x"] in shown["headers"]
+    gate.closed = False
+    flushed = await cli(path, "flush", "--all")
+    assert flushed.returncode == 0 and "12 message(s) by the running relay" in flushed.stdout
+    await sink.wait_for(12)
+    assert sorted(r for m in sink.messages for r in m.rcpts) == sorted(
+        f"r{n}@one.test" for n in range(12)
+    )
+    assert await relay.terminate() == 0
 
 
 # -- issue 18: the operator wins over sends in flight; a failed action changes nothing -------
 
 
 async def test_operator_actions_win_over_sends_waiting_for_a_connection(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make_sink: Callable[..., Awaitable[Sink]],
 ) -> None:
     """One connection per destination, the receiver holds the first message in DATA; three
     more wait on the ready queue behind it. The operator bounces one (and the one being
@@ -381,44 +367,39 @@ async def test_operator_actions_win_over_sends_waiting_for_a_connection(
     ends with its outcome written down cleanly (no KeyError: the message is gone)."""
     caplog.set_level(logging.INFO, logger="warmrelay")
     gate = asyncio.Event()
-    sink = await Sink(data_gate=gate).start()
+    sink = await make_sink(data_gate=gate)
     document = relay_doc(
         tmp_path,
         sink.port,
         delivery={**SLOW_RETRY, "connections_per_destination": 1},
     )
-    try:
-        async with running(parse_config(document)) as relay:
-            port = relay.admin.port
-            first = (await send(relay, ["first@one.test"]))[1].rsplit(" ", 1)[1]
-            await sink.wait_until(lambda: sink.in_data == 1)  # being sent, held in DATA
-            ids = {
-                name: (await send(relay, [f"{name}@one.test"]))[1].rsplit(" ", 1)[1]
-                for name in ("bounced", "deleted", "held")
-            }
-            _, listing = await api(port, "GET", "/queue?state=active")
-            assert {m["queue_id"] for m in listing["messages"]} >= set(ids.values())
-            body = {"queue_ids": [ids["bounced"], first], "reason": "stop this campaign"}
-            code, bounced = await api(port, "POST", "/queue/bounce", body)
-            assert code == 200 and sorted(bounced["queue_ids"]) == sorted(body["queue_ids"])
-            code, deleted = await api(
-                port, "POST", "/queue/delete", {"queue_ids": [ids["deleted"]]}
-            )
-            assert code == 200 and deleted["queue_ids"] == [ids["deleted"]]
-            code, held = await api(port, "POST", "/queue/hold", {"queue_ids": [ids["held"]]})
-            assert code == 200 and held["queue_ids"] == [ids["held"]]
-            gate.set()  # the first send completes: the receiver took it after all
-            dsns = lambda: [m for m in sink.messages if m.mail_from == ""]  # noqa: E731
-            await sink.wait_until(lambda: len(dsns()) == 2)
-            await sink.wait_until(lambda: relay.scheduler.messages == 1)  # the held one
-            code, released = await api(port, "POST", "/queue/release", {"all": True})
-            assert released["queue_ids"] == [ids["held"]]
-            await sink.wait_until(lambda: relay.scheduler.messages == 0)
-            status = (await api(port, "GET", "/status"))[1]
-            warming = next(ip for ip in status["ips"] if ip["address"] == "127.0.0.2")
-            assert warming["sent"] == 2  # first and held: the others' reservations went back
-    finally:
-        await sink.stop()
+    async with running(parse_config(document)) as relay:
+        port = relay.admin.port
+        first = (await send(relay, ["first@one.test"]))[1].rsplit(" ", 1)[1]
+        await sink.wait_until(lambda: sink.in_data == 1)  # being sent, held in DATA
+        ids = {
+            name: (await send(relay, [f"{name}@one.test"]))[1].rsplit(" ", 1)[1]
+            for name in ("bounced", "deleted", "held")
+        }
+        _, listing = await api(port, "GET", "/queue?state=active")
+        assert {m["queue_id"] for m in listing["messages"]} >= set(ids.values())
+        body = {"queue_ids": [ids["bounced"], first], "reason": "stop this campaign"}
+        code, bounced = await api(port, "POST", "/queue/bounce", body)
+        assert code == 200 and sorted(bounced["queue_ids"]) == sorted(body["queue_ids"])
+        code, deleted = await api(port, "POST", "/queue/delete", {"queue_ids": [ids["deleted"]]})
+        assert code == 200 and deleted["queue_ids"] == [ids["deleted"]]
+        code, held = await api(port, "POST", "/queue/hold", {"queue_ids": [ids["held"]]})
+        assert code == 200 and held["queue_ids"] == [ids["held"]]
+        gate.set()  # the first send completes: the receiver took it after all
+        dsns = lambda: [m for m in sink.messages if m.mail_from == ""]  # noqa: E731
+        await sink.wait_until(lambda: len(dsns()) == 2)
+        await eventually(lambda: relay.scheduler.messages == 1, timeout_s=30)  # the held one
+        code, released = await api(port, "POST", "/queue/release", {"all": True})
+        assert released["queue_ids"] == [ids["held"]]
+        await eventually(lambda: relay.scheduler.messages == 0, timeout_s=30)
+        status = (await api(port, "GET", "/status"))[1]
+        warming = next(ip for ip in status["ips"] if ip["address"] == "127.0.0.2")
+        assert warming["sent"] == 2  # first and held: the others' reservations went back
     originals = sorted(r for m in sink.messages if m.mail_from for r in m.rcpts)
     assert originals == ["first@one.test", "held@one.test"]
     told = sorted(b"bounced@one.test" in m.data for m in sink.messages if m.mail_from == "")

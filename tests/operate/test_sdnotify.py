@@ -10,7 +10,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,8 @@ from support.sink import Sink
 from warmrelay.operate import sdnotify
 
 UCRED = struct.Struct("3i")  # pid, uid, gid
+
+StartRelay = Callable[..., Awaitable[RelayProcess]]
 
 
 class NotifySocket:
@@ -107,38 +109,32 @@ async def reload_and_stop(relay: RelayProcess, listener: NotifySocket) -> list[s
 
 
 async def test_ready_reloading_ready_stopping(
-    tmp_path: Path, sink: Sink, notify_socket: NotifySocket
+    tmp_path: Path, sink: Sink, notify_socket: NotifySocket, relay_process: StartRelay
 ) -> None:
     doc = relay_doc(tmp_path, sink.port, preflight={"on_start": False})
-    relay = await RelayProcess(doc, tmp_path).start()
-    try:
-        assert relay.proc is not None
-        sender, fields = await notify_socket.next()
-        assert (sender, fields["READY"]) == (relay.proc.pid, "1")
-        assert "2 IP(s)" in fields["STATUS"]
-        applied, refused = await reload_and_stop(relay, notify_socket)
-    finally:
-        await relay.terminate()
+    relay = await relay_process(doc)
+    assert relay.proc is not None
+    sender, fields = await notify_socket.next()
+    assert (sender, fields["READY"]) == (relay.proc.pid, "1")
+    assert "2 IP(s)" in fields["STATUS"]
+    applied, refused = await reload_and_stop(relay, notify_socket)  # it has stopped
     assert "reloaded" in applied
     assert "refused" in refused
     assert notify_socket.pending() == []  # nothing else, e.g. no second READY at exit
 
 
 async def test_with_workers_only_the_supervisor_notifies(
-    tmp_path: Path, sink: Sink, notify_socket: NotifySocket
+    tmp_path: Path, sink: Sink, notify_socket: NotifySocket, relay_process: StartRelay
 ) -> None:
     doc = relay_doc(tmp_path, sink.port, preflight={"on_start": False})
-    relay = await RelayProcess(doc, tmp_path, "--workers", "2").start()
-    try:
-        assert relay.proc is not None
-        sender, fields = await notify_socket.next()
-        assert (sender, fields["READY"]) == (relay.proc.pid, "1")
-        assert "2 workers" in fields["STATUS"]
-        workers = {line.split()[0] for line in relay.log if " ready: " in line}
-        assert workers >= {"[w0]", "[w1]"}  # both workers were ready, and said nothing
-        applied, refused = await reload_and_stop(relay, notify_socket)
-    finally:
-        await relay.terminate()
+    relay = await relay_process(doc, "--workers", "2")
+    assert relay.proc is not None
+    sender, fields = await notify_socket.next()
+    assert (sender, fields["READY"]) == (relay.proc.pid, "1")
+    assert "2 workers" in fields["STATUS"]
+    workers = {line.split()[0] for line in relay.log if " ready: " in line}
+    assert workers >= {"[w0]", "[w1]"}  # both workers were ready, and said nothing
+    applied, refused = await reload_and_stop(relay, notify_socket)  # it has stopped
     assert "reloaded" in applied and "refused" in refused
     assert notify_socket.pending() == []  # no worker's READY (or STOPPING), before or after
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 import yaml
 from aiosmtpd.smtp import Envelope
 from support.relay import http, http_get, relay_config, running, send, status
+from support.relayproc import RelayProcess
 from support.sink import Sink
 
 from warmrelay.config import parse_config
@@ -31,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[2]
 WARMING = "127.0.0.2"
 POOL = "127.0.0.3"
 VOID = {"meta", "link", "br", "hr", "img", "input", "wbr", "source", "col", "area", "base"}
+BROWSER_S = 120  # one headless Chromium run, at most
+
+StartRelay = Callable[..., Awaitable[RelayProcess]]
+MakeSink = Callable[..., Awaitable[Sink]]
 
 
 class Fields(HTMLParser):
@@ -115,7 +121,12 @@ async def browser_dom(url: str, profile: Path, width: int = 1280) -> str:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), BROWSER_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
     assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
     return out.decode()
 
@@ -177,20 +188,17 @@ def throttles_with_markup(peer: str, envelope: Envelope) -> str | None:
     return None
 
 
-async def test_page_escapes_what_receivers_say(tmp_path: Path) -> None:
-    sink = await Sink(data_reply=throttles_with_markup).start()
-    try:
-        config = relay_config(tmp_path, sink.port, preflight={"on_start": False})
-        async with running(config) as relay:
-            await send(relay, ["someone@brand.test"])
-            (rerouted,) = await sink.wait_for(1)
-            assert rerouted.peer == "127.0.0.3"  # throttled at the warming IP, sent from the pool
-            st = await status(relay)
-            reason = st["ips"][0]["suspended"]["brand.test"]["reason"]
-            assert "<script>" in reason  # the raw text reached the status: the page must escape
-            code, body = await http_get(relay.admin.port, "/")
-    finally:
-        await sink.stop()
+async def test_page_escapes_what_receivers_say(tmp_path: Path, make_sink: MakeSink) -> None:
+    sink = await make_sink(data_reply=throttles_with_markup)
+    config = relay_config(tmp_path, sink.port, preflight={"on_start": False})
+    async with running(config) as relay:
+        await send(relay, ["someone@brand.test"])
+        (rerouted,) = await sink.wait_for(1)
+        assert rerouted.peer == "127.0.0.3"  # throttled at the warming IP, sent from the pool
+        st = await status(relay)
+        reason = st["ips"][0]["suspended"]["brand.test"]["reason"]
+        assert "<script>" in reason  # the raw text reached the status: the page must escape
+        code, body = await http_get(relay.admin.port, "/")
     assert code == 200
     page = body.decode()
     assert page.startswith("<!DOCTYPE html>")
@@ -499,20 +507,16 @@ async def test_the_page_says_when_the_cap_was_reached_and_where_mail_went(
 
 
 async def test_the_supervisor_adds_up_its_workers_numbers_of_today(
-    tmp_path: Path, sink: Sink
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
 ) -> None:
     """`serve --workers 2`: each worker routes (and counts) part of the traffic; the
     supervisor's /status adds their tallies up to what the merged /metrics say."""
-    from support.relayproc import RelayProcess
-
-    relay = await RelayProcess(example_doc(tmp_path, sink.port), tmp_path, "--workers", "2").start()
-    try:
-        await overflowing_traffic(relay.smtp_port, sink, sessions=True)
-        code, body = await http_get(relay.admin_port, "/status")
-        metrics = routed_metric((await http_get(relay.admin_port, "/metrics"))[1].decode())
-        deliveries = [line for line in relay.log if " to=<" in line and "delivered" in line]
-    finally:
-        assert await relay.terminate() == 0
+    relay = await relay_process(example_doc(tmp_path, sink.port), "--workers", "2")
+    await overflowing_traffic(relay.smtp_port, sink, sessions=True)
+    code, body = await http_get(relay.admin_port, "/status")
+    metrics = routed_metric((await http_get(relay.admin_port, "/metrics"))[1].decode())
+    deliveries = [line for line in relay.log if " to=<" in line and "delivered" in line]
+    assert await relay.terminate() == 0
     assert {line[:4] for line in deliveries} == {"[w0]", "[w1]"}, "one worker took it all"
     assert code == 200
     st = json.loads(body)

@@ -54,7 +54,12 @@ async def test_systemd_analyze_rates_the_sandbox_ok() -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await proc.communicate()
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
     text = out.decode(errors="replace")
     found = re.search(r"Overall exposure level for warmrelay\.service: (\d+\.\d+) (\w+)", text)
     assert found, text
