@@ -36,7 +36,7 @@ from support.relay import relay_doc
 from support.relayproc import RelayProcess
 from support.sink import Sink
 
-from warmrelay.operate.queueapi import WORKER_TIMEOUT_S
+from warmrelay.config import AdminConfig
 
 SLOW_RETRY = {"retry_first_s": 600, "retry_max_s": 3600, "drain_timeout_s": 5}
 WORKERS = (0, 1)
@@ -573,9 +573,11 @@ async def test_worker_sockets_are_private_and_a_dead_worker_is_left_out_at_once(
         began = time.monotonic()
         listed = await queue_cli(relay, "list", "--json")
         took = time.monotonic() - began
-        assert listed.returncode == 0, listed.stderr
-        assert took < WORKER_TIMEOUT_S, f"{took:.1f}s: it waited for the dead worker"
+        assert listed.returncode == 1  # incomplete: said, not hidden
+        assert "worker 1 did not answer: its mail is not in this answer" in listed.stderr
+        assert took < AdminConfig().worker_timeout_s, f"{took:.1f}s: it waited for the dead worker"
         answer = answer_of(listed)
+        assert answer["missing_workers"] == [1]
         assert {m["queue_id"]: m["worker"] for m in answer["messages"]} == {
             q.queue_id: 0 for q in on(sent, 0)
         }
@@ -584,7 +586,7 @@ async def test_worker_sockets_are_private_and_a_dead_worker_is_left_out_at_once(
         assert not [x for x in relay.log[mark:] if "queue: worker 0 did not answer" in x]
 
         summary = answer_of(await queue_cli(relay, "summary", "--json"))
-        assert summary["messages"] == len(on(sent, 0))
+        assert summary["messages"] == len(on(sent, 0)) and summary["missing_workers"] == [1]
         code, st = await api(relay.admin_port, "GET", "/status")
         assert code == 200 and st["queue"]["messages"] == len(on(sent, 0))
         # an action on its mail finds nobody holding it, and says so
@@ -604,4 +606,40 @@ async def test_worker_sockets_are_private_and_a_dead_worker_is_left_out_at_once(
     assert {m["queue_id"]: m["worker"] for m in answer_of(listed)["messages"]} == {
         q.queue_id: q.worker for q in sent
     }
+    assert await relay.terminate() == 0
+
+
+async def test_a_stopped_worker_does_not_hang_the_queue_tools(
+    tmp_path: Path, sink: Sink, relay_process: StartRelay
+) -> None:
+    """SIGSTOP: the worker's socket accepts but nothing answers. The supervisor gives up
+    after admin.worker_timeout_s, well before the operator's client does, and says which
+    worker is missing (the client used to time out first and take the relay for down)."""
+    sink.rcpt_reply = Gate()
+    document = doc(tmp_path, sink)
+    document["admin"]["worker_timeout_s"] = 1
+    relay = await start(relay_process, document)
+    sent = await spread(
+        relay,
+        lambda n: [f"r{n}@one.test"],
+        lambda s: all(len(on(s, w)) >= 1 for w in WORKERS),
+    )
+    await all_deferred(relay, sent)
+    pid = worker_pids(relay)[1]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        listed = await queue_cli(relay, "list", "--json")
+        assert listed.returncode == 1, listed.stderr
+        assert "worker 1 did not answer: its mail is not in this answer" in listed.stderr
+        answer = answer_of(listed)
+        assert answer["missing_workers"] == [1]
+        assert {m["queue_id"] for m in answer["messages"]} == {q.queue_id for q in on(sent, 0)}
+        said = await relay.wait_for_line("queue: worker 1 did not answer GET /queue")
+        assert "no answer within 1 s (admin.worker_timeout_s)" in said
+        shown = await queue_cli(relay, "show", on(sent, 1)[0].queue_id)
+        assert shown.returncode == 1 and "not: 1" in shown.stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    listed = await queue_cli(relay, "list", "--json")
+    assert listed.returncode == 0 and "missing_workers" not in answer_of(listed)
     assert await relay.terminate() == 0

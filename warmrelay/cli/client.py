@@ -71,7 +71,10 @@ def call(
         if exc.code == 401:
             raise Refused(_unauthorised(env, bool(token))) from None
         raise Refused(text) from None
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):  # it is there, and did not answer in time
+            raise Refused(f"the running relay did not answer within {TIMEOUT_S:g} s") from None
         raise RelayDown from None
 
 

@@ -258,6 +258,21 @@ async def _act(
 
 
 def _print(args: argparse.Namespace, result: dict[str, Any], where: str) -> int:
+    """The answer, then (on stderr, exit 1) the workers of ``--workers`` it lacks."""
+    code = _print_result(args, result, where)
+    missing = result.get("missing_workers") or []
+    if missing:
+        names = ", ".join(str(m) for m in missing)
+        print(
+            f"queue {args.command}: worker {names} did not answer: its mail is not in this "
+            "answer (and not acted on)",
+            file=sys.stderr,
+        )
+        return 1
+    return code
+
+
+def _print_result(args: argparse.Namespace, result: dict[str, Any], where: str) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 1 if result.get("failed") or result.get("not_done") else 0

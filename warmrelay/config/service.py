@@ -19,6 +19,9 @@ class AdminConfig(Frozen):
 
     listen: Listen | None = ("127.0.0.1", 9465)
     token_env: str | None = None  # bearer token (from this variable) for POST and /status
+    # serve --workers: how long the supervisor waits for a worker's answer (queue tools,
+    # /status); a worker that does not answer is left out and named, never waited for
+    worker_timeout_s: float = Field(default=10.0, gt=0)
 
     @field_validator("token_env")
     @classmethod

@@ -33,7 +33,6 @@ log = logging.getLogger("warmrelay.queue")
 
 ACTIONS = ("flush", "hold", "release", "delete", "bounce")
 HEADERS_MAX = 100  # header fields shown by `queue show`
-WORKER_TIMEOUT_S = 30.0  # a worker's answer to its supervisor
 
 
 def target_of(body: dict[str, Any]) -> Target:
@@ -208,8 +207,10 @@ class FleetQueueApi:
     scheduler, so every request goes to all workers (unix sockets in state.dir) and the
     answers are merged; an action names the queue ids some worker did."""
 
-    def __init__(self, sockets: Sequence[Path]) -> None:
+    def __init__(self, sockets: Sequence[Path], timeout_s: Callable[[], float]) -> None:
         self.sockets = list(sockets)
+        self.timeout_s = timeout_s  # admin.worker_timeout_s: follows reloads
+        self.missing: list[int] = []  # workers that did not answer the latest question
 
     def register(self, admin: AdminServer) -> None:
         admin.route("GET", "/queue", self.list)
@@ -220,7 +221,10 @@ class FleetQueueApi:
     async def _ask(
         self, method: str, path: str, request_: ApiRequest, body: dict[str, Any] | None = None
     ) -> list[tuple[int, int, Any]]:
-        """(worker index, status, JSON) from every worker that answers."""
+        """(worker index, status, JSON) from every worker that answers within
+        ``admin.worker_timeout_s`` (the others are logged and left in ``missing``: a stopped
+        worker must not hang the operator, whose client waits longer)."""
+        timeout_s = self.timeout_s()
 
         async def one(index: int, sock: Path) -> tuple[int, int, Any] | None:
             request = {
@@ -235,16 +239,24 @@ class FleetQueueApi:
                 try:
                     writer.write(json.dumps(request).encode() + b"\n")
                     await writer.drain()
-                    answer = json.loads(await asyncio.wait_for(reader.read(), WORKER_TIMEOUT_S))
+                    answer = json.loads(await asyncio.wait_for(reader.read(), timeout_s))
                 finally:
                     writer.close()
                 return index, int(answer["status"]), answer["body"]
-            except (OSError, TimeoutError, ValueError, KeyError, TypeError) as exc:
-                log.warning("queue: worker %d did not answer %s %s: %s", index, method, path, exc)
-                return None
+            except TimeoutError:
+                why = f"no answer within {timeout_s:g} s (admin.worker_timeout_s)"
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                why = str(exc) or type(exc).__name__
+            log.warning("queue: worker %d did not answer %s %s: %s", index, method, path, why)
+            return None
 
         answers = await asyncio.gather(*(one(i, p) for i, p in enumerate(self.sockets)))
+        self.missing = [i for i, a in enumerate(answers) if a is None]
         return [a for a in answers if a is not None]
+
+    def _with_missing(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The answer, saying which workers it lacks (their mail is not in it)."""
+        return {**body, "missing_workers": self.missing} if self.missing else body
 
     async def list(self, request: ApiRequest) -> Response:
         messages: list[dict[str, Any]] = []
@@ -253,7 +265,7 @@ class FleetQueueApi:
                 return json_page(body, status)
             messages += [{**m, "worker": index} for m in body["messages"]]
         messages.sort(key=lambda m: (m["received_at"], m["queue_id"]))
-        return json_page({"count": len(messages), "messages": messages})
+        return json_page(self._with_missing({"count": len(messages), "messages": messages}))
 
     async def summary(self, request: ApiRequest) -> Response:
         top = request.query.get("top", "50")
@@ -266,7 +278,7 @@ class FleetQueueApi:
         parts = [
             b for _, status, b in await self._ask("GET", "/queue/summary", every) if status == 200
         ]
-        return merge_summaries(parts, top)
+        return self._with_missing(merge_summaries(parts, top))
 
     async def todays_of(self) -> Sequence[tuple[int, int, Any]]:
         """Each worker's tally of today: (worker index, status, JSON)."""
@@ -293,6 +305,12 @@ class FleetQueueApi:
         for index, status, body in await self._ask("GET", f"/queue/{queue_id}", request):
             if status == 200:
                 return json_page({**body, "worker": index})
+        if self.missing:
+            lacking = ", ".join(map(str, self.missing))
+            return json_page(
+                {"error": f"no message {queue_id} with the workers that answered (not: {lacking})"},
+                503,
+            )
         return json_page({"error": f"no message {queue_id} in the queue"}, 404)
 
     async def act(self, request: ApiRequest) -> Response:
@@ -305,4 +323,6 @@ class FleetQueueApi:
             merged.queue_ids += body["queue_ids"]
             merged.failed |= body.get("failed") or {}
             merged.left_on_hold += int(body.get("left_on_hold") or 0)
-        return json_page(merged.to_json(action, request.body.get("queue_ids") or []))
+        return json_page(
+            self._with_missing(merged.to_json(action, request.body.get("queue_ids") or []))
+        )

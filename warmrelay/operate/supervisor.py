@@ -150,7 +150,7 @@ def supervise(
         def queue_routes(self, admin: AdminServer) -> None:
             """Each worker has its own spool: ask them all (unix sockets), merge."""
             sockets = [worker_socket(config.state.dir, i) for i in range(workers)]
-            self.fleet_queue = FleetQueueApi(sockets)
+            self.fleet_queue = FleetQueueApi(sockets, lambda: self.config.admin.worker_timeout_s)
             self.fleet_queue.register(admin)
 
         async def ip_action(self, address: str, action: str) -> dict[str, Any]:
