@@ -19,6 +19,7 @@ The world served by the DNS fixture:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ipaddress
@@ -666,6 +667,32 @@ async def test_a_listed_warming_ip_is_paused_before_any_mail_leaves_from_it(
     async with running(quiet) as relay:
         ips = {ip["address"]: ip for ip in (await status(relay))["ips"]}
         assert ips["127.0.0.2"]["state"] == "paused"
+
+
+async def test_a_listing_while_warming_pauses_the_ip_at_the_next_run(
+    tmp_path: Path, dns: LoopbackDNS, sink: Sink
+) -> None:
+    """A blocklist that lists the IP after the start is a critical signal: the relay runs
+    preflight again every ``every_s`` and pauses the IP then, not at the next restart."""
+    config = relay_with(tmp_path, dns, sink, dnsbl_zones=["later.test"], every_s=0.2)
+    async with running(config) as relay:
+        assert relay.router.control("127.0.0.2").paused_since is None
+        await send(relay, ["before@example.test"])
+        await sink.wait_for(1)
+        assert sink.by_peer() == {"127.0.0.2": 1}
+        relay.preflight.ran.clear()
+        await asyncio.wait_for(relay.preflight.ran.wait(), 10)  # a rerun: still clean
+        assert relay.router.control("127.0.0.2").paused_since is None
+        dns.add_a("2.0.0.127.later.test", "127.0.0.2")  # now listed
+        dns.add_txt("2.0.0.127.later.test", LISTED_REASON)
+        relay.preflight.ran.clear()
+        await asyncio.wait_for(relay.preflight.ran.wait(), 10)
+        assert relay.router.control("127.0.0.2").paused_since is not None
+        assert relay.preflight.latest is not None
+        assert relay.preflight.latest.paused == ("127.0.0.2",)
+        await send(relay, ["after@example.test"])
+        await sink.wait_for(2)
+        assert sink.by_peer() == {"127.0.0.2": 1, "127.0.0.3": 1}
 
 
 async def test_pause_listed_off_warns_and_leaves_the_ip_warming(

@@ -139,6 +139,9 @@ class PreflightConfig(Frozen):
     )
     pause_listed: bool = True  # a warming IP found on a blocklist is paused, with the reason
     timeout_s: float = Field(default=5.0, gt=0)
+    # the relay runs the checks again this often (a listing while warming pauses at once);
+    # null: only at start
+    every_s: float | None = Field(default=3600.0, gt=0)
 
 
 class SuppressionConfig(Frozen):

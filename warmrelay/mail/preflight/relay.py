@@ -30,9 +30,10 @@ log = logging.getLogger("warmrelay.preflight")
 
 class RelayPreflight:
     """Runs at start in the background (results in the log, ``GET /preflight`` and
-    warmrelay_preflight_ok), and pauses a warming IP found on a blocklist
-    (``preflight.pause_listed``) as soon as the blocklists answered. ``config`` and
-    ``router`` are getters: a reload replaces both."""
+    warmrelay_preflight_ok), then every ``preflight.every_s``, and pauses a warming IP
+    found on a blocklist (``preflight.pause_listed``) as soon as the blocklists answered:
+    a listing while warming is a critical signal. ``config`` and ``router`` are getters:
+    a reload replaces both."""
 
     def __init__(
         self,
@@ -47,18 +48,33 @@ class RelayPreflight:
         self.clock = clock
         self.latest: Report | None = None
         self._task: asyncio.Task[Report] | None = None
+        self._again: asyncio.Task[None] | None = None
+        self.ran = asyncio.Event()  # set after each run (tests wait for a rerun)
 
     async def start(self) -> None:
         """Begin a run when ``preflight.on_start``. Readiness waits only for the blocklist
         answers (at most ``preflight.timeout_s``), so a listed warming IP is paused before
         any mail flows; the other checks finish in the background."""
         config = self.config()
+        self._again = asyncio.get_running_loop().create_task(self._rerun())
         if not config.preflight.on_start:
             return
         checked = asyncio.Event()
         self._task = self._begin(checked)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(checked.wait(), config.preflight.timeout_s)
+
+    async def _rerun(self) -> None:
+        """Every ``preflight.every_s`` (read at each round: a reload may change it), one
+        more run once the previous one ended."""
+        while True:
+            every = self.config().preflight.every_s
+            await asyncio.sleep(every or 60.0)
+            if every is None or (self._task is not None and not self._task.done()):
+                continue
+            self._task = self._begin(asyncio.Event())
+            with contextlib.suppress(Exception):  # logged by the run itself
+                await asyncio.shield(self._task)
 
     async def report(self) -> Report:
         """The latest results; the running run's, or a new run's when there are none."""
@@ -75,6 +91,10 @@ class RelayPreflight:
             return json_page({"error": f"preflight failed: {exc}"}, 500)
 
     async def stop(self) -> None:
+        if self._again is not None:
+            self._again.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._again
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -104,6 +124,7 @@ class RelayPreflight:
         report = replace(report, paused=tuple(paused))
         self.latest = report
         self._gauges(report)
+        self.ran.set()
         # one line per problem, not per check: a dead resolver or loopback IPs (as in the
         # example configuration) would otherwise bury the failures under identical lines
         if report.unchecked:
