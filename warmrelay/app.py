@@ -35,7 +35,6 @@ from warmrelay.delivery.nexthop import NextHopResolver
 from warmrelay.errors import ConfigError, CounterError, StartError
 from warmrelay.feedback.intake import FeedbackIntake
 from warmrelay.feedback.outbound import Marks
-from warmrelay.feedback.rates import FeedbackCounts
 from warmrelay.feedback.token import Tokens
 from warmrelay.mail.dkim import DkimKeyError, Signer, quiet_key_warnings
 from warmrelay.mail.preflight import RelayPreflight
@@ -50,6 +49,9 @@ from warmrelay.operate.queueview import summary
 from warmrelay.operate.tally import TallySnapshot
 from warmrelay.queue.scheduler import Clock, Scheduler, utc_now
 from warmrelay.queue.spool import RecoveredMessage, Spool
+from warmrelay.reputation.controller import SEVERITY, Decision
+from warmrelay.reputation.fetch import FeedRunner
+from warmrelay.reputation.signals import PairCounts
 from warmrelay.smtp.listener import RelayHandler, make_protocol, valid_mailbox
 from warmrelay.smtp.tlsfiles import TlsFiles
 from warmrelay.warmup.control import IP_ACTIONS, Persisted
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
     from warmrelay.operate.admin import AdminServer
 
 log = logging.getLogger("warmrelay")
+
+SNDS_LEVEL = {"GREEN": 0, "YELLOW": 1, "RED": 2}  # warmrelay_reputation_signal{snds_filter}
 
 
 class Relay:
@@ -83,7 +87,10 @@ class Relay:
         self.metrics = Metrics()
         self.spool = Spool(spool_dir(config.state.dir, worker.index if worker else 0))
         self.counters: Counters = open_counters(config.state.counters, config.state.dir)
-        self.router = Router(config, self.counters)
+        # signals per (IP, provider, day): the rates operators read, what the controller judges
+        self.signals = PairCounts(self.counters, config.zone)
+        self.router = Router(config, self.counters, self.signals)
+        self._watch(self.router)
         self.resolver = NextHopResolver(
             routes=config.routes,
             nameservers=config.dns.nameservers,
@@ -113,21 +120,24 @@ class Relay:
         )
         self.attempts.configure(config, self.router, self.resolver)
         self.actions = QueueActions(self.scheduler, self.recorder, self.spool, clock)
+        # the reputation feeds (SNDS, Postmaster), fetched once per fleet into the store
+        self.feeds = FeedRunner(
+            lambda: self.config, self.counters, lambda: self.router.pairs, clock
+        )
         # what comes back after the handover (bounces:): a return path of our own per
         # recipient, the intake of DSNs and complaints, the rates per IP and provider
+        self.attempts.counts = self.signals
         self.intake: FeedbackIntake | None = None
         if config.bounces is not None:
             tokens = Tokens(bounce_secret(config.bounces), config.bounces.domain)  # fails closed
-            counts = FeedbackCounts(self.counters, config.zone)
             self.attempts.marks = Marks(
                 tokens, lambda: self.config, lambda: self.handler.dkim if self.handler else None
             )
-            self.attempts.counts = counts
             self.intake = FeedbackIntake(
                 lambda: self.config,
                 tokens,
                 lambda: self.attempts.providers,
-                counts,
+                self.signals,
                 self.suppression,
                 self.spool,
                 self.scheduler.accept,
@@ -135,6 +145,7 @@ class Relay:
                 clock,
                 config.state.dir / "feedback",
             )
+            self.intake.on_complaint = self._complained
         # DNS identity checks: at start, GET /preflight, warmrelay_preflight_ok (getters: a
         # reload replaces config and router)
         self.preflight = RelayPreflight(
@@ -224,6 +235,7 @@ class Relay:
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start(self.attempts.run)
+        self.feeds.start()
         handler = self.handler = RelayHandler(
             self.config,
             self.spool,
@@ -271,6 +283,30 @@ class Relay:
             else "off",
             len(self.config.ips),
         )
+
+    async def _complained(self, ip: str, provider: str, now: datetime) -> None:
+        """A complaint came in: the controller checks today's rate at once."""
+        if self.router.pairs is not None:
+            try:
+                await self.router.pairs.check_now(ip, provider, now)
+            except CounterError as exc:
+                log.warning("reputation: cannot check %s %s now: %s", ip, provider, exc)
+
+    def _watch(self, router: Router) -> None:
+        """Count the decisions of ``router``'s controller; every series exists from the
+        start at 0, so an alert's ``increase()`` sees the first back or pause too."""
+        pairs = router.pairs
+        if pairs is None:
+            return
+        pairs.on_decision = self._decided
+        for ip in pairs.ips:
+            for provider in pairs.providers:
+                for action in SEVERITY:
+                    self.metrics.warmup_decisions.labels(str(ip.address), provider, action)
+
+    def _decided(self, ip: str, provider: str, decision: Decision) -> None:
+        """A decision of the warmup controller, counted by the process that made it."""
+        self.metrics.warmup_decisions.labels(ip, provider, decision.action).inc()
 
     def _with_log_format(self, config: Config) -> Config:
         if self.log_format is None or config.log.format == self.log_format:
@@ -334,7 +370,8 @@ class Relay:
                 "bounces": old.bounces,
             }
         )
-        router = Router(applied, self.counters)
+        router = Router(applied, self.counters, self.signals)
+        self._watch(router)
         router.carry_over(self.router)
         self.resolver = NextHopResolver(
             routes=applied.routes,
@@ -411,8 +448,10 @@ class Relay:
                 await sessions
         await self.dispatcher.close()
         await self.spool.close()
+        await self.feeds.stop()
         if self.intake is not None:
-            await self.intake.close()  # counts in flight written first
+            await self.intake.close()
+        await self.signals.flush()  # counts in flight written before the store closes
         await self.suppression.stop()
         await self.counters.close()
         if self._admin is not None:
@@ -503,6 +542,10 @@ class Relay:
                 for provider, s in control.suspended.items()
                 if self.router.suspension(address, provider, now)
             }
+            pairs = self.router.pairs
+            if pairs is not None and ip.warmup is not None and ip.warmup.progress == "reputation":
+                # progress: reputation: per provider its day, cap, last decision and signals
+                entry["pairs"] = pairs.status(ip)
             caps = self.router.caps(ip, now)
             if ip.warmup is not None and caps is not None and caps.limits:
                 entry["cap_now"] = caps.limits[0].cap  # released so far today (smoothing)
@@ -548,7 +591,7 @@ class Relay:
         ips = [str(ip.address) for ip in self.config.ips]
         providers = [*self.attempts.providers.names, "other"]
         try:
-            return await self.intake.counts.rates(ips, providers, today)
+            return await self.signals.rates(ips, providers, today)
         except CounterError:
             return None
 
@@ -681,7 +724,14 @@ class Relay:
             a = ip["address"]
             if ip["warmup_day"] is not None:
                 day = ip["warmup_day"] if ip["state"] != WarmupState.NOT_STARTED.value else 0
-                m.warmup_day.labels(a).set(day)
+                m.warmup_day.labels(a, "").set(day)
+                for provider, pair in (ip.get("pairs") or {}).items():
+                    m.warmup_day.labels(a, provider).set(pair["day"])
+                    last = pair.get("last") or {}
+                    for name, value in (last.get("values") or {}).items():
+                        number = SNDS_LEVEL.get(value) if isinstance(value, str) else value
+                        if isinstance(number, int | float):
+                            m.reputation_signal.labels(a, provider, name).set(number)
                 if ip["cap"] is None:  # warm: no cap, no series
                     m.drop(m.warmup_cap, a)
                 else:

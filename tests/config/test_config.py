@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +322,35 @@ def test_relative_paths_are_relative_to_the_file_not_the_working_directory(
         folder / "tls/key.pem",
     )
     assert config.dkim.domains["example.test"].keys[0].key_file == folder / "k.pem"
+
+
+def commented_blocks(text: str) -> dict[str, str]:
+    """The top-level sections config.example.yaml shows commented out ("# key:" and its
+    "#   " lines), uncommented."""
+    blocks: dict[str, str] = {}
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.fullmatch(r"# [a-z_]+:", line):
+            body = [line[2:]]
+            for more in lines[i + 1 :]:
+                if not more.startswith("#   "):
+                    break
+                body.append(more[2:])
+            if len(body) > 1:
+                blocks[line[2:-1]] = "\n".join(body)
+    return blocks
+
+
+def test_the_examples_commented_sections_are_valid_when_uncommented() -> None:
+    """What the example shows commented out is what a user uncomments: it must parse."""
+    blocks = commented_blocks(EXAMPLE.read_text())
+    assert {"bounces", "dkim", "reputation", "smarthost"} <= set(blocks)
+    base = yaml.safe_load(EXAMPLE.read_text())
+    for name, text in blocks.items():
+        doc = {**base, **yaml.safe_load(text)}
+        if name == "smarthost":
+            doc["overflow"] = "smarthost"
+        parse_config(doc)  # raises ConfigError naming the key path
+    reputation = parse_config({**base, **yaml.safe_load(blocks["reputation"])}).reputation
+    assert reputation.thresholds.ladder("deferral_rate", "microsoft").hold == 0.2
+    assert reputation.thresholds.ladder("spam_rate", "gmail").pause == 0.003

@@ -9,6 +9,7 @@ binding to it fails with EADDRNOTAVAIL, and no packet is ever sent to it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -790,3 +791,44 @@ async def test_a_key_readable_by_others_is_said_once(
     assert await relay.terminate() == 0
     said = [line for line in relay.log if "readable by others" in line]
     assert len(said) == 1, said
+
+
+def test_check_config_refuses_reputation_feeds_it_could_never_read(tmp_path: Path) -> None:
+    """A feed without its secret or key file would be unknown every day: the ramp would hold
+    for good. serve and check-config refuse it by name; with both set the file passes."""
+    key_file = tmp_path / "postmaster.json"
+    reputation = {
+        "snds": {"url_env": "WR_TEST_SNDS_URL"},
+        "gmail_postmaster": {"credentials_file": str(key_file), "domains": ["example.test"]},
+    }
+    path = write(tmp_path, relay_doc(tmp_path, 9, reputation=reputation))
+    env = {k: v for k, v in os.environ.items() if k != "WR_TEST_SNDS_URL"}
+    checked, served = refused_alike(path, env)
+    for problems in (checked, served):
+        assert (
+            "reputation.snds.url_env: the environment variable WR_TEST_SNDS_URL is not set or "
+            "empty (it holds the SNDS automated-access URL with its key)"
+        ) in problems
+        assert (
+            "reputation.gmail_postmaster.credentials_file: cannot read the service account "
+            f"file {key_file}: no such file or directory"
+        ) in problems
+    key_file.write_text('{"type": "service_account", "client_email": "x@y"}')
+    checked, _ = refused_alike(path, env)
+    assert any(
+        p.startswith(f"reputation.gmail_postmaster.credentials_file: {key_file} is not a service")
+        for p in checked
+    ), checked
+    key_file.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "client_email": "warmrelay@project.iam.gserviceaccount.com",
+                "private_key": rsa_pem().decode(),
+                "private_key_id": "1",
+                "token_uri": "http://127.0.0.1:9/token",
+            }
+        )
+    )
+    passed = warmrelay("check-config", "-c", str(path), env={**env, "WR_TEST_SNDS_URL": "x"})
+    assert passed.returncode == 0, passed.stderr

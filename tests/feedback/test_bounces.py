@@ -158,7 +158,7 @@ async def test_a_dsn_from_anywhere_suppresses_counts_and_reaches_the_sender(
     assert b"The email account that you tried to reach does not exist" in forwarded.data
     assert forwarded.peer == "127.0.0.3"  # a null sender never uses the warming IP
     assert relay.intake is not None
-    await relay.intake.counts.close()  # the counts in flight are written
+    await relay.intake.counts.flush()  # the counts in flight are written
     rates = (await relay.status())["ips"][0]["feedback"]["gmail"]["today"]
     assert (rates["handed"], rates["hard"], rates["hard_rate"]) == (1, 1, 1.0)
     _, page = await http_get(relay.admin.port, "/")

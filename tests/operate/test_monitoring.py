@@ -128,6 +128,8 @@ def test_alerts_carry_severity_and_name_what_is_wrong() -> None:
         "WarmrelayBounceRateHigh",
         "WarmrelayDeferralRateHigh",
         "WarmrelayWarmupStalled",
+        "WarmrelayWarmupPaused",
+        "WarmrelayWarmupSteppedBack",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
@@ -135,7 +137,8 @@ def test_alerts_carry_severity_and_name_what_is_wrong() -> None:
         if "ip" in rule["expr"] or "warmrelay_warmup" in rule["expr"]:
             text = rule["annotations"]["summary"] + rule["annotations"]["description"]
             assert "$labels.ip" in text, rule["alert"]
-        if "provider" in rule["expr"] or "warmrelay_suspended" in rule["expr"]:
+        # an alert per provider (not one that only selects provider="", the IP's series)
+        if re.search(r'provider(?!="")', rule["expr"]) or "warmrelay_suspended" in rule["expr"]:
             assert "$labels.provider" in rule["annotations"]["summary"], rule["alert"]
 
 
@@ -251,8 +254,11 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_scraped(
 ) -> None:
     caplog.set_level(logging.INFO, logger="warmrelay.delivery")
     sink = await provider_sink(make_sink)
-    config = relay_config(tmp_path, sink.port, smtp={"allow_networks": ["127.0.0.1/32"]})
-    async with running(config) as relay:
+    doc = relay_doc(tmp_path, sink.port, smtp={"allow_networks": ["127.0.0.1/32"]})
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)  # a day for the controller
+    doc["ips"][0]["warmup"] = {"start": str(yesterday), "schedule": [10] * 30}
+    doc["ips"][0]["warmup"]["progress"] = "reputation"
+    async with running(parse_config(doc)) as relay:
         for rcpt in (
             "first@gmail.com",
             "second@outlook.com",
@@ -293,6 +299,15 @@ async def test_every_metric_the_dashboard_and_alerts_use_is_scraped(
     assert series(samples, "warmrelay_build_info")[0].labels["version"]
     assert value(samples, "warmrelay_config_last_reload_successful") == 1
     assert value(samples, "warmrelay_config_last_reload_success_timestamp_seconds") > 1.7e9
+
+    # progress: reputation: yesterday judged (advance) for every pair, the other actions'
+    # series at 0 (an alert's increase() sees the first pause), each pair's own day
+    decisions = "warmrelay_warmup_decisions_total"
+    for pair in ("gmail", "microsoft", "other"):
+        assert value(samples, decisions, ip="127.0.0.2", provider=pair, action="advance") == 1
+        assert value(samples, decisions, ip="127.0.0.2", provider=pair, action="pause") == 0
+        assert value(samples, "warmrelay_warmup_day", ip="127.0.0.2", provider=pair) == 2
+    assert value(samples, "warmrelay_warmup_day", ip="127.0.0.2", provider="") == 2
 
     # outcomes per provider add up to the per-IP contract metric
     warming = {"ip": "127.0.0.2"}

@@ -645,3 +645,46 @@ def test_render_one_note_for_a_reason_several_ips_share() -> None:
     assert text.count("is not an address of this host") == 1  # one IP's own: in its card
     card = page[page.index('data-ip="10.0.0.2"') :]
     assert "10.0.0.2 is not an address of this host" in card
+
+
+async def test_status_and_page_explain_each_providers_decision(tmp_path: Path, sink: Sink) -> None:
+    """progress: reputation: /status and the page show per provider its day, its cap (its
+    share applied), the last decision, its reason and the values it used."""
+    from warmrelay.reputation.signals import FeedStore
+    from warmrelay.warmup.counters import SqliteCounters
+
+    today = datetime.now(UTC).date()
+    doc = provider_doc()
+    doc["ips"][0]["warmup"] = {
+        "start": str(today - timedelta(days=4)),
+        "schedule": [100, 200, 300, 400, 500, 600],
+        "providers": {"gmail": {"share": 0.5}},
+        "progress": "reputation",
+    }
+    config = relay_config(tmp_path, sink.port, **doc)
+    counters = SqliteCounters(config.state.dir / "counters.sqlite3")
+    try:  # what Postmaster said of yesterday, as the fetcher stores it
+        await FeedStore(counters).put(
+            WARMING, "gmail", today - timedelta(days=1), {"spam_rate": 0.0024}
+        )
+    finally:
+        await counters.close()
+    async with running(config) as relay:
+        st = await status(relay)
+        code, body = await http_get(relay.admin.port, "/")
+    assert code == 200
+    pairs = next(ip for ip in st["ips"] if ip["address"] == WARMING)["pairs"]
+    gmail, microsoft = pairs["gmail"], pairs["microsoft"]
+    # 3 healthy days (day 4), then yesterday's 0.24 %: back 2, to day 2
+    assert (gmail["day"], gmail["cap"]) == (2, 100)  # day 2's 200, gmail's half
+    assert gmail["last"]["action"] == "back 2"
+    assert gmail["last"]["reason"] == "spam rate 0.24 % \u2265 0.2 %"
+    assert gmail["last"]["values"] == {"spam_rate": 0.0024}
+    assert (microsoft["day"], microsoft["cap"], microsoft["last"]["action"]) == (5, 500, "advance")
+    dom = parse(body.decode())
+    providers = [t for t, _ in dom.ips[WARMING]["pair-day"]]
+    assert providers[:2] == ["2", "5"] or "2" in providers
+    decisions = [t for t, _ in dom.ips[WARMING]["pair-decision"]]
+    signals = [t for t, _ in dom.ips[WARMING]["pair-signals"]]
+    assert "back 2: spam rate 0.24 % \u2265 0.2 %" in decisions
+    assert "spam rate 0.24 %" in signals

@@ -90,6 +90,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             print("  the rows assume it resumes today")
         if ip.warmup.progress == "results":
             print("  progress: results: the rows are the fastest case (a day repeats until used)")
+        if ip.warmup.progress == "reputation" and router.pairs is not None:
+            print("  progress: reputation: each provider has its own day (the rows: the IP's)")
+            for line in _pair_lines(router.pairs.status(ip)):
+                print(f"    {line}")
         first = _plan_start(ip, router, now, today)
         days = args.days
         if days is None:  # through the day the IP turns warm, at most 60 rows
@@ -136,7 +140,7 @@ def _feedback_lines(config: Config, today: date) -> list[str]:
     import asyncio
 
     from warmrelay.errors import CounterError
-    from warmrelay.feedback.rates import FeedbackCounts
+    from warmrelay.reputation.signals import PairCounts
     from warmrelay.warmup.counters import SqliteCounters, open_counters
     from warmrelay.warmup.providers import BUILTIN
 
@@ -150,7 +154,7 @@ def _feedback_lines(config: Config, today: date) -> list[str]:
     async def read() -> dict[str, dict[str, dict[str, Any]]]:
         try:
             ips = [str(ip.address) for ip in config.ips]
-            return await FeedbackCounts(counters, config.zone).rates(ips, providers, today)
+            return await PairCounts(counters, config.zone).rates(ips, providers, today)
         finally:
             await counters.close()
 
@@ -172,6 +176,28 @@ def _feedback_lines(config: Config, today: date) -> list[str]:
                 f"complaints {day.get('complaints', 0)}"
             )
     return lines
+
+
+def _pair_lines(pairs: dict[str, dict[str, Any]]) -> list[str]:
+    """Per provider: its day and cap, and the controller's last decision with its reason
+    and the signals it used."""
+    lines = []
+    for provider, pair in pairs.items():
+        cap = f"cap {pair['cap']:,}" if pair["cap"] is not None else "warm"
+        head = f"{provider:<11} day {pair['day']:>3}  {cap}"
+        if pair["paused_since"]:
+            head += f"  PAUSED since {pair['paused_since']}"
+        last = pair.get("last")
+        if last:
+            used = ", ".join(f"{k} {_value(v)}" for k, v in sorted(last["values"].items()))
+            head += f"  last: {last['on']} {last['action']} ({last['reason']})"
+            head += f" [{used}]" if used else ""
+        lines.append(head)
+    return lines
+
+
+def _value(v: object) -> str:
+    return _pct(v) if isinstance(v, float) else str(v)
 
 
 def _pct(value: float | None) -> str:

@@ -53,6 +53,13 @@ from warmrelay.config.mail import (
     SuppressionConfig,
 )
 from warmrelay.config.model import Config
+from warmrelay.config.reputation import (
+    Ladder,
+    PostmasterConfig,
+    ReputationConfig,
+    SndsConfig,
+    ThresholdsConfig,
+)
 from warmrelay.config.service import AdminConfig, DnsConfig, LogConfig, StateConfig
 from warmrelay.config.smtp import ListenerConfig, SmtpConfig, TlsConfig, UserConfig
 from warmrelay.config.startup import admin_token, start_problems, state_dir_problem
@@ -101,20 +108,25 @@ __all__ = [
     "IPAddress",
     "IPConfig",
     "IPNetwork",
+    "Ladder",
     "Listen",
     "ListenerConfig",
     "LogConfig",
     "Network",
     "Patterns",
+    "PostmasterConfig",
     "PreflightConfig",
     "ProviderCapConfig",
     "ProviderConfig",
     "RelayNetwork",
+    "ReputationConfig",
     "ScheduleField",
     "SmarthostConfig",
     "SmtpConfig",
+    "SndsConfig",
     "StateConfig",
     "SuppressionConfig",
+    "ThresholdsConfig",
     "ThrottleConfig",
     "TlsConfig",
     "UserConfig",

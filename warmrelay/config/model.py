@@ -19,6 +19,7 @@ from warmrelay.config.delivery import (
 )
 from warmrelay.config.feedback import BouncesConfig
 from warmrelay.config.mail import DkimConfig, PreflightConfig, SuppressionConfig
+from warmrelay.config.reputation import ReputationConfig
 from warmrelay.config.service import AdminConfig, DnsConfig, LogConfig, StateConfig
 from warmrelay.config.smtp import SmtpConfig
 from warmrelay.config.values import Frozen, HostPort
@@ -45,6 +46,7 @@ class Config(Frozen):
     preflight: PreflightConfig = PreflightConfig()
     suppression: SuppressionConfig = SuppressionConfig()
     bounces: BouncesConfig | None = None
+    reputation: ReputationConfig = ReputationConfig()
     log: LogConfig = LogConfig()
 
     @field_validator("timezone")

@@ -173,7 +173,8 @@ def _listen_problem(where: str, address: tuple[str, int]) -> ConfigProblem | Non
 def start_problems(config: Config) -> list[ConfigProblem]:
     """Everything ``serve`` refuses to start with, beyond a valid file: an unset admin
     token or bounce secret, DKIM keys it cannot use, TLS files it cannot load, listening
-    addresses it cannot bind, a state.dir it cannot create or write. check-config reports
+    addresses it cannot bind, a state.dir it cannot create or write, a reputation feed
+    without its secret or key file. check-config reports
     the same list, so it refuses what serve refuses."""
     from warmrelay.mail.dkim import load_keys  # dkim imports warmrelay.config
 
@@ -199,7 +200,33 @@ def start_problems(config: Config) -> list[ConfigProblem]:
             bounce_secret(config.bounces)
         except ConfigError as exc:
             problems += exc.problems
+    problems += _reputation_problems(config)
     state = state_dir_problem(config.state.dir)
     if state is not None:
         problems.append(state)
+    return problems
+
+
+def _reputation_problems(config: Config) -> list[ConfigProblem]:
+    """A feed configured but unusable: its secret missing, or a key file that could never
+    sign in. Without them it would be unknown every day, so the ramp would hold for good."""
+    problems = []
+    r = config.reputation
+    if r.snds is not None and not os.environ.get(r.snds.url_env, "").strip():
+        problems.append(
+            ConfigProblem(
+                "reputation.snds.url_env",
+                f"the environment variable {r.snds.url_env} is not set or empty (it holds "
+                "the SNDS automated-access URL with its key)",
+            )
+        )
+    if r.gmail_postmaster is not None:
+        from warmrelay.reputation.feeds import FeedError
+        from warmrelay.reputation.postmaster import load_credentials
+
+        try:
+            load_credentials(r.gmail_postmaster.credentials_file)
+        except FeedError as exc:
+            why = str(exc).removeprefix("gmail postmaster: ")
+            problems.append(ConfigProblem("reputation.gmail_postmaster.credentials_file", why))
     return problems

@@ -134,7 +134,9 @@ class WarmupConfig(Frozen):
     schedule: ScheduleField
     sending_hours: Annotated[SendingHours, BeforeValidator(_sending_hours)] | None = None
     providers: Mapping[str, ProviderCapConfig] = Field(default_factory=dict)
-    progress: Literal["calendar", "results"] = "calendar"
+    # calendar: a day per calendar day; results: a day repeats unless it used its cap with
+    # few throttles; reputation: each provider has its own day, moved by the controller
+    progress: Literal["calendar", "results", "reputation"] = "calendar"
     progress_min_use: float = Field(default=0.9, gt=0, le=1)
     progress_max_throttle: float = Field(default=0.02, gt=0, le=1)
     eligible: EligibleConfig | None = None

@@ -30,12 +30,12 @@ from warmrelay.delivery.nexthop import NextHop, NextHopResolver
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules
 from warmrelay.errors import NextHopError, SpoolError
 from warmrelay.feedback.outbound import Marks
-from warmrelay.feedback.rates import FeedbackCounts
 from warmrelay.operate.metrics import Metrics
 from warmrelay.queue.messages import Delivery, QueuedMessage
 from warmrelay.queue.readyqueue import Job
 from warmrelay.queue.scheduler import Clock
 from warmrelay.queue.spool import SpooledMessage
+from warmrelay.reputation.signals import PairCounts, Tallied
 from warmrelay.warmup.eligibility import Traffic, header_block
 from warmrelay.warmup.providers import ProviderMap, provider_map
 from warmrelay.warmup.router import Hold, Route, Router, RouteReason, Smarthost
@@ -97,7 +97,7 @@ class Attempts:
         self._clock = clock
         self.providers = ProviderMap()
         self.marks: Marks | None = None  # what each delivery carries for reports (bounces)
-        self.counts: FeedbackCounts | None = None  # handed over, per IP and provider
+        self.counts: PairCounts | None = None  # signals per IP, provider and day
 
     def configure(self, config: Config, router: Router, resolver: NextHopResolver) -> None:
         """Take a (re)loaded configuration: everything derived from it is rebuilt here."""
@@ -265,8 +265,8 @@ class Attempts:
         self._metrics.count_routed(ip, s.part, len(chunk), now, self._config.zone)
         warming = route is not None and route.reason is RouteReason.WARMUP
         v, kept, throttled, blocked = self._classify(chunk, result.replies, warming)
-        if self.counts is not None and v.delivered:  # the denominator of the report rates
-            self.counts.note(ip, label, "handed", len(v.delivered), now)
+        if self.counts is not None:  # signals per (IP, provider, day): rates, the controller
+            self._count(ip, label, v, throttled, blocked, now)
         connected = result.connected is Connected.YES
         self._metrics.attempt_seconds.labels(
             attempt_outcome(connected, v, len(throttled), len(blocked))
@@ -296,6 +296,31 @@ class Attempts:
                 )
                 v.retry += blocked
         await self._record(msg, d, v, now, ip=ip, reason=s.part.log_reason, provider=s.provider)
+
+    def _count(
+        self,
+        ip: str,
+        provider: str,
+        v: Verdicts,
+        throttled: Sequence[tuple[int, Reply]],
+        blocked: Sequence[tuple[int, Reply]],
+        now: datetime,
+    ) -> None:
+        assert self.counts is not None
+        note = self.counts.note
+        hard = sum(1 for _, r, _ in v.failed if r.code >= 500)
+        deferred = len(v.retry) + len(v.reroute) - len(throttled) - len(blocked)
+        tried = len(v.delivered) + len(v.failed) + len(v.retry) + len(v.reroute)
+        counted: tuple[tuple[Tallied, int], ...] = (
+            ("tried", tried),
+            ("handed", len(v.delivered)),
+            ("deferred", max(0, deferred)),
+            ("throttled", len(throttled)),
+            ("blocked", len(blocked)),
+            ("rcpt_hard", hard),
+        )
+        for what, n in counted:
+            note(ip, provider, what, n, now)
 
     def _classify(
         self, chunk: Sequence[int], replies: Sequence[Reply], warming: bool

@@ -13,7 +13,7 @@ we acknowledged is kept whatever it turns out to be, recognised or not (pruned a
 ``bounces.keep_reports_days``). Then it is parsed (``reports``), tied to the message,
 recipient, source IP and provider it is about (the return path's token, or our trace
 header in the quoted original), and acted on: counted per IP and provider (metrics and
-the rates of ``rates``), a hard bounce with a status of ``suppression.statuses`` and
+the signals of ``reputation.signals``), a hard bounce with a status of ``suppression.statuses`` and
 every complaint put the address on the suppression list, and with ``bounces.forward``
 the report goes on unchanged to the original sender (null sender, like our own DSNs).
 Our own DSNs (Reporting-MTA is our host name) are never counted as a receiver's bounce.
@@ -25,14 +25,13 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from warmrelay.config import Config
 from warmrelay.errors import SpoolError
-from warmrelay.feedback.rates import FeedbackCounts
 from warmrelay.feedback.reports import (
     Bounced,
     BounceReport,
@@ -45,6 +44,7 @@ from warmrelay.feedback.token import ReturnPath, Sent, Tokens
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
 from warmrelay.queue.spool import Spool, SpooledMessage, new_queue_id
+from warmrelay.reputation.signals import PairCounts
 from warmrelay.warmup.providers import ProviderMap
 
 log = logging.getLogger("warmrelay.feedback")
@@ -70,7 +70,7 @@ class FeedbackIntake:
         config: Callable[[], Config],
         tokens: Tokens,
         providers: Callable[[], ProviderMap],
-        counts: FeedbackCounts,
+        counts: PairCounts,
         suppression: SuppressionList | None,
         spool: Spool,
         accept: Callable[[SpooledMessage, bytes], None],
@@ -91,6 +91,8 @@ class FeedbackIntake:
         self._recent: dict[str, list[float]] = {}  # client -> report times (the rate limit)
         self._pruned_at = 0.0
         self._pruning: asyncio.Task[None] | None = None
+        # a complaint may cross a pause limit today: the warmup controller acts at once
+        self.on_complaint: Callable[[str, str, datetime], Awaitable[object]] | None = None
 
     # -- RCPT -----------------------------------------------------------------------------
 
@@ -188,6 +190,8 @@ class FeedbackIntake:
                 about.append(sent)
                 self._metrics.complaints.labels(sent.ip, sent.provider).inc()
                 self.counts.note(sent.ip, sent.provider, "complaint", 1, now)
+                if self.on_complaint is not None:
+                    await self.on_complaint(sent.ip, sent.provider, now)
                 address = sent.recipient or report.recipient
                 if address and self._suppression is not None:
                     text = f"complaint ({report.feedback_type}) via {sent.ip}"
@@ -279,7 +283,6 @@ class FeedbackIntake:
     async def close(self) -> None:
         if self._pruning is not None:
             await self._pruning
-        await self.counts.close()
 
 
 def _attribute(recipient: str, returns: Sequence[ReturnPath], traced: Sent | None) -> Sent | None:

@@ -185,11 +185,15 @@ FEEDBACK_ID = "Feedback-ID"
 _HEADER_END = re.compile(rb"\r\n\r\n")
 
 
+def feedback_label(ip: str) -> str:
+    """The identifier that names ``ip`` in Feedback-ID (what Postmaster reports by)."""
+    return "ip-" + ip.replace(".", "-").replace(":", "-")
+
+
 def feedback_id(ip: str, sender_id: str) -> bytes:
     """Gmail's ``Feedback-ID: a:b:c:SenderId`` header line: the first field names the
     source IP, so Postmaster Tools' spam rate per identifier is a spam rate per IP."""
-    label = "ip-" + ip.replace(".", "-").replace(":", "-")
-    return f"{FEEDBACK_ID}: {label}:warmrelay:mail:{sender_id}\r\n".encode("ascii")
+    return f"{FEEDBACK_ID}: {feedback_label(ip)}:warmrelay:mail:{sender_id}\r\n".encode("ascii")
 
 
 def without_header(content: bytes, name: str) -> bytes:

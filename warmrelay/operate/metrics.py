@@ -61,9 +61,25 @@ class Metrics:
         r = self.registry
         self.warmup_day = Gauge(
             "warmrelay_warmup_day",
-            "Warmup day of the IP (1 = start date; 0 = not started)",
-            ["ip"],
+            "Warmup day of the IP (1 = start date; 0 = not started); with progress: "
+            "reputation also one series per provider, its own day (provider empty: the IP's)",
+            ["ip", "provider"],
             multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.reputation_signal = Gauge(
+            "warmrelay_reputation_signal",
+            "The signals the warmup controller used in its last decision per IP and provider "
+            "(rates as fractions; snds_filter 0 GREEN, 1 YELLOW, 2 RED)",
+            ["ip", "provider", "signal"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.warmup_decisions = Counter(
+            "warmrelay_warmup_decisions",
+            "Decisions of the warmup controller (progress: reputation) by IP, provider and "
+            "action: advance, hold, back, pause",
+            ["ip", "provider", "action"],
             registry=r,
         )
         self.warmup_cap = Gauge(

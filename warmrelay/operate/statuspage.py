@@ -462,6 +462,49 @@ def _feedback(ip: Mapping[str, Any]) -> str:
     return _table(head, rows, "feedback", numeric=4)
 
 
+def _pairs(ip: Mapping[str, Any]) -> str:
+    """progress: reputation: per provider its own day and cap, the controller's last
+    decision with its reason, and the signal values it used."""
+    pairs = ip.get("pairs")
+    if not isinstance(pairs, Mapping) or not pairs:
+        return ""
+    rows = []
+    for name, pair in pairs.items():
+        if not isinstance(pair, Mapping):
+            continue
+        last = pair.get("last") if isinstance(pair.get("last"), Mapping) else None
+        decision = f"{e(last.get('action'))}: {e(last.get('reason'))}" if last else "\u2013"
+        if pair.get("paused_since"):
+            decision = (
+                f'<span class="bad">paused since {e(pair["paused_since"])}</span> ' + decision
+            )
+        rows.append(
+            [
+                e(name),
+                f'<span data-field="pair-day">{e(pair.get("day"))}</span>',
+                e(pair.get("cap")) if pair.get("cap") is not None else "warm",
+                f'<span data-field="pair-decision">{decision}</span>',
+                f'<span data-field="pair-signals">{_signals(last)}</span>',
+            ]
+        )
+    return _table(["Provider", "Day", "Cap", "Last decision", "Signals"], rows, "pairs", numeric=0)
+
+
+def _signals(last: Mapping[str, Any] | None) -> str:
+    """The values a decision used: rates as percentages, feed labels as they are."""
+    values = last.get("values") if last else None
+    if not isinstance(values, Mapping) or not values:
+        return "\u2013"
+    shown = []
+    for name, value in sorted(values.items()):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            text = f"{value * 100:.2g} %" if value < 0.01 else f"{value * 100:.1f} %"
+        else:
+            text = str(value)
+        shown.append(f"{e(str(name).replace('_', ' '))} {e(text)}")
+    return ", ".join(shown)
+
+
 def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]], issues: Issues) -> str:
     address = str(ip.get("address", ""))
     label, colour = ROLES.get(str(ip.get("role")), (str(ip.get("role") or ip.get("state")), ""))
@@ -478,6 +521,7 @@ def _ip(ip: Mapping[str, Any], now: object, checks: list[Mapping[str, Any]], iss
         + _counts(ip)
         + _since(ip)
         + _providers(ip)
+        + _pairs(ip)
         + _feedback(ip)
         + _suspensions(ip, now)
         + _chips(checks, issues)

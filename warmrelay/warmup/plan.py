@@ -257,12 +257,25 @@ class Caps:
         return any(lim.cap <= 0 for lim in self.limits)
 
 
+def pair_cap(plan: WarmupPlan, provider: str | None, day: int) -> int | None:
+    """``progress: reputation``: a provider's day cap at its own warmup ``day`` (the
+    schedule's cap of that day, narrowed by its configured share or schedule); None past
+    the schedule's end (warm for that provider)."""
+    if day > plan.schedule.days:
+        return None
+    day_cap = plan.schedule.daily[day - 1]
+    own = plan.providers.get(provider) if provider else None
+    return own.daily_cap(day, day_cap) if own else day_cap
+
+
 def caps_at(
     plan: WarmupPlan,
     zone: ZoneInfo,
     now: datetime,
     provider: str | None,
     status: WarmupStatus | None = None,
+    provider_day: int | None = None,
+    pair: str | None = None,
 ) -> Caps:
     """The caps a warming IP must respect at ``now`` for mail to ``provider``.
 
@@ -272,6 +285,11 @@ def caps_at(
       same day, never into the next day (the day counter starts at 0).
     - a published hourly limit (sendgrid, mailtrap presets) per clock hour;
     - a per-provider cap, smoothed the same way as the day's cap.
+
+    ``provider_day`` (``progress: reputation``): the provider's own warmup day, which sets
+    its cap (its configured share or schedule at that day, else the schedule's cap of that
+    day) under the counter scope of ``pair`` (its provider, or "other"); past the
+    schedule's end the provider is warm and has no cap of its own.
     """
     local = now.astimezone(zone)
     if status is None:  # without a start (first use), today would be day 1
@@ -296,7 +314,12 @@ def caps_at(
         hour = f"{status.window}T{local.hour:02d}"
         limits.append(CapLimit(hour, "hour", plan.schedule.hourly[status.day - 1]))
     provider_cap = plan.providers.get(provider) if provider else None
-    if provider_cap is not None:
+    if provider_day is not None:
+        pcap = pair_cap(plan, provider, provider_day)
+        if pcap is not None:
+            scope = f"provider:{pair or provider}"
+            limits.append(CapLimit(status.window, scope, math.floor(pcap * fraction)))
+    elif provider_cap is not None:
         pcap = provider_cap.daily_cap(status.day, status.cap)
         limits.append(CapLimit(status.window, f"provider:{provider}", math.floor(pcap * fraction)))
     smoothed = hourly or plan.sending_hours is not None

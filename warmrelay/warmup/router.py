@@ -32,6 +32,8 @@ from typing import TypeVar
 
 from warmrelay.config import Config, IPConfig
 from warmrelay.errors import CounterError
+from warmrelay.reputation.pairs import Pairs
+from warmrelay.reputation.signals import PairCounts
 from warmrelay.warmup.control import (
     COMPLETED,
     PAUSE,
@@ -90,6 +92,7 @@ class OverflowReason(enum.Enum):
     NOT_STARTED = "not started"  # warmup.start is still ahead
     IP_DOWN = "ip down"  # the address cannot be bound on this host
     NOT_ELIGIBLE = "not eligible"  # the warmup.eligible rules, or a DSN (null sender)
+    REPUTATION = "reputation"  # progress: reputation paused the IP for this provider
     STORE_DOWN = "counters store down"  # no count, no send: never over a cap
     COMPLETED = "completed"  # declared warm by the operator: in the pool now
     WARM = "warmup done"  # past the schedule's last day: in the pool now
@@ -97,7 +100,12 @@ class OverflowReason(enum.Enum):
 
 # Reasons that hold for one provider only; the others hold for the IP as a whole.
 PER_PROVIDER = frozenset(
-    {OverflowReason.PROVIDER_CAP, OverflowReason.SUSPENDED, OverflowReason.BLOCKED}
+    {
+        OverflowReason.PROVIDER_CAP,
+        OverflowReason.SUSPENDED,
+        OverflowReason.BLOCKED,
+        OverflowReason.REPUTATION,
+    }
 )
 # The IP is warm: it is part of the pool, so mail it does not take as a warming IP has
 # not overflowed (logged once as a change, never shown on a delivery line)
@@ -270,7 +278,9 @@ CONTROL_RELOAD_S = 30.0  # re-read pause/progress state so a fleet converges
 class Router:
     """Policy state: round-robin weights, IPs marked down, and each IP's control state."""
 
-    def __init__(self, config: Config, counters: Counters) -> None:
+    def __init__(
+        self, config: Config, counters: Counters, signals: PairCounts | None = None
+    ) -> None:
         self._config = config
         self._zone = config.zone
         self._counters = counters
@@ -292,6 +302,9 @@ class Router:
         # the reason each IP (per provider for PER_PROVIDER ones) last did not take mail:
         # a change is logged once, not per recipient
         self._overflowing: dict[tuple[str, str], OverflowReason] = {}
+        # progress: reputation: each (IP, provider) pair's day, judged by the controller
+        reputation = any(ip.warmup and ip.warmup.progress == "reputation" for ip in config.ips)
+        self.pairs: Pairs | None = Pairs(config, counters, signals) if reputation else None
 
     @property
     def ips(self) -> Sequence[IPConfig]:
@@ -324,6 +337,8 @@ class Router:
             return WarmupStatus(WarmupState.WARM, 0, None, today.isoformat())
         if ip.warmup.progress == "results" and c.day is not None:
             day = c.day
+        elif ip.warmup.progress == "reputation" and self.pairs is not None and start is not None:
+            day = self.pairs.ip_day(ip) if today >= start else c.calendar_day(start, today)
         elif start is None:
             day = 1
         else:
@@ -335,7 +350,12 @@ class Router:
         plan = self._plans.get(str(ip.address))
         if plan is None:
             return None
-        return caps_at(plan, self._zone, now, provider, self.status(ip, now))
+        status = self.status(ip, now)
+        if self.pairs is not None and ip.warmup is not None and ip.warmup.progress == "reputation":
+            pair = self.pairs.label(provider)
+            day = self.pairs.state(str(ip.address), pair).day
+            return caps_at(plan, self._zone, now, provider, status, day, pair)
+        return caps_at(plan, self._zone, now, provider, status)
 
     def mark_down(self, address: str, until: datetime) -> None:
         """Stop routing to an IP that cannot be used (e.g. not bound on this host)."""
@@ -373,6 +393,8 @@ class Router:
         for address, control in old._control.items():
             if address in self._control:  # shown until the next reload re-reads the store
                 self._control[address] = control
+        if self.pairs is not None and old.pairs is not None:
+            self.pairs.carry_over(old.pairs)
 
     def reload_soon(self) -> None:
         """Re-read control state at the next routing (a supervisor changed it: SIGUSR1)."""
@@ -387,11 +409,15 @@ class Router:
             if time.monotonic() - self._loaded_at >= CONTROL_RELOAD_S:
                 for address in self._control:
                     self._control[address] = await self._load(address)
+                if self.pairs is not None:
+                    await self.pairs.load()
                 self._loaded_at = time.monotonic()
             today = now.astimezone(self._zone).date()
             for ip in self.ips:
                 if ip.warmup is not None and ip.warmup.progress == "results":
                     await self._advance(ip, today)
+            if self.pairs is not None:
+                await self.pairs.refresh(now, self.start)
         except CounterError:
             pass  # the store is down: keep the state we have; warming IPs pause anyway
 
@@ -400,6 +426,8 @@ class Router:
         raises CounterError when the store cannot be read."""
         for address in self._control:
             self._control[address] = await self._load(address, migrate=False)
+        if self.pairs is not None:
+            await self.pairs.load()
 
     async def _load(self, address: str, *, migrate: bool = True) -> IPControl:
         """Every record of one IP (the blob of an earlier version is migrated first, or
@@ -522,8 +550,16 @@ class Router:
         return await self._change_pause(address, lambda p: p.paused(today))
 
     async def resume(self, address: str, now: datetime) -> Persisted:
+        """End the IP's pause, and with ``progress: reputation`` every pause the controller
+        made for one of its providers (the operator's word ends both)."""
         today = now.astimezone(self._zone).date()
-        return await self._change_pause(address, lambda p: p.resumed(today))
+        outcome = await self._change_pause(address, lambda p: p.resumed(today))
+        if self.pairs is not None:
+            try:
+                await self.pairs.resume(address, "the operator", now)
+            except CounterError:
+                return Persisted.PENDING
+        return outcome
 
     async def complete(self, address: str, now: datetime) -> Persisted:
         today = now.astimezone(self._zone).date()
@@ -653,6 +689,8 @@ class Router:
                 down_until = self._down_until.get(address) if self.is_down(address, now) else None
                 suspension = self.suspension(address, provider, now)
                 stopped = held_back(address, provider, down_until, suspension)
+                if stopped is None and self.pairs is not None:
+                    stopped = self._pair_paused(ip, provider)
                 if stopped is not None:
                     # held mail comes back when the IP may send again, not at midnight
                     if down_until is not None:
@@ -695,6 +733,19 @@ class Router:
                 self._overflow(remaining, now, bool(warming), more_room_at, states, refusals)
             )
         return RoutePlan(tuple(parts))
+
+    def _pair_paused(self, ip: IPConfig, provider: str | None) -> Refusal | None:
+        """``progress: reputation``: the controller paused this IP for this provider."""
+        assert self.pairs is not None
+        if ip.warmup is None or ip.warmup.progress != "reputation":
+            return None
+        pair = self.pairs.label(provider)
+        st = self.pairs.state(str(ip.address), pair)
+        if not st.paused:
+            return None
+        why = f" ({st.last.reason})" if st.last is not None else ""
+        detail = f"paused for {pair} since {st.paused_since}{why}"
+        return Refusal(str(ip.address), OverflowReason.REPUTATION, detail, provider)
 
     async def _counts_after(self, limits: Sequence[Limit]) -> list[int] | None:
         """The counts under ``limits`` once a reservation ran short of them. With one limit
