@@ -88,10 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_preflight)
-    p = sub.add_parser("simulate", help="project a steady daily volume through the warmup")
+    p = sub.add_parser(
+        "simulate",
+        help="project a steady daily volume through the warmup, or replay daily signals "
+        "through the reputation controller",
+    )
     p.add_argument("-c", "--config", required=True)
-    p.add_argument("--daily", type=int, required=True, help="recipients per day")
-    p.add_argument("--days", type=int, default=None, help="days to simulate (default: until warm)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--daily", type=int, default=None, help="recipients per day")
+    what.add_argument(
+        "--signals",
+        default=None,
+        metavar="FILE.csv",
+        help="replay daily signals (date,ip,provider,signal,value) through progress: "
+        "reputation's controller",
+    )
+    p.add_argument(
+        "--days",
+        type=int,
+        default=None,
+        help="days to simulate (default: until warm; --signals: through the file's last date + 3)",
+    )
     p.add_argument(
         "--start",
         type=date.fromisoformat,
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mix", default=None, help="provider shares, e.g. gmail=0.4,microsoft=0.3")
     p.add_argument("--plot", default=None, help="write a chart of both series to FILE.svg")
+    p.add_argument("--json", action="store_true", help="--signals: the rows as a JSON list")
     p.set_defaults(func=cmd_simulate)
     return parser
 
