@@ -12,6 +12,12 @@ The tree reads as the data path, from the SMTP door to the disposition::
                   classifier, dispositions and DSNs
     operate/   7  metrics, logs, the admin endpoint and status page, the queue tools,
                   systemd notification, the supervisor of ``--workers``
+    feedback/  8  what comes back after the handover: our return path, the intake of
+                  DSNs and complaints at the bounce domain
+    reputation/ 9 signals per (IP, provider) and day, the SNDS and Postmaster feeds, the
+                  warmup controller of ``progress: reputation`` (pure) and its pairs
+    events/   10  the application's events: built, written to the outbox, posted to the
+                  webhook (signed, at least once), appended to events.file
     mail/         beside the path: DKIM signing, the identity preflight, suppression
     config/       the one configuration object, by section; what serve refuses at start
     cli/          the command line, one module per command
@@ -24,7 +30,8 @@ provider) → ``warmup.router.Router.route`` (a reservation under the caps, or a
 ``queue.readyqueue`` (a free connection) → ``Attempts.send`` →
 ``delivery.dispatcher`` (the transaction from the source IP) → ``delivery.replies``
 (classified) → ``warmup.reservation`` (kept or given back) →
-``delivery.dispositions.Recorder`` (log line, metrics, spool marks, DSN) → back to
+``delivery.dispositions.Recorder`` (log line, metrics, spool marks, DSN, the event via
+``events.emitter``) → back to
 ``queue.scheduler`` only for what waits (``later``, ``hold``, ``due``) or to ``forget``
 a finished message.
 """

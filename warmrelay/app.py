@@ -32,7 +32,9 @@ from warmrelay.delivery.attempt import Attempts
 from warmrelay.delivery.dispatcher import Dispatcher
 from warmrelay.delivery.dispositions import Recorder
 from warmrelay.delivery.nexthop import NextHopResolver
+from warmrelay.delivery.replies import Outcome as ReplyOutcome
 from warmrelay.errors import ConfigError, CounterError, StartError
+from warmrelay.events.emitter import Events
 from warmrelay.feedback.intake import FeedbackIntake
 from warmrelay.feedback.outbound import Marks
 from warmrelay.feedback.token import Tokens
@@ -146,6 +148,20 @@ class Relay:
                 config.state.dir / "feedback",
             )
             self.intake.on_complaint = self._complained
+        # the application's events: the outbox and webhook poster, the JSON lines file
+        self.events = Events(
+            lambda: self.config.events,
+            self.metrics,
+            self.counters,
+            config.state.dir,
+            (worker.index, worker.count) if worker else (0, 1),
+            clock,
+            lambda reply: self.attempts.rules.classify(reply) is ReplyOutcome.BLOCKED,
+            lambda: self.config.bounces is not None,
+        )
+        self.recorder.events = self.events
+        if self.intake is not None:
+            self.intake.events = self.events
         # DNS identity checks: at start, GET /preflight, warmrelay_preflight_ok (getters: a
         # reload replaces config and router)
         self.preflight = RelayPreflight(
@@ -228,6 +244,7 @@ class Relay:
         # pushed on each change, not only at a scrape: workers of --workers are never scraped
         self.spool.on_change = self.router.ledger.on_change = self._disk_gauges
         self._disk_gauges()
+        self.events.open()  # before any event: a former worker's outbox is moved in first
         recovered = await self.spool.open()
         recovered += await self._adopt_orphans()
         for item in recovered:
@@ -235,6 +252,7 @@ class Relay:
         if recovered:
             log.info("recovered %d message(s) from the spool", len(recovered))
         self.scheduler.start(self.attempts.run)
+        self.events.start()
         self.feeds.start()
         handler = self.handler = RelayHandler(
             self.config,
@@ -245,6 +263,7 @@ class Relay:
             self.suppression,
         )
         handler.intake = self.intake
+        handler.events = self.events
         loop = asyncio.get_running_loop()
         tls_ctx = self.tls.context if self.tls is not None else None
         if self.tls is not None:
@@ -353,6 +372,8 @@ class Relay:
             "state": new.state == old.state,
             "delivery.concurrency": new.delivery.concurrency == old.delivery.concurrency,
             "bounces": new.bounces == old.bounces,
+            "events.webhook (on or off)": (new.events.webhook is None)
+            == (old.events.webhook is None),
         }
         if not all(fixed.values()):
             kept.append(
@@ -368,6 +389,9 @@ class Relay:
                 "state": old.state,
                 "delivery": delivery,
                 "bounces": old.bounces,
+                "events": new.events
+                if fixed["events.webhook (on or off)"]
+                else new.events.model_copy(update={"webhook": old.events.webhook}),
             }
         )
         router = Router(applied, self.counters, self.signals)
@@ -386,6 +410,10 @@ class Relay:
             self.handler.configure(applied, signer or self.handler.dkim)
         if self.tls is not None:
             self.tls.reload()
+        try:  # a new events.file, or the same one after a log rotation
+            self.events.reopen()
+        except OSError as exc:
+            log.error("reload: cannot open events.file: %s", exc)
         changes = describe_changes(old, applied)  # what took effect, and only that
         (log.warning if kept else log.info)(
             "reload: %s applied (%d IPs): %s%s",
@@ -447,6 +475,7 @@ class Relay:
             if sessions is not None:
                 await sessions
         await self.dispatcher.close()
+        await self.events.close()  # after the sessions and deliveries: their events written
         await self.spool.close()
         await self.feeds.stop()
         if self.intake is not None:
@@ -578,6 +607,7 @@ class Relay:
                 "deferred": self.scheduler.deferred,
             },
             "preflight": None if report is None else report.to_json(),
+            "events": self.events.status(now.timestamp()),
             # a walk over every queued message (and, with --workers, a question to each
             # worker): for the pages people read, not for every scrape (``queue=False``)
             "queue": await self.queue_summary() if queue else None,

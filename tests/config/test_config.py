@@ -344,7 +344,7 @@ def commented_blocks(text: str) -> dict[str, str]:
 def test_the_examples_commented_sections_are_valid_when_uncommented() -> None:
     """What the example shows commented out is what a user uncomments: it must parse."""
     blocks = commented_blocks(EXAMPLE.read_text())
-    assert {"bounces", "dkim", "reputation", "smarthost"} <= set(blocks)
+    assert {"bounces", "dkim", "events", "reputation", "smarthost"} <= set(blocks)
     base = yaml.safe_load(EXAMPLE.read_text())
     for name, text in blocks.items():
         doc = {**base, **yaml.safe_load(text)}

@@ -832,3 +832,28 @@ def test_check_config_refuses_reputation_feeds_it_could_never_read(tmp_path: Pat
     )
     passed = warmrelay("check-config", "-c", str(path), env={**env, "WR_TEST_SNDS_URL": "x"})
     assert passed.returncode == 0, passed.stderr
+
+
+def test_check_config_refuses_an_event_webhook_without_its_secret(tmp_path: Path) -> None:
+    """Unsigned events would let anyone feed the application's suppression list: serve
+    and check-config refuse a webhook whose secret is unset or short; http to another
+    host is a warning (the events carry recipient addresses)."""
+    hook = {"url": "http://hooks.example.test/mail", "secret_env": "WR_TEST_HOOK_SECRET"}
+    path = write(tmp_path, relay_doc(tmp_path, 9, events={"webhook": hook}))
+    env = {k: v for k, v in os.environ.items() if k != "WR_TEST_HOOK_SECRET"}
+    expected = (
+        "events.webhook.secret_env: the environment variable WR_TEST_HOOK_SECRET is not set or "
+        "empty; refusing to post unsigned events"
+    )
+    assert_refused(path, expected, env)
+    assert_refused(path, "events.webhook.secret_env: the environment variable "
+                   "WR_TEST_HOOK_SECRET is shorter than 16 bytes",
+                   {**env, "WR_TEST_HOOK_SECRET": "short"})  # fmt: skip
+    passed = warmrelay(
+        "check-config", "-c", str(path), env={**env, "WR_TEST_HOOK_SECRET": "x" * 32}
+    )
+    assert passed.returncode == 0, passed.stderr
+    assert (
+        "events.webhook.url: http://hooks.example.test/mail is plain http to another host"
+        in passed.stderr
+    )

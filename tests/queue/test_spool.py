@@ -77,9 +77,9 @@ async def test_store_survives_reopen_with_identical_bytes_and_envelope(tmp_path:
     assert len(s2) == 1
     s2.remove(msg.queue_id)
     assert len(s2) == 0
+    await s2.close()  # the unlink runs on the spool's threads: done once it is closed
     with pytest.raises(SpoolError):
         s2.read_data(msg.queue_id)
-    await s2.close()
 
     s3 = Spool(directory)
     assert await s3.open() == []

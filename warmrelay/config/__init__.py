@@ -14,7 +14,8 @@ The package, by part:
   host:port, host names, the open-relay guard, key paths, secret keys);
 - the sections: ``smtp`` (listeners, TLS, users, limits), ``service`` (admin, state,
   dns, log), ``delivery`` (delivery, throttle, blocks, smarthost, providers),
-  ``warmup`` (ips and their warmup blocks), ``mail`` (dkim, preflight, suppression);
+  ``warmup`` (ips and their warmup blocks), ``mail`` (dkim, preflight, suppression),
+  ``feedback`` (bounces), ``reputation``, ``events`` (webhook, file);
 - ``model``: the root ``Config``;
 - ``loader``: YAML and validation into a Config or a ConfigError (``load_config``,
   ``parse_config``, ``config_error_lines``); ``crosskeys``: the rules across keys;
@@ -37,6 +38,7 @@ from warmrelay.config.delivery import (
     SmarthostConfig,
     ThrottleConfig,
 )
+from warmrelay.config.events import ARGS_HEADER, EventsConfig, WebhookConfig, webhook_secret
 from warmrelay.config.feedback import BouncesConfig, bounce_secret
 from warmrelay.config.loader import (
     ConfigSyntaxError,
@@ -87,6 +89,7 @@ from warmrelay.config.warmup import (
 )
 
 __all__ = [
+    "ARGS_HEADER",
     "DKIM_HEADERS",
     "MIN_RELAY_PREFIX",
     "Address",
@@ -103,6 +106,7 @@ __all__ = [
     "DnsConfig",
     "DnsServer",
     "EligibleConfig",
+    "EventsConfig",
     "HostName",
     "HostPort",
     "IPAddress",
@@ -131,6 +135,7 @@ __all__ = [
     "TlsConfig",
     "UserConfig",
     "WarmupConfig",
+    "WebhookConfig",
     "admin_token",
     "bind_error",
     "bounce_secret",
@@ -146,4 +151,5 @@ __all__ = [
     "redact_url",
     "start_problems",
     "state_dir_problem",
+    "webhook_secret",
 ]

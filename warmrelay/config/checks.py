@@ -27,7 +27,33 @@ def config_warnings(config: Config) -> list[ConfigProblem]:
                 )
             )
     warnings += _alignment_warnings(config)
+    hook = config.events.webhook
+    if hook is not None and _clear_text_off_host(hook.url):
+        warnings.append(
+            ConfigProblem(
+                "events.webhook.url",
+                f"{hook.url} is plain http to another host: the events (recipient addresses) "
+                "cross the network unencrypted; use https",
+            )
+        )
     return warnings
+
+
+def _clear_text_off_host(url: str) -> bool:
+    """http:// to a host that is not this one (loopback is fine: a local collector)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def organisational_domain(domain: str) -> str:

@@ -17,6 +17,7 @@ from warmrelay.config.delivery import (
     SmarthostConfig,
     ThrottleConfig,
 )
+from warmrelay.config.events import EventsConfig
 from warmrelay.config.feedback import BouncesConfig
 from warmrelay.config.mail import DkimConfig, PreflightConfig, SuppressionConfig
 from warmrelay.config.reputation import ReputationConfig
@@ -47,6 +48,7 @@ class Config(Frozen):
     suppression: SuppressionConfig = SuppressionConfig()
     bounces: BouncesConfig | None = None
     reputation: ReputationConfig = ReputationConfig()
+    events: EventsConfig = EventsConfig()
     log: LogConfig = LogConfig()
 
     @field_validator("timezone")

@@ -14,6 +14,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from warmrelay.config.events import webhook_secret
 from warmrelay.config.feedback import bounce_secret
 from warmrelay.config.model import Config
 from warmrelay.config.service import AdminConfig
@@ -174,7 +175,7 @@ def start_problems(config: Config) -> list[ConfigProblem]:
     """Everything ``serve`` refuses to start with, beyond a valid file: an unset admin
     token or bounce secret, DKIM keys it cannot use, TLS files it cannot load, listening
     addresses it cannot bind, a state.dir it cannot create or write, a reputation feed
-    without its secret or key file. check-config reports
+    without its secret or key file, an event webhook without its secret. check-config reports
     the same list, so it refuses what serve refuses."""
     from warmrelay.mail.dkim import load_keys  # dkim imports warmrelay.config
 
@@ -201,6 +202,11 @@ def start_problems(config: Config) -> list[ConfigProblem]:
         except ConfigError as exc:
             problems += exc.problems
     problems += _reputation_problems(config)
+    if config.events.webhook is not None:
+        try:
+            webhook_secret(config.events.webhook)
+        except ConfigError as exc:
+            problems += exc.problems
     state = state_dir_problem(config.state.dir)
     if state is not None:
         problems.append(state)

@@ -105,8 +105,8 @@ class Attempts:
         self._delivery = config.delivery
         self._router = router
         self._resolver = resolver
-        self._rules = ReplyRules(config.throttle.patterns, config.blocks.patterns)
-        self._dispatcher.configure(config.delivery, self._rules)
+        self.rules = ReplyRules(config.throttle.patterns, config.blocks.patterns)
+        self._dispatcher.configure(config.delivery, self.rules)
         self._header_names = {
             ip.warmup.eligible.header[0]
             for ip in config.ips
@@ -333,7 +333,7 @@ class Attempts:
         throttled: list[tuple[int, Reply]] = []
         blocked: list[tuple[int, Reply]] = []
         for i, reply in zip(chunk, replies, strict=True):
-            outcome = self._rules.classify(reply)
+            outcome = self.rules.classify(reply)
             if outcome is Outcome.DELIVERED:
                 v.delivered.append((i, reply))
             elif outcome is Outcome.BOUNCED:
@@ -421,6 +421,8 @@ class Attempts:
             now=now,
             provider=provider,
             retry_in_s=delay,
+            attempt=attempts,
+            tries=state.tries,
         )
         if v.reroute:  # no backoff: routed afresh now, the router avoids what failed
             again = tuple(i for i, _ in v.reroute)

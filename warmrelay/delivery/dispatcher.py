@@ -303,6 +303,7 @@ class Dispatcher:
     ) -> tuple[Reply, ...]:
         """MAIL, each RCPT, DATA: a reply per recipient. Raises ``_Stale`` only when nothing
         reached the receiver yet (MAIL failed on a dead connection)."""
+        tls = smtp.get_transport_info("sslcontext") is not None
         utf8 = not (mail_from + "".join(rcpts)).isascii()
         if utf8 and not smtp.supports_extension("smtputf8"):
             # RFC 6531 §3.2: no downgrade exists for non-ASCII addresses
@@ -320,7 +321,7 @@ class Dispatcher:
         except aiosmtplib.SMTPResponseException as exc:
             if reused and exc.code == 421:  # most often: the idle connection timed out there
                 raise _Stale from exc
-            refused = Reply(exc.code, exc.message, label, Stage.MAIL)
+            refused = Reply(exc.code, exc.message, label, Stage.MAIL, tls=tls)
             await _reset(smtp)
             return tuple(refused for _ in rcpts)
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -332,9 +333,9 @@ class Dispatcher:
         for n, rcpt in enumerate(rcpts):
             try:
                 ok = await smtp.rcpt(rcpt, encoding=encoding)
-                replies.append(Reply(ok.code, ok.message, label, Stage.RCPT, accepted=True))
+                replies.append(Reply(ok.code, ok.message, label, Stage.RCPT, True, tls))
             except aiosmtplib.SMTPResponseException as exc:
-                replies.append(Reply(exc.code, exc.message, label, Stage.RCPT))
+                replies.append(Reply(exc.code, exc.message, label, Stage.RCPT, tls=tls))
                 if not smtp.is_connected:  # 421: the receiver closes; the rest get the same
                     replies += [replies[-1]] * (len(rcpts) - n - 1)
                     break
@@ -348,14 +349,14 @@ class Dispatcher:
             return tuple(replies)
         try:
             done = await smtp.data(data)
-            final = Reply(done.code, done.message, label, Stage.DATA, accepted=True)
+            final = Reply(done.code, done.message, label, Stage.DATA, True, tls)
         except aiosmtplib.SMTPResponseException as exc:  # DATA refused, or after the dot
-            final = Reply(exc.code, exc.message, label, Stage.DATA, accepted=True)
+            final = Reply(exc.code, exc.message, label, Stage.DATA, True, tls)
             await _reset(smtp)
         except (aiosmtplib.SMTPException, OSError) as exc:
             # The message may have arrived: never resend at once (duplicates); defer it.
             text = f"4.4.2 {label}: lost during DATA, delivery uncertain: {_describe(exc)}"
-            final = Reply(451, text, label, Stage.DATA, accepted=True)
+            final = Reply(451, text, label, Stage.DATA, True, tls)
             smtp.close()
         for i in accepted:
             replies[i] = final

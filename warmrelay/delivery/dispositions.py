@@ -19,7 +19,7 @@ operator asks first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,12 +27,14 @@ from typing import Any
 from warmrelay.delivery.dsn import FailedRecipient, build_dsn
 from warmrelay.delivery.replies import Reply
 from warmrelay.errors import SpoolError, WarmrelayError
+from warmrelay.events.emitter import Events
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
 from warmrelay.operate.queueview import operator_bounce
 from warmrelay.queue.messages import domain_of
 from warmrelay.queue.spool import Spool, SpooledMessage
 from warmrelay.warmup.providers import ProviderMap
+from warmrelay.warmup.router import RouteReason
 
 log = logging.getLogger("warmrelay.delivery")
 
@@ -94,6 +96,7 @@ class Recorder:
         self._providers = providers  # the configured ones (a reload replaces them)
         # provider label -> "deferred" / "bounced" -> the latest such reply
         self._latest: dict[str, dict[str, dict[str, Any]]] = {}
+        self.events: Events | None = None  # the application's events (events:)
 
     def provider_label(self, provider: str, domain: str) -> str:
         """A recognised provider's name, else "other" (an unknown domain is its own provider:
@@ -141,12 +144,16 @@ class Recorder:
         now: datetime,
         provider: str = "",
         retry_in_s: float | None = None,
+        attempt: int = 1,
+        tries: Mapping[int, int] | None = None,
     ) -> bool:
         """Log, count and write down final recipients; remove them from ``pending`` first.
         Returns True when the message is finished (nothing pending). Failed recipients
         whose DSN cannot be stored move to ``v.retry``. ``provider``: the next hop's
         (recognised from its MX hosts), if resolved; ``retry_in_s``: when ``v.retry`` is
-        tried again (``v.reroute`` is routed again at once)."""
+        tried again (``v.reroute`` is routed again at once); ``attempt``: the backoff's
+        count of this try, ``tries``: each recipient's tries so far, reroutes included
+        (the events' ``attempt`` is the larger)."""
         for i, reply in v.delivered:
             self._log(msg, i, ip, reason, "delivered", reply, now)
         for i, reply, disposition in v.failed:
@@ -173,6 +180,8 @@ class Recorder:
         label = (
             self.provider_label(provider, domain_of(msg.rcpt_tos[indices[0]])) if indices else ""
         )
+        if self.events is not None:
+            self._events(msg, v, ip, reason, label, attempt, now, tries)
         for disposition in {d for _, d in finals}:
             idx = [i for i, d in finals if d == disposition]
             pending.difference_update(idx)  # first: whatever the disk says, they are done
@@ -199,6 +208,33 @@ class Recorder:
         if bounced:
             self._remember(label, "bounced", msg, *bounced[-1], ip, now)
         return not pending
+
+    def _events(
+        self,
+        msg: SpooledMessage,
+        v: Verdicts,
+        ip: str,
+        reason: str,
+        label: str,
+        attempt: int,
+        now: datetime,
+        tries: Mapping[int, int] | None = None,
+    ) -> None:
+        """One event per recipient outcome, in the order the log says them."""
+        assert self.events is not None
+        rows = [(i, "delivered", r) for i, r in v.delivered]
+        rows += [(i, d, r) for i, r, d in v.failed]
+        rows += [(i, "deferred", r) for i, r in (*v.retry, *v.reroute)]
+        warming = reason.startswith(RouteReason.WARMUP.value)
+        self.events.outcomes(
+            msg,
+            rows,
+            ip=ip,
+            provider=label,
+            warming=warming,
+            attempt={i: max(attempt, (tries or {}).get(i, 0)) for i, _, _ in rows},
+            now=now,
+        )
 
     def attempted(self, queue_id: str, attempts: int) -> None:
         """Tries so far of a message's deferred recipients (the backoff after a restart)."""
@@ -232,6 +268,13 @@ class Recorder:
             log.warning(
                 "%s: to=<%s> %s by %s %s", msg.queue_id, msg.rcpt_tos[i], disposition, who, tail
             )
+
+        if self.events is not None:
+            said = reply if bounce_reason is not None else Reply(0, disposition, "")
+            rows = [(i, disposition, said) for i in indices]
+            self.events.outcomes(
+                msg, rows, ip="none", provider="", warming=False, attempt={}, now=now
+            )
         self._metrics.deliveries.labels("none", disposition).inc(len(indices))
         if pending:
             self._spool.mark_done(msg.queue_id, indices, disposition)
@@ -249,6 +292,8 @@ class Recorder:
         for i, disposition, reply in rows:
             self._log(msg, i, ip, reason, disposition, reply, now, late=True)
             self._metrics.deliveries.labels(ip, disposition).inc()
+        if self.events is not None:  # what happened, happened: the application hears it
+            self._events(msg, v, ip, reason, "", 0, now)
 
     def _log(
         self,

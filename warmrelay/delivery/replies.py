@@ -54,6 +54,7 @@ class Reply:
     hop: str  # "host[address]:port", or "" if no receiver said it
     stage: Stage = Stage.LOCAL
     accepted: bool = False
+    tls: bool = False  # the transaction ran over TLS (the events' tls field)
 
     @property
     def status(self) -> str:

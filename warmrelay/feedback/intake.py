@@ -32,6 +32,7 @@ from pathlib import Path
 
 from warmrelay.config import Config
 from warmrelay.errors import SpoolError
+from warmrelay.events.emitter import Events
 from warmrelay.feedback.reports import (
     Bounced,
     BounceReport,
@@ -93,6 +94,7 @@ class FeedbackIntake:
         self._pruning: asyncio.Task[None] | None = None
         # a complaint may cross a pause limit today: the warmup controller acts at once
         self.on_complaint: Callable[[str, str, datetime], Awaitable[object]] | None = None
+        self.events: Events | None = None  # the application's events (events:)
 
     # -- RCPT -----------------------------------------------------------------------------
 
@@ -175,6 +177,10 @@ class FeedbackIntake:
                     self._metrics.async_bounces.labels(sent.ip, sent.provider, cls).inc()
                     self.counts.note(sent.ip, sent.provider, cls, 1, now)
                     address = bounced.recipient or sent.recipient
+                    if self.events is not None and cls != "other":
+                        await self.events.bounced(
+                            sent, address, bounced.status, bounced.diagnostic, report_id, now
+                        )
                     if (
                         cls == "hard"
                         and address
@@ -193,6 +199,9 @@ class FeedbackIntake:
                 if self.on_complaint is not None:
                     await self.on_complaint(sent.ip, sent.provider, now)
                 address = sent.recipient or report.recipient
+                if self.events is not None:
+                    feedback = report.feedback_type
+                    await self.events.complained(sent, address, feedback, report_id, now)
                 if address and self._suppression is not None:
                     text = f"complaint ({report.feedback_type}) via {sent.ip}"
                     added = await self._suppression.reported(

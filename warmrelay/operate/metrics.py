@@ -252,6 +252,47 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.events = Counter(
+            "warmrelay_events",
+            "Events for the application (events:), by event: processed, delivered, deferred, "
+            "bounce, dropped, spamreport",
+            ["event"],
+            registry=r,
+        )
+        self.events_lost = Counter(
+            "warmrelay_events_lost",
+            "Events that will never reach the webhook or the file, by reason: outbox_full "
+            "(events.webhook.max_events), outbox_error (the disk refused), expired "
+            "(events.webhook.max_age_s), file_error",
+            ["reason"],
+            registry=r,
+        )
+        self.webhook_posts = Counter(
+            "warmrelay_webhook_posts",
+            "POSTs of event batches to events.webhook.url, by result: ok (2xx), "
+            "rejected (another status), failed (no answer: refused, timeout, TLS)",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_outbox = Gauge(
+            "warmrelay_webhook_outbox_events",
+            "Events in the outbox (written, not yet acknowledged by the webhook)",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.webhook_oldest = Gauge(
+            "warmrelay_webhook_oldest_event_age_seconds",
+            "Age of the oldest event in the outbox (0 when empty)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        # every series from the start at 0: an alert's increase() sees the first one
+        for event in ("processed", "delivered", "deferred", "bounce", "dropped", "spamreport"):
+            self.events.labels(event)
+        for reason in ("outbox_full", "outbox_error", "expired", "file_error"):
+            self.events_lost.labels(reason)
+        for result in ("ok", "rejected", "failed"):
+            self.webhook_posts.labels(result)
         self.dsn_sent = Counter(
             "warmrelay_dsn", "Delivery status notifications generated", registry=r
         )

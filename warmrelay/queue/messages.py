@@ -67,6 +67,7 @@ class QueuedMessage:
     on_hold: bool = False  # the operator's hold: deliveries park in ``parked`` until release
     parked: list[Delivery] = field(default_factory=list)
     history: dict[int, list[PastAttempt]] = field(default_factory=dict)  # per recipient
+    tries: dict[int, int] = field(default_factory=dict)  # per recipient, since the start
     last_ip: str | None = None
     last_reply: str | None = None
 
@@ -77,6 +78,7 @@ class QueuedMessage:
     def remember(self, rows: list[tuple[int, str, Reply]], ip: str, at: float) -> None:
         """Each recipient's latest attempts (memory only, a few each)."""
         for i, disposition, reply in rows:
+            self.tries[i] = self.tries.get(i, 0) + 1
             attempts = self.history.setdefault(i, [])
             attempts.append(PastAttempt(at, ip, disposition, reply.line[:300]))
             del attempts[:-HISTORY_MAX]

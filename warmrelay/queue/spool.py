@@ -73,6 +73,12 @@ def new_queue_id() -> str:
     return "".join(_ALPHABET[(value >> (5 * i)) & 31] for i in reversed(range(16)))
 
 
+def queue_id_floor(when: float) -> str:
+    """The smallest queue id of time ``when``: ids below it are older (they sort by time)."""
+    value = int(when * 1000) << 35
+    return "".join(_ALPHABET[(value >> (5 * i)) & 31] for i in reversed(range(16)))
+
+
 @dataclass(frozen=True)
 class SpooledMessage:
     """Envelope and size of a spooled message; the bytes stay on disk (``read_data``)."""

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import inspect
 import ipaddress
+import json
 import logging
 import re
 import ssl
@@ -25,8 +26,10 @@ import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException
 
-from warmrelay.config import Config, IPAddress, IPNetwork, ListenerConfig
+from warmrelay.config import ARGS_HEADER, Config, IPAddress, IPNetwork, ListenerConfig
 from warmrelay.errors import SpoolError
+from warmrelay.events.emitter import Events
+from warmrelay.events.model import ArgsError, parse_args
 from warmrelay.feedback.intake import FeedbackIntake
 from warmrelay.feedback.token import FEEDBACK_ID, without_header
 from warmrelay.mail.dkim import Signer
@@ -34,6 +37,7 @@ from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
 from warmrelay.queue.spool import Spool, SpooledMessage
 from warmrelay.smtp.auth import Authenticator, AuthGuard
+from warmrelay.warmup.eligibility import header_block
 
 log = logging.getLogger("warmrelay.listener")
 
@@ -450,6 +454,7 @@ class RelayHandler:
         self.admit = admit
         self.suppression = suppression  # addresses that bounced hard: refused at RCPT
         self.intake: FeedbackIntake | None = None  # reports to the bounce domain (bounces:)
+        self.events: Events | None = None  # the application's events (events:)
         smtp = config.smtp
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_client)
         self.guard = AuthGuard(smtp.max_auth_failures, smtp.auth_lockout_s, smtp.auth_tarpit_s)
@@ -598,7 +603,10 @@ class RelayHandler:
         suppressed = self.suppression.check(address) if self.suppression is not None else None
         if suppressed is not None:
             log.info("%s: <%s> refused: on the suppression list", client, address)
-            return suppressed.refusal(address)
+            refusal = suppressed.refusal(address)
+            if self.events is not None:
+                self.events.refused(address, refusal.split(": ", 1)[-1], datetime.now(UTC))
+            return refusal
         if len(envelope.rcpt_tos) >= self.config.smtp.max_recipients:
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
@@ -627,6 +635,18 @@ class RelayHandler:
             if self.config.smtp.bare_newlines == "reject":
                 return "554 5.6.11 Message contains bare CR or LF characters"
             content = _BARE_NEWLINE.sub(b"\r\n", content)
+        # The application's custom arguments for its events: never delivered, never signed
+        meta = {"client": client, "helo": session.host_name or ""}
+        if ARGS_HEADER.encode().lower() in content[: content.find(b"\r\n\r\n")].lower():
+            text = header_block(content, {ARGS_HEADER.lower()}).get(ARGS_HEADER.lower())
+            if text is not None:
+                try:
+                    args = parse_args(text)
+                except ArgsError as exc:
+                    return f"554 5.6.0 {ARGS_HEADER}: {exc}"
+                content = without_header(content, ARGS_HEADER)
+                if args:
+                    meta["args"] = json.dumps(args, separators=(",", ":"))
         received_at = time.time()
         # Signed once, here, before the spool: every retry sends these bytes. Our own
         # Received: line is added after, unsigned (it is trace, not the author's content).
@@ -647,6 +667,10 @@ class RelayHandler:
         encrypted = bool(getattr(server, "encrypted", False))
         trace = self._received_header(session, client, envelope, received_at, encrypted)
         data = trace + content
+        if self.events is not None:  # SendGrid's smtp-id (DKIM may have added it)
+            message_id = header_block(content, {"message-id"}).get("message-id")
+            if message_id:
+                meta["message_id"] = message_id
         if self.admit is not None:
             await self.admit()
         try:
@@ -654,7 +678,7 @@ class RelayHandler:
                 "" if envelope.mail_from == "<>" else envelope.mail_from or "",
                 envelope.rcpt_tos,
                 data,
-                meta={"client": client, "helo": session.host_name or ""},
+                meta=meta,
                 received_at=received_at,
             )
         except SpoolError as exc:
@@ -681,6 +705,8 @@ class RelayHandler:
                 "dkim": signed.summary,
             },
         )
+        if self.events is not None:
+            self.events.processed(message)
         self.submit(message, data)
         return f"250 2.0.0 Ok: queued as {message.queue_id}"
 
