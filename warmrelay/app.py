@@ -100,6 +100,7 @@ class Relay:
             mx_port=config.delivery.mx_port,
         )
         self.dispatcher = Dispatcher(config.delivery)
+        self.dispatcher.on_change = self._connection_gauges
         self.suppression = SuppressionList(
             self.counters, self.metrics, lambda: self.config.suppression, clock
         )
@@ -108,6 +109,7 @@ class Relay:
         self.scheduler = Scheduler(
             self.spool, lambda: self.config.delivery, clock, self.metrics.spool_messages.set
         )
+        self._lanes_seen: set[tuple[str, str]] = set()
         self.recorder = Recorder(
             self.spool,
             self.metrics,
@@ -608,6 +610,11 @@ class Relay:
             },
             "preflight": None if report is None else report.to_json(),
             "events": self.events.status(now.timestamp()),
+            # per source IP and provider: open and idle connections, and their limits
+            "connections": [
+                {"ip": ip, "provider": provider, **c}
+                for (ip, provider), c in sorted(self.dispatcher.connections().items())
+            ],
             # a walk over every queued message (and, with --workers, a question to each
             # worker): for the pages people read, not for every scrape (``queue=False``)
             "queue": await self.queue_summary() if queue else None,
@@ -744,6 +751,17 @@ class Relay:
     async def _metrics_page(self) -> tuple[int, str, bytes]:
         await self.update_gauges()
         return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
+
+    def _connection_gauges(self) -> None:
+        """warmrelay_connections: every lane seen keeps its series (0 when closed)."""
+        now = self.dispatcher.connections()
+        for key in self._lanes_seen - now.keys():
+            for state in ("active", "idle"):
+                self.metrics.connections.labels(*key, state).set(0)
+        for key, c in now.items():
+            self.metrics.connections.labels(*key, "active").set(c["open"] - c["idle"])
+            self.metrics.connections.labels(*key, "idle").set(c["idle"])
+        self._lanes_seen |= now.keys()
 
     async def update_gauges(self) -> None:
         """Gauges that mirror counters and state are set just before a scrape."""

@@ -49,6 +49,10 @@ class Sink:
     ehlos: int = 0  # greetings seen: connection attempts that got that far
     quits: int = 0  # QUIT commands seen: connections closed politely
     messages: list[Received] = field(default_factory=list)
+    # connections per peer address open now (from the greeting to QUIT or the hang-up),
+    # and the most that were open at once: what a receiver sees of a sender's shaping
+    open_now: dict[str, int] = field(default_factory=dict)
+    open_max: dict[str, int] = field(default_factory=dict)
     port: int = 0
     _server: asyncio.Server | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -112,7 +116,16 @@ class Sink:
         self._changed.set()
         return responses
 
+    def opened(self, peer: str) -> None:
+        self.open_now[peer] = self.open_now.get(peer, 0) + 1
+        self.open_max[peer] = max(self.open_max.get(peer, 0), self.open_now[peer])
+
+    def ended(self, peer: str) -> None:
+        self.open_now[peer] = self.open_now.get(peer, 0) - 1
+
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if isinstance(server, _Counted):
+            server.end()
         self.quits += 1
         self._changed.set()
         return "221 Bye"
@@ -120,7 +133,7 @@ class Sink:
     async def start(self) -> Sink:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: SMTP(
+            lambda: _Counted(
                 self,
                 hostname="sink.test",
                 enable_SMTPUTF8=self.smtputf8,
@@ -169,3 +182,28 @@ class Sink:
 
 
 MakeSink = Callable[..., Awaitable["Sink"]]  # the make_sink fixture
+
+
+class _Counted(SMTP):
+    """aiosmtpd's SMTP, telling the sink when a connection begins and ends (at QUIT, or
+    at the hang-up, whichever comes first)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) else ""
+        self._ended = False
+        sink = self.event_handler
+        assert isinstance(sink, Sink)
+        sink.opened(self._peer)
+
+    def end(self) -> None:
+        if not getattr(self, "_ended", True):
+            self._ended = True
+            sink = self.event_handler
+            assert isinstance(sink, Sink)
+            sink.ended(self._peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.end()
+        super().connection_lost(exc)

@@ -31,6 +31,7 @@ from warmrelay.config.changes import describe_changes, redact_url
 from warmrelay.config.checks import bind_error, config_warnings, host_warnings
 from warmrelay.config.delivery import (
     BlockConfig,
+    ConnectionsConfig,
     CooldownConfig,
     DeliveryConfig,
     Patterns,
@@ -98,6 +99,7 @@ __all__ = [
     "BouncesConfig",
     "Config",
     "ConfigSyntaxError",
+    "ConnectionsConfig",
     "CooldownConfig",
     "DeliveryConfig",
     "DkimConfig",

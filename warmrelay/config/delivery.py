@@ -21,7 +21,11 @@ class DeliveryConfig(Frozen):
     retry backoff, the queue lifetime, STARTTLS towards next hops."""
 
     concurrency: int = Field(default=64, gt=0)
+    # a provider no rule recognises: connections per (source IP, next hop), messages per
+    # connection, idle seconds (gmail, microsoft, yahoo, apple have their own defaults;
+    # providers.NAME.connections overrides either)
     connections_per_destination: int = Field(default=16, gt=0)
+    max_messages_per_connection: int = Field(default=100, gt=0)
     connect_timeout_s: float = Field(default=30.0, gt=0)
     timeout_s: float = Field(default=120.0, gt=0)
     idle_connection_s: float = Field(default=10.0, ge=0)
@@ -32,6 +36,9 @@ class DeliveryConfig(Frozen):
     drain_timeout_s: float = Field(default=30.0, ge=0)
     mx_port: int = Field(default=25, gt=0, lt=65536)
     starttls: Literal["opportunistic", "never"] = "opportunistic"
+    # RFC 2920: with a receiver that offers PIPELINING, send MAIL, the RCPTs and DATA in
+    # one write (one round trip instead of 2 + recipients); false: always lockstep
+    pipelining: bool = True
 
 
 class CooldownConfig(Frozen):
@@ -92,8 +99,20 @@ class SmarthostConfig(Frozen):
         return os.environ.get(self.password_env) if self.password_env else None
 
 
+class ConnectionsConfig(Frozen):
+    """How one source IP may use connections to one provider: how many at once, how many
+    messages each carries before it is closed (QUIT) and replaced, how long one is kept
+    idle. A value left out is the default's (see README "Connections per provider")."""
+
+    max_connections: int | None = Field(default=None, gt=0)
+    max_messages_per_connection: int | None = Field(default=None, gt=0)
+    idle_timeout_s: float | None = Field(default=None, ge=0)
+
+
 class ProviderConfig(Frozen):
-    """A mailbox provider of the operator's: MX host suffixes and/or recipient domains."""
+    """A mailbox provider of the operator's: MX host suffixes and/or recipient domains;
+    or, under a built-in name (gmail, microsoft, yahoo, apple), only its connections."""
 
     mx: tuple[str, ...] = ()
     domains: tuple[str, ...] = ()
+    connections: ConnectionsConfig | None = None

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from warmrelay.config.delivery import ConnectionsConfig
 from warmrelay.config.values import Address, Frozen, HostName, yaml_kind
 from warmrelay.warmup.eligibility import Eligibility
 from warmrelay.warmup.plan import (
@@ -137,6 +138,8 @@ class WarmupConfig(Frozen):
     # calendar: a day per calendar day; results: a day repeats unless it used its cap with
     # few throttles; reputation: each provider has its own day, moved by the controller
     progress: Literal["calendar", "results", "reputation"] = "calendar"
+    # tighter than the pool while it warms: capped by these for every provider
+    connections: ConnectionsConfig | None = None
     progress_min_use: float = Field(default=0.9, gt=0, le=1)
     progress_max_throttle: float = Field(default=0.02, gt=0, le=1)
     eligible: EligibleConfig | None = None

@@ -28,6 +28,7 @@ from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint, Trans
 from warmrelay.delivery.dispositions import Recorder, Verdicts, attempt_outcome, retry_delay
 from warmrelay.delivery.nexthop import NextHop, NextHopResolver
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules
+from warmrelay.delivery.shaping import Lane, lane
 from warmrelay.errors import NextHopError, SpoolError
 from warmrelay.feedback.outbound import Marks
 from warmrelay.operate.metrics import Metrics
@@ -50,7 +51,7 @@ class Queue(Protocol):
 
     def data(self, queue_id: str) -> bytes: ...
 
-    def queue_send(self, key: Hashable, send: Job) -> None: ...
+    def queue_send(self, key: Hashable, send: Job, limit: int | None = None) -> None: ...
 
     def due(self, delivery: Delivery) -> None: ...
 
@@ -72,6 +73,7 @@ class _Send:
     chunk: tuple[int, ...]
     hops: Sequence[NextHop]
     provider: str
+    lane: Lane  # its connections' limits (per source IP and provider)
 
     async def run(self) -> None:
         await self.attempts.send(self)
@@ -189,12 +191,16 @@ class Attempts:
                 )
                 self._queue.hold(d.again(chunk), part.retry_at, now)
                 continue
+            label = provider if provider in self.providers.names else "other"
             if isinstance(part, Smarthost):
                 assert self._smarthost is not None
-                key: tuple[str, tuple[tuple[str, int], ...]] = ("smarthost", ())
+                shaped = lane(self._config, None, "other", (), warming=False)
             else:
-                key = (part.address, tuple((h.address, h.port) for h in hops))
-            self._queue.queue_send(key, _Send(self, d, part, chunk, hops, provider))
+                hop_key = tuple((h.address, h.port) for h in hops)
+                warming = part.reason is RouteReason.WARMUP
+                shaped = lane(self._config, part.source, label, hop_key, warming)
+            send = _Send(self, d, part, chunk, hops, provider, shaped)
+            self._queue.queue_send(shaped.key, send, shaped.max_connections)
 
     def _headers(self, queue_id: str) -> dict[str, str]:
         """The headers eligibility rules look at (none are parsed if no rule needs them)."""
@@ -246,7 +252,7 @@ class Attempts:
         else:
             txs = [Transaction(msg.mail_from, [msg.rcpt_tos[i] for i in chunk], data)]
         started = asyncio.get_running_loop().time()
-        result = await self._dispatcher.send_all(endpoint, hops, txs)
+        result = await self._dispatcher.send_all(endpoint, hops, txs, s.lane)
         now = self._clock()
         if result.connected is Connected.BIND_FAILED:
             until = datetime.fromtimestamp(now.timestamp() + self._delivery.ip_down_s, UTC)

@@ -23,7 +23,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -31,6 +31,7 @@ import aiosmtplib
 from warmrelay.config import DeliveryConfig, IPConfig
 from warmrelay.delivery.nexthop import NextHop
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
+from warmrelay.delivery.shaping import Lane
 
 log = logging.getLogger("warmrelay.dispatcher")
 
@@ -94,18 +95,28 @@ class _Refused(Exception):
 
 
 @dataclass
-class _Idle:
-    """Idle connections for one (source IP, next hop address, port), newest last."""
+class _Conn:
+    """An open connection of a lane: how many messages it carried, since when it is idle."""
 
-    connections: list[tuple[aiosmtplib.SMTP, float]] = field(default_factory=list)
+    smtp: aiosmtplib.SMTP
+    lane: Lane
+    messages: int = 0
+    since: float = 0.0  # idle since (monotonic), while it waits for reuse
 
 
 class Dispatcher:
     def __init__(self, config: DeliveryConfig, rules: ReplyRules | None = None) -> None:
         self._config = config
         self._rules = rules or ReplyRules()
-        self._idle: dict[tuple[str, str, int], _Idle] = {}
+        # idle connections per (lane, next hop address, port), newest last
+        self._idle: dict[tuple[Hashable, str, int], list[_Conn]] = {}
+        self._open: dict[Hashable, int] = {}  # open connections per lane: active and idle
+        self._lanes: dict[Hashable, Lane] = {}  # the latest limits of each lane seen
+        self._closing: dict[Hashable, set[asyncio.Task[None]]] = {}  # QUITs under way
         self._reaper: asyncio.Task[None] | None = None
+        # connections opened, closed, idle or busy: the relay's gauges (workers are not
+        # scraped, so they are pushed)
+        self.on_change: Callable[[], None] = lambda: None
         self.closing = False  # set at shutdown: start no new transaction
 
     def configure(self, config: DeliveryConfig, rules: ReplyRules | None = None) -> None:
@@ -121,7 +132,29 @@ class Dispatcher:
 
     @property
     def idle_connections(self) -> int:
-        return sum(len(i.connections) for i in self._idle.values())
+        return sum(len(idle) for idle in self._idle.values())
+
+    def connections(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Open connections per (source IP, provider): open, idle, and the limits (a
+        provider no rule recognises adds up its next hops under "other")."""
+        out: dict[tuple[str, str], dict[str, int]] = {}
+        for key, n in self._open.items():
+            lane = self._lanes[key]
+            entry = out.setdefault(
+                (lane.ip, lane.provider),
+                {
+                    "open": 0,
+                    "idle": 0,
+                    "max_connections": lane.max_connections,
+                    "max_messages_per_connection": lane.max_messages,
+                },
+            )
+            entry["open"] += n
+        for (key, _, _), idle in self._idle.items():
+            lane = self._lanes[key]
+            if (lane.ip, lane.provider) in out:
+                out[(lane.ip, lane.provider)]["idle"] += len(idle)
+        return out
 
     async def send(
         self,
@@ -135,13 +168,20 @@ class Dispatcher:
         return await self.send_all(endpoint, hops, [Transaction(mail_from, rcpts, data)])
 
     async def send_all(
-        self, endpoint: Endpoint, hops: Sequence[NextHop], txs: Sequence[Transaction]
+        self,
+        endpoint: Endpoint,
+        hops: Sequence[NextHop],
+        txs: Sequence[Transaction],
+        lane: Lane | None = None,
     ) -> DispatchResult:
         """Try the next hops in order until one answers; there, run the transactions one
         after another on one connection. A hop that refuses us before the transaction is
         skipped, unless it blames our IP (throttle or block): the next MX of the same
         provider would only say the same to the same IP. Replies: one per recipient, in
-        the order of ``txs``."""
+        the order of ``txs``. ``lane``: the connection limits (per source IP and provider;
+        default: per next hop, the ``delivery`` values)."""
+        lane = lane or self._default_lane(endpoint, hops)
+        self._lanes[lane.key] = lane
         rcpts = [r for tx in txs for r in tx.rcpts]
         last = Reply(451, "4.4.1 No next hop answered", "", Stage.CONNECT)
         if self._reaper is None or self._reaper.done():
@@ -150,15 +190,16 @@ class Dispatcher:
             if self.closing:
                 last = Reply(421, "4.3.2 relay shutting down", "")
                 break
-            key = (endpoint.source or "*", hop.address, hop.port)
+            key = (lane.key, hop.address, hop.port)
             label = f"{hop.host}[{hop.address}]:{hop.port}"
-            smtp = self._reuse(key)
-            if smtp is not None:
+            conn = self._reuse(key)
+            if conn is not None:
                 try:
-                    replies = await self._transactions(smtp, txs, label, True)
-                    return self._done(key, smtp, replies)
+                    replies = await self._transactions(conn.smtp, txs, label, True)
+                    return self._done(key, conn, replies)
                 except _Stale:  # the receiver closed an idle connection: go fresh
-                    smtp.close()
+                    self._close(conn)
+            await self._make_room(lane)
             try:
                 smtp = await self._connect(endpoint, hop, label)
             except _Refused as exc:
@@ -175,54 +216,132 @@ class Dispatcher:
                 last = Reply(451, text, label, Stage.CONNECT)
                 log.info("connect %s from %s failed: %s", label, endpoint.source or "default", exc)
                 continue
+            conn = _Conn(smtp, lane)
+            self._open[lane.key] = self._open.get(lane.key, 0) + 1
+            self.on_change()
             try:
                 replies = await self._transactions(smtp, txs, label, False)
             except _Stale as exc:  # fresh connection lost before anything was accepted
-                smtp.close()
+                self._close(conn)
                 lost = Reply(451, f"4.4.2 {label}: {exc.__cause__ or exc}", label, Stage.MAIL)
                 replies = tuple(lost for _ in rcpts)
-            return self._done(key, smtp, replies)
+            return self._done(key, conn, replies)
         return DispatchResult(Connected.NO, tuple(last for _ in rcpts))
 
     def _done(
-        self, key: tuple[str, str, int], smtp: aiosmtplib.SMTP, replies: tuple[Reply, ...]
+        self, key: tuple[Hashable, str, int], conn: _Conn, replies: tuple[Reply, ...]
     ) -> DispatchResult:
-        if smtp.is_connected and not self.closing:
-            self._idle.setdefault(key, _Idle()).connections.append((smtp, time.monotonic()))
-        else:
-            smtp.close()
+        try:
+            return self._put_back(key, conn, replies)
+        finally:
+            self.on_change()
+
+    def _put_back(
+        self, key: tuple[Hashable, str, int], conn: _Conn, replies: tuple[Reply, ...]
+    ) -> DispatchResult:
+        """The connection goes back to its idle list, unless it is gone, the relay stops,
+        or it carried its lane's ``max_messages``: then QUIT, and the next send opens a
+        fresh one."""
+        conn.messages += 1
+        if conn.smtp.is_connected and not self.closing:
+            if conn.messages < conn.lane.max_messages:
+                conn.since = time.monotonic()
+                self._idle.setdefault(key, []).append(conn)
+                return DispatchResult(Connected.YES, replies)
+            self._quit_later(conn)
+            return DispatchResult(Connected.YES, replies)
+        self._close(conn)
         return DispatchResult(Connected.YES, replies)
 
-    def _reuse(self, key: tuple[str, str, int]) -> aiosmtplib.SMTP | None:
+    def _reuse(self, key: tuple[Hashable, str, int]) -> _Conn | None:
         idle = self._idle.get(key)
         now = time.monotonic()
-        while idle is not None and idle.connections:
-            smtp, since = idle.connections.pop()
-            if smtp.is_connected and now - since < self._config.idle_connection_s:
-                return smtp
-            smtp.close()
+        while idle:
+            conn = idle.pop()
+            if conn.smtp.is_connected and now - conn.since < conn.lane.idle_s:
+                return conn
+            self._close(conn)
         return None
 
+    async def _make_room(self, lane: Lane) -> None:
+        """Before a new connection: while the lane is at ``max_connections``, its idle ones
+        (to another next hop) are closed and the ones saying QUIT are waited for, so the
+        receiver never sees more connections from the IP than the limit."""
+        while self._open.get(lane.key, 0) >= lane.max_connections:
+            found = [(k, idle) for k, idle in self._idle.items() if k[0] == lane.key and idle]
+            if found:
+                _, idle = min(found, key=lambda kv: kv[1][0].since)
+                self._quit_later(idle.pop(0))
+            closing = self._closing.get(lane.key)
+            if not closing:
+                return  # all of them busy: the ready queue never lets that happen
+            await asyncio.wait(closing, return_when=asyncio.FIRST_COMPLETED)
+
+    def _close(self, conn: _Conn) -> None:
+        conn.smtp.close()
+        self._forget(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        n = self._open.get(conn.lane.key, 0) - 1
+        if n > 0:
+            self._open[conn.lane.key] = n
+        else:
+            self._open.pop(conn.lane.key, None)
+
+    def _quit_later(self, conn: _Conn) -> None:
+        """Close politely (QUIT) without making the send wait; it counts as open until the
+        receiver answered (or the wait for it ended)."""
+        closing = self._closing.setdefault(conn.lane.key, set())
+
+        async def quit_it() -> None:
+            try:
+                await _quit(conn.smtp)
+            finally:
+                self._forget(conn)
+                self.on_change()
+
+        task = asyncio.get_running_loop().create_task(quit_it())
+        closing.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            closing.discard(t)
+            if not closing and self._closing.get(conn.lane.key) is closing:
+                del self._closing[conn.lane.key]
+
+        task.add_done_callback(done)
+
+    def _default_lane(self, endpoint: Endpoint, hops: Sequence[NextHop]) -> Lane:
+        c = self._config
+        hop_key = tuple((h.address, h.port) for h in hops)
+        source = endpoint.source or "*"
+        return Lane(
+            (source, hop_key),
+            source,
+            "other",
+            c.connections_per_destination,
+            c.max_messages_per_connection,
+            c.idle_connection_s,
+        )
+
     async def _reap(self) -> None:
-        """Close connections idle for longer than ``idle_connection_s`` (politely, with QUIT)
-        and forget empty entries, so neither sockets nor the map grow without bound."""
+        """Close connections idle for longer than their lane's ``idle_s`` (politely, with
+        QUIT) and forget empty entries, so neither sockets nor the map grow without bound."""
         while True:
             await asyncio.sleep(min(REAP_EVERY_S, max(0.5, self._config.idle_connection_s)))
             now = time.monotonic()
-            stale: list[aiosmtplib.SMTP] = []
+            stale: list[_Conn] = []
             for key in list(self._idle):
-                idle = self._idle[key]
                 keep = []
-                for smtp, since in idle.connections:
-                    if smtp.is_connected and now - since < self._config.idle_connection_s:
-                        keep.append((smtp, since))
+                for conn in self._idle[key]:
+                    if conn.smtp.is_connected and now - conn.since < conn.lane.idle_s:
+                        keep.append(conn)
                     else:
-                        stale.append(smtp)
-                idle.connections = keep
+                        stale.append(conn)
+                self._idle[key] = keep
                 if not keep:
                     del self._idle[key]
-            for smtp in stale:
-                await _quit(smtp)
+            for conn in stale:
+                self._quit_later(conn)
 
     async def _connect(self, endpoint: Endpoint, hop: NextHop, label: str) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
@@ -367,9 +486,12 @@ class Dispatcher:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        idle = [smtp for entry in self._idle.values() for smtp, _ in entry.connections]
+        idle = [conn for entry in self._idle.values() for conn in entry]
         self._idle.clear()
-        await asyncio.gather(*(_quit(smtp) for smtp in idle))
+        for conn in idle:
+            self._forget(conn)
+        closing = [t for tasks in self._closing.values() for t in tasks]
+        await asyncio.gather(*(_quit(conn.smtp) for conn in idle), *closing)
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:

@@ -293,6 +293,14 @@ class Metrics:
             self.events_lost.labels(reason)
         for result in ("ok", "rejected", "failed"):
             self.webhook_posts.labels(result)
+        self.connections = Gauge(
+            "warmrelay_connections",
+            "Outbound connections open per source IP and provider (a provider no rule "
+            "recognises: other), by state: active (carrying a message) or idle (kept for reuse)",
+            ["ip", "provider", "state"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.dsn_sent = Counter(
             "warmrelay_dsn", "Delivery status notifications generated", registry=r
         )

@@ -1,7 +1,8 @@
-"""Ready queues: routed sends waiting for a connection, one queue per (source IP, next hop).
+"""Ready queues: routed sends waiting for a connection, one queue per lane: (source IP,
+provider) for a recognised provider, (source IP, next hop) for any other domain.
 
-As KumoMTA's ready queues: each queue has its own connection limit
-(``delivery.connections_per_destination``) and the whole relay a limit on
+As KumoMTA's ready queues: each queue has its own connection limit (the provider's
+``max_connections``, else ``delivery.connections_per_destination``) and the whole relay a limit on
 sends in progress (``delivery.concurrency``). A send takes a global slot
 only once its own queue has a free connection, so a slow or blackholed
 destination fills its own queue and never the slots other destinations need.
@@ -36,6 +37,7 @@ class _Queue:
     jobs: collections.deque[Job] = field(default_factory=collections.deque)
     active: int = 0
     last_done: float = float("-inf")
+    limit: int | None = None  # its own connection limit (a provider's), else the default
 
 
 class ReadyQueues:
@@ -55,10 +57,15 @@ class ReadyQueues:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def put(self, key: Hashable, job: Job) -> None:
+    def put(self, key: Hashable, job: Job, limit: int | None = None) -> None:
+        """Queue ``job`` on ``key``'s queue; ``limit``: that queue's connection limit (the
+        latest given wins: a reload changes it), else the default."""
         queue = self._queues.setdefault(key, _Queue())
         queue.jobs.append(job)
-        if queue.active < self._connections() and not self._stopping:
+        if limit is not None:
+            queue.limit = limit
+        connections = queue.limit if queue.limit is not None else self._connections()
+        if queue.active < connections and not self._stopping:
             queue.active += 1
             self.idle.clear()
             task = asyncio.get_running_loop().create_task(self._drain(key, queue))

@@ -217,9 +217,9 @@ class Scheduler:
         """Route it now (again)."""
         self._due.put_nowait(delivery)
 
-    def queue_send(self, key: Hashable, send: Job) -> None:
-        """A routed part waits on the ready queue of its (source IP, next hop)."""
-        self._queues.put(key, send)
+    def queue_send(self, key: Hashable, send: Job, limit: int | None = None) -> None:
+        """A routed part waits on the ready queue of its lane (``limit``: its connections)."""
+        self._queues.put(key, send, limit)
 
     def later(self, delivery: Delivery, delay_s: float) -> None:
         """Route it again after ``delay_s`` (the deferred queue)."""
