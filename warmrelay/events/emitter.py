@@ -168,9 +168,15 @@ class Events:
 
     # -- what happened ------------------------------------------------------------------
 
+    @property
+    def enabled(self) -> bool:
+        """Events go somewhere (a webhook or a file): else none is even built."""
+        config = self._config()
+        return config.webhook is not None or config.file is not None
+
     def processed(self, msg: SpooledMessage) -> None:
         """Accepted and spooled: one event per recipient."""
-        o = origin(msg)
+        o = origin(msg) if self.enabled else None
         if o is None:
             return
         now = msg.received_at
@@ -192,7 +198,7 @@ class Events:
         """What one delivery attempt did to recipients of ``msg``: (index, disposition,
         reply) with the Recorder's dispositions (delivered, deferred, bounced, expired,
         deleted), and each one's tries so far; written together."""
-        o = origin(msg)
+        o = origin(msg) if self.enabled else None
         if o is None:
             return
         sent = {"ip": ip if ip != "none" else None, "provider": provider or None}
@@ -229,6 +235,8 @@ class Events:
 
     def refused(self, rcpt: str, reason: str, now: datetime) -> None:
         """A recipient refused at RCPT because it is suppressed (no message exists yet)."""
+        if not self.enabled:
+            return
         o = Origin(None)
         self.emit(build("dropped", rcpt, now.timestamp(), o, uuid.uuid4().hex, {"reason": reason}))
 
@@ -266,6 +274,8 @@ class Events:
     ) -> None:
         """A bounce or complaint that came back after the handover (``async``: true), with
         the message's custom arguments when they were kept."""
+        if not self.enabled:
+            return
         args: dict[str, Any] = {}
         try:
             text = await self._counters.get_value(ARGS_PREFIX + queue_id)
@@ -302,7 +312,7 @@ class Events:
             return
         puts = self.outbox.put(self._clock().timestamp(), bodies)
         assert self.webhook is not None
-        self.webhook.gauges()
+        self._metrics.webhook_outbox.set(self.outbox.count)  # the age: the poster's
         if Put.STORED in puts:
             self._ok("outbox_error")
             self.webhook.wake()

@@ -41,6 +41,16 @@ class Row:
     body: str  # the event's JSON
 
 
+def checkpoint(path: Path) -> None:
+    """Copy the WAL back into the database (PASSIVE: never waits for the writer), on its
+    own connection: called from a thread while the relay writes on."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        db.close()
+
+
 def outbox_path(state_dir: Path, index: int) -> Path:
     """Worker 0 (and a single process): events/outbox.sqlite3; worker i: outbox-i."""
     return state_dir / "events" / ("outbox.sqlite3" if index == 0 else f"outbox-{index}.sqlite3")
@@ -131,6 +141,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
+    # no checkpoint inside a write (it stalled puts by ~4 ms): ``checkpoint`` does it, on a
+    # connection of its own off the event loop
+    db.execute("PRAGMA wal_autocheckpoint=0")
     db.execute(SCHEMA)
     db.execute("CREATE INDEX IF NOT EXISTS events_created ON events (created)")
     return db

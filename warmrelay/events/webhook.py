@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from warmrelay import __version__
 from warmrelay.config import WebhookConfig
-from warmrelay.events.outbox import Outbox, Row
+from warmrelay.events.outbox import Outbox, Row, checkpoint
 from warmrelay.operate.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ log = logging.getLogger("warmrelay.events")
 
 SIGNATURE_HEADER = "X-Warmrelay-Signature"
 IDLE_S = 5.0  # the gauges are refreshed at least this often (workers are not scraped)
+CHECKPOINT_EVERY = 1000  # events taken by the receiver between two WAL checkpoints
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
@@ -82,6 +83,7 @@ class Webhook:
         self._task: asyncio.Task[None] | None = None
         self._failures = 0  # POSTs in a row that failed (the backoff; one WARNING each run)
         self._expiring = False  # events expired since the last POST taken (one ERROR)
+        self._posted_since_checkpoint = 0
         self.posted = asyncio.Event()  # set after each POST the receiver took (tests)
 
     def wake(self) -> None:
@@ -134,9 +136,20 @@ class Webhook:
             self.outbox.remove([r.id for r in rows])
             self.gauges()
             self.posted.set()
+            self._posted_since_checkpoint += len(rows)
+            if self._posted_since_checkpoint >= CHECKPOINT_EVERY:
+                self._posted_since_checkpoint = 0
+                await self._checkpoint()
             return
         delay = min(config.retry_first_s * 2 ** min(self._failures - 1, 30), config.retry_max_s)
         await asyncio.sleep(delay)
+
+    async def _checkpoint(self) -> None:
+        """The outbox's WAL copied back, off the event loop (writes never do it)."""
+        try:
+            await asyncio.to_thread(checkpoint, self.outbox.path)
+        except Exception as exc:  # the WAL grows a while longer; the next one tries again
+            log.debug("events: outbox checkpoint failed: %s", exc)
 
     async def _wait(self, timeout_s: float) -> None:
         self._more.clear()
