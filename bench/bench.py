@@ -16,6 +16,12 @@ For each session count (default 16 and 100) and repetition it:
    reached the sink;
 5. reads the relay's VmHWM and CPU time from /proc, stops it with SIGTERM.
 
+With ``--events`` it also starts ``webhook_sink.py`` (a counting aiohttp receiver on a
+free loopback port), points ``events.webhook`` at it (signing secret in the relay's
+environment), waits after the load until it got the run's events (2 per message:
+processed + delivered) and reports them and the time from the last message at the sink
+to the last event at the receiver. ``--events-file PATH`` sets ``events.file``.
+
 Per run it prints accepted msg/s, delivered msg/s (received / (last arrival -
 first send)), p50/p99 of (arrival at the sink - 250 reply at the client) per
 message, received/expected, duplicates, source IPs seen by the sink, the
@@ -31,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -52,6 +59,9 @@ REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(rb"ready: smtp [0-9.]+:(\d+)(?:, admin [0-9.]+:(\d+))?")
 SINK_RE = re.compile(rb"sink listening smtp=[0-9.]+:(\d+) ctl=[0-9.]+:(\d+)")
+WEBHOOK_SINK_RE = re.compile(rb"webhook sink listening port=(\d+)")
+WEBHOOK_SECRET_ENV = "WARMRELAY_BENCH_WEBHOOK_SECRET"
+EVENTS_PER_MESSAGE = 2  # processed + delivered (one recipient, delivered at once)
 
 
 def loopback(host: str) -> str:
@@ -67,9 +77,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def relay_config(
-    a: argparse.Namespace, state_dir: Path, listen_port: int, admin_port: int, sink_port: int
+    a: argparse.Namespace,
+    state_dir: Path,
+    listen_port: int,
+    admin_port: int,
+    sink_port: int,
+    webhook_url: str | None = None,
 ) -> dict[str, Any]:
-    """The relay's config as a dict (also used by harness_config.py)."""
+    """The relay's config as a dict (also used by harness_config.py). ``webhook_url``:
+    events.webhook posts there (its secret in $WARMRELAY_BENCH_WEBHOOK_SECRET)."""
     today = dt.datetime.now(dt.UTC).date()
     if a.warming:
         ips: list[dict[str, Any]] = [
@@ -109,6 +125,18 @@ def relay_config(
     }
     if delivery:
         cfg["delivery"] = delivery
+    events: dict[str, Any] = {}
+    if webhook_url:
+        events["webhook"] = {
+            "url": webhook_url,
+            "secret_env": WEBHOOK_SECRET_ENV,
+            "batch_max": getattr(a, "events_batch_max", 100),
+            "batch_ms": getattr(a, "events_batch_ms", 1000),
+        }
+    if getattr(a, "events_file", None):
+        events["file"] = a.events_file
+    if events:
+        cfg["events"] = events
     if a.dkim != "none":
         algorithms = {"rsa": ["rsa"], "ed25519": ["ed25519"], "dual": ["rsa", "ed25519"]}
         keys = []
@@ -141,8 +169,20 @@ def relay_config(
     return cfg
 
 
+def tree_digest(root: Path) -> str:
+    """8 hex digits of sha256 over warmrelay/'s *.py (paths and contents): tells apart runs
+    of a checkout that others edit while the benchmark runs."""
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def warmrelay_version() -> str:
-    """The commit of the checkout the relay runs from (+ "-dirty" if warmrelay/ has changes)."""
+    """The commit of the checkout the relay runs from (+ "-dirty.<digest of warmrelay/*.py>"
+    if warmrelay/ has changes)."""
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -156,7 +196,9 @@ def warmrelay_version() -> str:
             text=True,
             timeout=10,
         ).stdout
-        return head + ("-dirty" if dirty.strip() else "") if head else "unknown"
+        if not head:
+            return "unknown"
+        return head + (f"-dirty.{tree_digest(REPO / 'warmrelay')}" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -293,12 +335,101 @@ class Sink:
                 await self.proc.wait()
 
 
+class WebhookSink:
+    """webhook_sink.py: answers 200 to the relay's POSTs and counts the events."""
+
+    def __init__(self, py: str, logdir: Path, no_uvloop: bool) -> None:
+        self.py, self.logdir, self.no_uvloop = py, logdir, no_uvloop
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.log_path = logdir / "webhook-sink.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/events"
+
+    async def start(self, env: dict[str, str]) -> None:
+        args = [self.py, str(HERE / "webhook_sink.py"), "--secret-env", WEBHOOK_SECRET_ENV]
+        if self.no_uvloop:
+            args.append("--no-uvloop")
+        with open(self.log_path, "wb") as log:  # noqa: ASYNC230 (a local file)
+            self.proc = await asyncio.create_subprocess_exec(*args, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.proc.returncode is None:
+            m = WEBHOOK_SINK_RE.search(self.log_path.read_bytes())
+            if m:
+                self.port = int(m.group(1))
+                return
+            await asyncio.sleep(0.05)
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"webhook sink did not start: {tail}")
+
+    async def http(self, method: str, path: str) -> dict[str, Any]:
+        """One HTTP/1.0 request (the connection closes after the answer), JSON answer."""
+        r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+        w.write(
+            f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        raw = await asyncio.wait_for(r.read(), 30)
+        w.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if b" 200 " not in head.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"webhook sink {method} {path}: {head[:200]!r}")
+        return dict(json.loads(body))
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.http("GET", "/stats")
+
+    async def reset(self) -> None:
+        await self.http("POST", "/reset")
+
+    async def wait_events(self, expected: int, timeout_s: float, stall_s: float) -> dict[str, Any]:
+        """Poll until ``expected`` distinct events arrived, or none came for stall_s."""
+        deadline = time.monotonic() + timeout_s
+        last_n, last_change = -1, time.monotonic()
+        while True:
+            st = await self.stats()
+            n = int(st["distinct_ids"])
+            now = time.monotonic()
+            if n != last_n:
+                last_n, last_change = n, now
+            if n >= expected or now > deadline or now - last_change > stall_s:
+                return st
+            await asyncio.sleep(0.05)
+
+    def cpu_s(self) -> float | None:
+        return proc_cpu_s(self.proc.pid) if self.proc else None
+
+    async def stop(self) -> dict[str, Any] | None:
+        """SIGTERM; its last line is the counts."""
+        if not self.proc or self.proc.returncode is not None:
+            return None
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            return None
+        lines = self.log_path.read_bytes().strip().splitlines()
+        try:
+            return dict(json.loads(lines[-1])) if lines else None
+        except ValueError:
+            return None
+
+
 class Relay:
     def __init__(
-        self, py: str, config_path: Path, log_path: Path, extra_cmd: list[str], workers: int = 1
+        self,
+        py: str,
+        config_path: Path,
+        log_path: Path,
+        extra_cmd: list[str],
+        workers: int = 1,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.py, self.config_path, self.log_path = py, config_path, log_path
-        self.extra_cmd, self.workers = extra_cmd, workers
+        self.extra_cmd, self.workers, self.env = extra_cmd, workers, env
         self.proc: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
         self.smtp_port = self.admin_port = 0
@@ -313,6 +444,7 @@ class Relay:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             limit=1 << 20,
+            env=self.env,
         )
         ready: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._drain = asyncio.create_task(self._read(ready))
@@ -466,16 +598,33 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
     log_path = Path(a.log_dir) / f"relay-c{sessions}-r{rep}-{os.getpid()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sink = Sink(py, tmp, a.no_uvloop)
+    webhook = WebhookSink(py, tmp, a.no_uvloop) if a.events else None
+    env = dict(os.environ)
+    env[WEBHOOK_SECRET_ENV] = secrets.token_hex(32)
     relay: Relay | None = None
     hook: asyncio.subprocess.Process | None = None
+    ev: dict[str, Any] | None = None
+    ev_warmup: dict[str, Any] | None = None
+    ev_final: dict[str, Any] | None = None
+    file_lines: int | None = None
+    cpu_mid = None
     try:
         await sink.start()
+        if webhook is not None:
+            await webhook.start(env)
         listen_port, admin_port = free_port(), free_port()
-        cfg = relay_config(a, state_dir, listen_port, admin_port, sink.port)
+        cfg = relay_config(
+            a, state_dir, listen_port, admin_port, sink.port, webhook.url if webhook else None
+        )
         cfg_path = tmp / "warmrelay-bench.yaml"
         cfg_path.write_text(to_yaml(cfg))
         relay = Relay(
-            py, cfg_path, log_path, a.relay_prefix.split() if a.relay_prefix else [], a.workers
+            py,
+            cfg_path,
+            log_path,
+            a.relay_prefix.split() if a.relay_prefix else [],
+            a.workers,
+            env,
         )
         version = warmrelay_version()
         await relay.start(a.ready_timeout_s)
@@ -484,8 +633,15 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
             w = await run_load(a, py, relay.smtp_port, a.warmup, min(sessions, a.warmup), tok)
             await wait_arrivals(sink, len(w["acks"]), a.drain_timeout_s, a.stall_s)
             await sink.cmd("RESET")
+            if webhook is not None:  # the warm-up's events too, then count afresh
+                ev_warmup = await webhook.wait_events(
+                    EVENTS_PER_MESSAGE * len(w["acks"]), a.events_timeout_s, a.stall_s
+                )
+                await webhook.reset()
+        file_offset = events_file_size(a)
         tok = f"m{secrets.token_hex(3)}"
         cpu0, box0, sink0 = tree_cpu_s(relay.pid), box_cpu(), sink.cpu_s()
+        hook0 = webhook.cpu_s() if webhook is not None else None
         self0, wall0 = sum(os.times()[:2]), time.monotonic()
         if a.on_load_start:
             hook = await asyncio.create_subprocess_shell(
@@ -496,10 +652,17 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
             load = await run_load(a, py, relay.smtp_port, a.count, sessions, tok)
             expected = len(load["acks"])
             await wait_arrivals(sink, expected, a.drain_timeout_s, a.stall_s)
+            if webhook is not None:  # the events' tail (batch_ms) is part of their cost
+                cpu_mid = tree_cpu_s(relay.pid)
+                ev = await webhook.wait_events(
+                    EVENTS_PER_MESSAGE * expected, a.events_timeout_s, a.stall_s
+                )
         finally:
             sampler.cancel()
         cpu1, box1, sink1 = tree_cpu_s(relay.pid), box_cpu(), sink.cpu_s()
+        hook1 = webhook.cpu_s() if webhook is not None else None
         self1, wall1 = sum(os.times()[:2]), time.monotonic()
+        file_lines = events_file_lines(a, file_offset)
         nprocs = len(tree_pids(relay.pid))
         hwm_kb = tree_status_kb(relay.pid, "VmHWM")  # sum of per-process peaks
         rss_kb = tree_status_kb(relay.pid, "VmRSS")
@@ -510,6 +673,8 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
         if relay is not None:
             await relay.stop(a.stop_timeout_s)
         await sink.stop()
+        if webhook is not None:
+            ev_final = await webhook.stop()
         if not a.keep_state:
             shutil.rmtree(tmp, ignore_errors=True)
         if hook is not None and hook.returncode is None:  # e.g. a profiler: let it finish
@@ -584,13 +749,74 @@ async def one_run(a: argparse.Namespace, sessions: int, rep: int) -> dict[str, A
                 (sink1 or 0) - (sink0 or 0),
                 load["loadgen_cpu_s"],
                 self1 - self0,
+                (hook1 or 0) - (hook0 or 0),
             ],
         ),
         "sink_cpu_s": round(sink1 - sink0, 2) if sink0 is not None and sink1 is not None else None,
         "config": {k: cfg[k] for k in ("ips",)} | {"delivery": cfg.get("delivery", {})},
         "relay_log": str(log_path),
+        "events": a.events,
+        "events_file": a.events_file,
     }
+    if a.events:
+        assert ev is not None
+        last_event = ev["last_ns"]
+        res |= {
+            "events_expected": EVENTS_PER_MESSAGE * expected,
+            "events_received": ev["distinct_ids"],
+            "events_missing": max(0, EVENTS_PER_MESSAGE * expected - ev["distinct_ids"]),
+            "events_duplicates": ev["duplicates"],
+            "events_by_event": ev["by_event"],
+            "events_posts": ev["posts"],
+            "events_bad_signature": ev["bad_signature"],
+            # the last event at the receiver - the last message at the sink
+            "events_lag_ms": (
+                ms(last_event - last_arrival) if last_event and last_arrival else None
+            ),
+            # and the receiver's pace: events / (last event - first send)
+            "events_per_s": (
+                round(ev["distinct_ids"] / ((last_event - t0) / 1e9), 1)
+                if last_event and t0
+                else None
+            ),
+            "events_received_final": ev_final["distinct_ids"] if ev_final else None,
+            "events_warmup": (
+                f"{ev_warmup['distinct_ids']}/{EVENTS_PER_MESSAGE * a.warmup}"
+                if ev_warmup
+                else None
+            ),
+            "relay_cpu_tail_s": (
+                round(cpu1 - cpu_mid, 2) if cpu1 is not None and cpu_mid is not None else None
+            ),
+            "webhook_sink_cpu_s": (
+                round(hook1 - hook0, 2) if hook0 is not None and hook1 is not None else None
+            ),
+        }
+    if file_lines is not None:
+        res["events_file_lines"] = file_lines
     return res
+
+
+def events_file_size(a: argparse.Namespace) -> int | None:
+    """The size of events.file before the measured load (None: no file, or stdout)."""
+    if not a.events_file or a.events_file == "-":
+        return None
+    try:
+        return os.path.getsize(a.events_file)
+    except OSError:
+        return 0
+
+
+def events_file_lines(a: argparse.Namespace, offset: int | None) -> int | None:
+    """Lines the relay appended to events.file since ``offset``."""
+    if offset is None:
+        return None
+    try:
+        with open(a.events_file, "rb") as f:
+            f.seek(offset)
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return 0
 
 
 def print_run(r: dict[str, Any]) -> None:
@@ -621,11 +847,21 @@ def print_run(r: dict[str, Any]) -> None:
         f"{r['box_busy_pct']}%, loadgen CPU {r['loadgen_cpu_s']} s, sink CPU "
         f"{r['sink_cpu_s']} s; others on the box {r['other_cpu_pct_of_core']}% of a core"
     )
+    if r.get("events"):
+        print(
+            f"   events received/expected {r['events_received']}/{r['events_expected']} "
+            f"{r['events_by_event']} duplicates {r['events_duplicates']} in "
+            f"{r['events_posts']} POSTs (bad signatures {r['events_bad_signature']}); last "
+            f"event {r['events_lag_ms']} ms after the last message reached the sink; relay "
+            f"CPU in that tail {r['relay_cpu_tail_s']} s; warm-up events {r['events_warmup']}"
+        )
+    if r.get("events_file_lines") is not None:
+        print(f"   events.file: {r['events_file_lines']} lines written ({r['events_file']})")
     if r["other_cpu_pct_of_core"] > 15:
         print("   WARNING: other processes used the CPU during this run: it is disturbed")
     if r["failed_sample"]:
         print(f"   failures (sample): {r['failed_sample']}")
-    if r["failed"] or r["missing"] or r["duplicates"]:
+    if r["failed"] or r["missing"] or r["duplicates"] or r.get("events_missing"):
         print(f"   relay log: {r['relay_log']}")
 
 
@@ -659,6 +895,26 @@ def summarize(runs: list[dict[str, Any]]) -> str:
             f"{mr('relay_cpu_ms_per_msg', rs)} | {mr('box_busy_pct', rs)} | "
             f"{mr('other_cpu_pct_of_core', rs)} |"
         )
+    ev = [r for r in runs if r.get("events")]
+    if ev:
+        lines += [
+            "",
+            "| sessions | runs | events received/expected | event dups | POSTs | "
+            "last event after last message ms | events/s at the receiver | "
+            "relay CPU in the tail s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        by = {}
+        for r in ev:
+            by.setdefault(r["sessions"], []).append(r)
+        for s, rs in by.items():
+            lines.append(
+                f"| {s} | {len(rs)} | {sum(r['events_received'] for r in rs)}/"
+                f"{sum(r['events_expected'] for r in rs)} | "
+                f"{sum(r['events_duplicates'] for r in rs)} | {mr('events_posts', rs)} | "
+                f"{mr('events_lag_ms', rs)} | {mr('events_per_s', rs)} | "
+                f"{mr('relay_cpu_tail_s', rs)} |"
+            )
     return "\n".join(lines)
 
 
@@ -676,7 +932,7 @@ async def amain(a: argparse.Namespace) -> int:
                 with open(a.json_out, "a") as f:  # noqa: ASYNC230
                     f.write(line + "\n")
             runs.append(r)
-            bad |= bool(r["missing"] or r["failed"] or r["duplicates"])
+            bad |= bool(r["missing"] or r["failed"] or r["duplicates"] or r.get("events_missing"))
     print()
     print(summarize(runs))
     return 1 if bad else 0
@@ -749,6 +1005,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--counters", default="sqlite", help="state.counters (sqlite or memory)")
     ap.add_argument(
+        "--events",
+        action="store_true",
+        help="events.webhook to a counting receiver (webhook_sink.py); report the events "
+        "it got (2 per message) and the last one's lag after the last message",
+    )
+    ap.add_argument("--events-batch-max", type=int, default=100, help="events.webhook.batch_max")
+    ap.add_argument("--events-batch-ms", type=int, default=1000, help="events.webhook.batch_ms")
+    ap.add_argument(
+        "--events-file",
+        help="events.file: the relay appends the events as JSON lines here (with or "
+        "without --events; lines written during the load are counted)",
+    )
+    ap.add_argument(
+        "--events-timeout-s",
+        type=float,
+        default=120,
+        help="max seconds to wait for the events after the last message arrived",
+    )
+    ap.add_argument(
         "--python", default=sys.executable, help="interpreter for the relay, sink and loadgen"
     )
     ap.add_argument(
@@ -790,6 +1065,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--label", default="warmrelay")
     a = ap.parse_args(argv)
     a.sessions = [int(x) for x in str(a.sessions).split(",") if x.strip()]
+    if a.events_file and a.events_file != "-":  # the relay runs in the repository
+        a.events_file = str(Path(a.events_file).resolve())
     for ip in (a.ip, a.warming_ip, a.pool_ip):
         loopback(ip)
     if not (
