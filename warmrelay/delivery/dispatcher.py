@@ -5,8 +5,10 @@ IP's helo name; idle connections are kept per (source IP, next hop) for reuse
 and closed by a reaper when unused. A bind failure (the address is not on
 this host) is reported as such, never retried from another address.
 
-The transaction runs command by command (not aiosmtplib's ``sendmail``) so
-that every recipient gets the reply that really decided it, wherever it came:
+The transaction runs command by command (not aiosmtplib's ``sendmail``), or with
+PIPELINING (RFC 2920, ``pipeline``: MAIL, every RCPT and DATA in one write, the replies
+read in order) when the receiver offers it, so that every recipient gets the reply that
+really decided it, wherever it came:
 a ``421`` at the second RCPT (after which aiosmtplib drops the connection)
 gives that recipient and the ones after it the 421, not a generic "not
 connected". Replies are returned raw; ``replies.ReplyRules`` classifies them.
@@ -30,6 +32,7 @@ import aiosmtplib
 
 from warmrelay.config import DeliveryConfig, IPConfig
 from warmrelay.delivery.nexthop import NextHop
+from warmrelay.delivery.pipeline import Pipeline
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
 from warmrelay.delivery.shaping import Lane
 
@@ -420,8 +423,9 @@ class Dispatcher:
         label: str,
         reused: bool,
     ) -> tuple[Reply, ...]:
-        """MAIL, each RCPT, DATA: a reply per recipient. Raises ``_Stale`` only when nothing
-        reached the receiver yet (MAIL failed on a dead connection)."""
+        """MAIL, each RCPT, DATA: a reply per recipient; pipelined (RFC 2920, one round
+        trip) when the receiver offers it. Raises ``_Stale`` only when nothing reached the
+        receiver yet (MAIL failed on a dead connection)."""
         tls = smtp.get_transport_info("sslcontext") is not None
         utf8 = not (mail_from + "".join(rcpts)).isascii()
         if utf8 and not smtp.supports_extension("smtputf8"):
@@ -435,6 +439,59 @@ class Dispatcher:
         if smtp.supports_extension("size"):
             options.append(f"SIZE={len(data)}")
         encoding = "utf-8" if utf8 else "ascii"
+        if self._config.pipelining and smtp.supports_extension("pipelining"):
+            # RFC 2920: MAIL, each RCPT and DATA in one write, the replies read in order;
+            # each becomes the Reply the lockstep code below would make of it.
+            reset = True  # RSET after, unless a final dot ended the transaction
+            answers: list[Reply] = []
+            with Pipeline(smtp, self._config.timeout_s) as pipe:
+                try:
+                    pipe.send(mail_from, rcpts, options, encoding)
+                    sender = await pipe.reply()
+                except (aiosmtplib.SMTPException, OSError) as exc:
+                    if reused:
+                        raise _Stale from exc
+                    text = f"4.4.2 {label}: lost at MAIL: {_describe(exc)}"
+                    return tuple(Reply(451, text, label, Stage.MAIL) for _ in rcpts)
+                if sender.code != 250:
+                    if reused and sender.code == 421:
+                        raise _Stale(sender.message)
+                    refused = Reply(sender.code, sender.message, label, Stage.MAIL, tls=tls)
+                    answers = [refused] * len(rcpts)
+                    reset = not await pipe.finish()  # the RCPT and DATA replies are moot
+                else:
+                    for n in range(len(rcpts)):
+                        try:
+                            ok = await pipe.reply()
+                        except (aiosmtplib.SMTPException, OSError) as exc:
+                            text = f"4.4.2 {label}: lost at RCPT: {_describe(exc)}"
+                            lost = Reply(451, text, label)
+                            answers += [lost] * (len(rcpts) - n)
+                            break
+                        taken = ok.code in (250, 251)
+                        answers.append(Reply(ok.code, ok.message, label, Stage.RCPT, taken, tls))
+                        if ok.code == 421:  # the receiver closes; the rest get the same
+                            answers += [answers[-1]] * (len(rcpts) - n - 1)
+                            break
+                    accepted = [i for i, r in enumerate(answers) if r.accepted]
+                    if not accepted:  # RFC 2920 §3.1: DATA may still get 354; a lone dot
+                        reset = not await pipe.finish()
+                    else:
+                        try:
+                            go = await pipe.reply()
+                            done = await pipe.body(data) if go.code == 354 else go
+                            final = Reply(done.code, done.message, label, Stage.DATA, True, tls)
+                            reset = go.code != 354  # after the final dot: no RSET needed
+                        except (aiosmtplib.SMTPException, OSError) as exc:
+                            # The message may have arrived: never resend at once; defer it.
+                            text = f"4.4.2 {label}: lost during DATA, delivery uncertain: "
+                            final = Reply(451, text + _describe(exc), label, Stage.DATA, True, tls)
+                            smtp.close()
+                        for i in accepted:
+                            answers[i] = final
+            if reset:
+                await _reset(smtp)
+            return tuple(answers)
         try:
             await smtp.mail(mail_from, options=options, encoding=encoding)
         except aiosmtplib.SMTPResponseException as exc:
