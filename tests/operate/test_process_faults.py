@@ -54,21 +54,23 @@ async def send_each(port: int, ids: range) -> None:
             await client.sendmail("app@sender.test", [f"u{i}@example.test"], message(i))
 
 
-def workers_of(supervisor: int) -> dict[int, int]:
-    """{worker index: pid} of a supervisor's live children, from /proc (ppid and the
-    WARMRELAY_WORKER variable), so the test needs nothing from the supervisor's log."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+def workers_of(relay: RelayProcess) -> dict[int, int]:
+    """{worker index: pid} of a supervisor's live children: the latest "worker N started:
+    pid P" line of its log for each N, among the processes whose parent it is (/proc)."""
+    assert relay.proc is not None
+    named: dict[int, int] = {}
+    for line in relay.log:
+        found = re.search(r"worker (\d+) started: pid (\d+)", line)
+        if found:
+            named[int(found[1])] = int(found[2])
+    alive = {}
+    for index, pid in named.items():
         with contextlib.suppress(OSError):
-            stat = (entry / "stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) != supervisor:
-                continue
-            for var in (entry / "environ").read_bytes().split(b"\0"):
-                if var.startswith(b"WARMRELAY_WORKER="):
-                    found[int(var.split(b"=", 1)[1].split(b"/")[0])] = int(entry.name)
-    return found
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == relay.proc.pid and state != "Z":
+                alive[index] = pid
+    return alive
 
 
 async def exited(pid: int, timeout_s: float) -> None:
@@ -125,7 +127,7 @@ async def test_a_second_instance_on_the_same_state_dir_exits_and_touches_nothing
     first = await relay_process(doc, "--workers", "2", name="first")
     assert first.proc is not None
     others: list[RelayProcess] = []
-    workers = workers_of(first.proc.pid)
+    workers = workers_of(first)
     try:
         await send_each(first.smtp_port, range(5))
         await sink.wait_for(5)
@@ -157,7 +159,7 @@ async def test_a_second_instance_on_the_same_state_dir_exits_and_touches_nothing
     finally:
         for relay in (first, *others):
             if relay.proc is not None and relay.proc.returncode is None:
-                for pid in workers_of(relay.proc.pid).values():
+                for pid in workers_of(relay).values():
                     os.kill(pid, signal.SIGKILL)
                 await relay.kill()
         kill_all(list(workers.values()))
@@ -192,7 +194,7 @@ async def test_a_worker_killed_after_a_refused_reload_comes_back_with_the_runnin
             lambda line: not line.startswith("[w") and "running configuration stays" in line,
             mark,
         )
-        workers = workers_of(relay.proc.pid)
+        workers = workers_of(relay)
         pids = list(workers.values())
         assert sorted(workers) == [0, 1]
         mark = len(relay.log)
@@ -202,7 +204,7 @@ async def test_a_worker_killed_after_a_refused_reload_comes_back_with_the_runnin
             await next_line(
                 relay, lambda line, i=index: line.startswith(f"[w{i}]") and " ready: " in line, mark
             )
-        pids += list(workers_of(relay.proc.pid).values())
+        pids += list(workers_of(relay).values())
 
         receiver_down[0] = False
         await sink.wait_for_ids(set(range(8)), ids_at, timeout_s=30)
@@ -242,7 +244,7 @@ async def test_a_worker_that_cannot_start_is_restarted_with_growing_delays(
     lock = os.open(tmp_path / "state" / "spool-1" / "lock", os.O_RDWR)
     pids: list[int] = []
     try:
-        workers = workers_of(relay.proc.pid)
+        workers = workers_of(relay)
         pids = list(workers.values())
         os.kill(workers[1], signal.SIGKILL)
         # as another process holding worker 1's spool would: each restart fails to open it
@@ -282,7 +284,7 @@ async def test_workers_of_a_killed_supervisor_stop_and_free_the_state_dir(
         )
         relay = await relay_process(doc, "--workers", "2", name="old")
         assert relay.proc is not None
-        workers = workers_of(relay.proc.pid)
+        workers = workers_of(relay)
         await send_each(relay.smtp_port, range(6))  # spooled: the receiver hangs up
         await relay.kill()  # SIGKILL: the workers are orphans now
         for pid in workers.values():

@@ -9,39 +9,78 @@ drain, and serves the admin endpoint: metrics merged from all workers
 
 What it shares with its workers (the state.dir lock, configuration frames on their
 stdin) is in ``operate.workers``.
+
+The workers are forked, so they share the supervisor's memory: before its event loop, its
+admin endpoint (aiohttp) or any thread exists, the supervisor imports what a worker runs
+(``warmrelay.app`` and all it imports, the lazily loaded DNS record types), moves those
+objects out of the collector's reach (``gc.freeze``: a collection in a worker would write
+to every object's header, and so copy every page) and forks the N workers. A worker
+shares those pages for as long as neither side writes to them; it builds everything else
+anew (loop, listening sockets, spool, counters, thread pools) as an exec'd one did, and
+keeps only its own fds (the state.dir lock, its stdin and stderr pipes). A worker that is
+restarted later, when the supervisor runs its loop, aiohttp and the counters' threads, is
+started as a new ``python -m warmrelay serve`` process, as every worker was before: forking
+a process with threads can leave the child a lock held by a thread it does not have.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import importlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterable
+import threading
+import traceback
+from collections.abc import AsyncIterator, Iterable
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from warmrelay import __version__
 from warmrelay.config import Config
-from warmrelay.errors import StartError
+from warmrelay.errors import StartError, WarmrelayError
 from warmrelay.operate import sdnotify
 from warmrelay.operate.logs import LogFormat, pass_worker_line
 from warmrelay.operate.tally import TallySnapshot, merge
 from warmrelay.operate.workers import (
     WORKER_ENV,
     config_frame,
+    receive_config,
+    worker_env,
 )
+
+if TYPE_CHECKING:
+    from warmrelay.operate.admin import AdminServer
 
 log = logging.getLogger("warmrelay.supervisor")
 
 RESTART_MIN_S = 0.5  # first restart: soon, a dead worker's acknowledged mail is waiting
 RESTART_MAX_S = 30.0  # a worker that cannot start is retried at least this often
 STABLE_S = 10.0  # a worker up this long after "ready" did not fail to start: back-off resets
+
+# What a worker imports beyond warmrelay.app (which the supervisor imports anyway), so that
+# it is in the memory the workers share: modules loaded on first use (the DNS record types
+# of an MX, address or TXT answer and of a negative one, asyncio's DNS backend). aiohttp
+# and redis-py only where the configuration makes the workers load them
+# (preload_worker_modules).
+WORKER_PRELOAD = (
+    "dns._asyncio_backend",
+    "dns.rdtypes.ANY.CNAME",
+    "dns.rdtypes.ANY.MX",
+    "dns.rdtypes.ANY.PTR",
+    "dns.rdtypes.ANY.SOA",
+    "dns.rdtypes.ANY.TXT",
+    "dns.rdtypes.IN.A",
+    "dns.rdtypes.IN.AAAA",
+    "encodings.idna",
+)
 
 
 def reserve_ports(config: Config) -> tuple[list[socket.socket], list[int]]:
@@ -84,6 +123,214 @@ def _exit_text(code: int) -> str:
     return f"code {code}"
 
 
+class _Stdin(Protocol):
+    """What the supervisor uses of a worker's stdin (a StreamWriter, or a pipe transport)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class WorkerProcess(Protocol):
+    """What the supervisor uses of a worker process: asyncio's Process (a worker started
+    with exec) or ForkedWorker."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stdin(self) -> _Stdin | None: ...
+
+    @property
+    def stderr(self) -> AsyncIterator[bytes] | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+class ForkedWorker:
+    """A worker forked before the supervisor's loop ran: its pid and the supervisor's ends of
+    its pipes, made into asyncio objects by ``attach`` once the loop runs. Its exit is seen
+    on a pidfd (readable when the child has exited) and reaped here: no other code of the
+    supervisor waits for children it did not start itself."""
+
+    def __init__(self, pid: int, stdin_fd: int, stderr_fd: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdin: asyncio.WriteTransport | None = None
+        self.stderr: asyncio.StreamReader | None = None
+        self._fds = (stdin_fd, stderr_fd)
+        self._exited: asyncio.Future[int] | None = None
+
+    async def attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        stdin_fd, stderr_fd = self._fds
+        reader = self.stderr = asyncio.StreamReader(loop=loop)
+        # the transports own the pipes from here on (closed with them)
+        stderr = open(stderr_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 (a pipe)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stderr)
+        stdin = open(stdin_fd, "wb", buffering=0)  # noqa: SIM115, ASYNC230 (a pipe)
+        self.stdin, _ = await loop.connect_write_pipe(asyncio.Protocol, stdin)
+        self._exited = loop.create_future()
+        pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(pidfd, self._reap, pidfd)
+        self._reap(pidfd)  # it may be gone already
+
+    def _reap(self, pidfd: int) -> None:
+        assert self._exited is not None
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # cannot happen while we are its only reaper
+            pid, status = self.pid, 255 << 8
+        if pid == 0 or self._exited.done():
+            return
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._exited.set_result(self.returncode)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped: the pid is still this worker's
+            os.kill(self.pid, sig)
+
+    async def wait(self) -> int:
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
+
+    def abandon(self) -> None:
+        """Kill and reap a worker that was never attached (still waiting for its first
+        configuration on stdin, so it has opened nothing: SIGKILL loses nothing)."""
+        if self._exited is not None:
+            return
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+
+
+def why_not_fork() -> str | None:
+    """Why workers cannot be forked from this process now (None: they can): a thread could
+    hold a lock (the import lock, a C library's) that the child would wait for for ever; a
+    running loop would be shared with the child; without pidfds their exit is not seen."""
+    if threading.active_count() > 1:
+        return f"{threading.active_count()} threads run"
+    if asyncio._get_running_loop() is not None:
+        return "an event loop runs"
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError) as exc:
+        return f"no pidfd ({exc})"
+    return None
+
+
+def preload_worker_modules(config: Config) -> None:
+    """Import what workers load on first use (WORKER_PRELOAD), here, before the fork; and
+    what this configuration makes each of them load: the Redis counters, and aiohttp for
+    events.webhook (a worker posts its events itself). Without a webhook no worker maps
+    aiohttp: the admin endpoint's is imported after the fork."""
+    names = list(WORKER_PRELOAD)
+    if config.state.counters.startswith(("redis://", "rediss://", "unix://")):
+        names.append("warmrelay.warmup.counters.redis")
+    if config.events.webhook is not None:
+        names.append("aiohttp")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # a newer library moved it: the worker loads its own
+            log.debug("preload: %s: %s", name, exc)
+
+
+def fork_worker(
+    index: int,
+    count: int,
+    ports: tuple[int, ...],
+    lock_fd: int | None,
+    holders: list[socket.socket],
+) -> ForkedWorker:
+    """Fork worker ``index``; in the parent, its ForkedWorker (attach it once the loop runs).
+    The child never returns from here: it runs the relay and exits."""
+    stdin_r, stdin_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    for stream in (sys.stdout, sys.stderr):  # else the child writes our buffer out again
+        if stream is not None:
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:
+        _worker_main(index, count, ports, stdin_r, stderr_w, lock_fd, holders)
+    os.close(stdin_r)
+    os.close(stderr_w)
+    return ForkedWorker(pid, stdin_w, stderr_r)
+
+
+def _worker_main(
+    index: int,
+    count: int,
+    ports: tuple[int, ...],
+    stdin_fd: int,
+    stderr_fd: int,
+    lock_fd: int | None,
+    holders: list[socket.socket],
+) -> NoReturn:
+    """A forked worker: what an exec'd worker starts with, then the relay, then exit.
+
+    It inherits objects, not a running program: no loop ran and no thread existed in the
+    supervisor (``why_not_fork``), so it builds its own loop, sockets and pools in ``run``.
+    It keeps the fds an exec'd worker gets (0, 1, 2 and the state.dir lock): another
+    worker's stdin pipe held here would keep that worker from seeing its supervisor die.
+    Random state is drawn anew (``random`` and the spool's queue-id counter also do so at
+    every fork, by os.register_at_fork). It never returns into the supervisor's frames."""
+    code = 1
+    try:
+        gc.enable()  # the supervisor turned it off for the imports; the frozen stay frozen
+        random.seed()
+        os.dup2(stdin_fd, 0)
+        os.dup2(stderr_fd, 2)
+        for sock in holders:  # the fds are closed below; their objects must not close again
+            sock.detach()
+        _close_fds_but((0, 1, 2) if lock_fd is None else (0, 1, 2, lock_fd))
+        os.environ[WORKER_ENV] = worker_env(index, count, ports)
+        from warmrelay.app import Worker, run
+
+        code = run(receive_config(), Worker(index, count, ports))
+    except WarmrelayError as exc:  # as the CLI says it: the message, no traceback
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"warmrelay: {line}", file=sys.stderr)
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # what interpreter exit does first: join the threads left (the executors' idle
+        # workers); then out, without running the supervisor's atexit handlers
+        with contextlib.suppress(BaseException):
+            getattr(threading, "_shutdown", lambda: None)()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(BaseException):
+                if stream is not None:
+                    stream.flush()
+        os._exit(code)
+
+
+def _close_fds_but(keep: tuple[int, ...]) -> None:
+    """Close every fd but ``keep`` (close_range(2) where there is one)."""
+    low = 0
+    for fd in sorted(keep):
+        if low < fd:  # closerange(n, n) would close from n to the last fd (close_range(n, ~0))
+            os.closerange(low, fd)
+        low = fd + 1
+    high = os.sysconf("SC_OPEN_MAX")
+    if low < high:
+        os.closerange(low, high)
+
+
 def supervise(
     config: Config,
     config_path: str,
@@ -100,14 +347,32 @@ def supervise(
         raise RuntimeError("prometheus_client was imported before the supervisor set it up")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # before prometheus is imported
 
-    from warmrelay.app import Relay, log_failed_reload, start_admin
-    from warmrelay.operate.admin import AdminServer
-    from warmrelay.operate.metrics import render_all_processes
-    from warmrelay.operate.queueapi import FleetQueueApi, worker_socket
-    from warmrelay.queue.spool import Spool
+    # what the workers run, imported with the collector off (as the gc module's docs advise
+    # before a fork: no holes freed among the objects that stay, for the workers to fill);
+    # the admin endpoint (aiohttp) only after the fork
+    gc.disable()
+    forked: dict[int, ForkedWorker] = {}
+    try:
+        from warmrelay.app import Relay, log_failed_reload, start_admin
+        from warmrelay.operate.metrics import render_all_processes
+        from warmrelay.operate.queueapi import FleetQueueApi, worker_socket
+        from warmrelay.queue.spool import Spool
 
-    holders, ports = reserve_ports(config)
-    procs: dict[int, asyncio.subprocess.Process] = {}
+        holders, ports = reserve_ports(config)
+        preload_worker_modules(config)
+        reason = why_not_fork()
+        if reason is None:
+            gc.freeze()  # what is here now stays shared: a worker's collector never visits it
+            try:
+                for index in range(workers):
+                    forked[index] = fork_worker(index, workers, tuple(ports), lock_fd, holders)
+            except OSError as exc:  # out of processes or memory: the rest start with exec
+                log.warning("cannot fork worker %d (%s): starting it anew", len(forked), exc)
+        else:
+            log.warning("workers start as new processes, sharing no memory: %s", reason)
+    finally:
+        gc.enable()
+    procs: dict[int, WorkerProcess] = {}
     stopping = asyncio.Event()
 
     def signal_workers(sig: signal.Signals) -> None:
@@ -115,7 +380,7 @@ def supervise(
             if proc.returncode is None:
                 proc.send_signal(sig)
 
-    def send_config(proc: asyncio.subprocess.Process, frame: bytes) -> None:
+    def send_config(proc: WorkerProcess, frame: bytes) -> None:
         """Written at once, in order: a worker started during a reload still gets the
         newest configuration last."""
         if proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
@@ -158,31 +423,61 @@ def supervise(
             signal_workers(signal.SIGUSR1)  # workers re-read the state now, not in 30 s
             return result
 
-    relay = SupervisorRelay(config, log_format=log_format)
+    def release() -> None:
+        """At the end: the reserved ports, and workers forked but never attached (the
+        supervisor failed before its loop ran them), which still wait for a configuration
+        and so have nothing open. They are gone before we return: the state.dir lock they
+        inherited is free again."""
+        for worker in forked.values():
+            worker.abandon()
+        forked.clear()
+        for sock in holders:
+            sock.close()
+
+    try:
+        relay = SupervisorRelay(config, log_format=log_format)
+    except BaseException:
+        release()
+        raise
+
+    async def start_worker(index: int) -> WorkerProcess:
+        """Worker ``index`` as a new process (``python -m warmrelay serve``), as the
+        restart of a worker: the supervisor cannot fork one now (see the module)."""
+        env = dict(os.environ)
+        env[WORKER_ENV] = worker_env(index, workers, tuple(ports))
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "warmrelay",
+            "serve",
+            "-c",
+            config_path,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            pass_fds=() if lock_fd is None else (lock_fd,),
+        )
 
     async def run_worker(index: int, ready: asyncio.Event) -> None:
-        """Start worker ``index`` with the running configuration; restart it when it dies,
-        with exponential back-off while it keeps failing."""
+        """Run worker ``index`` (the forked one first) with the running configuration;
+        restart it when it dies, with exponential back-off while it keeps failing."""
         loop = asyncio.get_running_loop()
-        env = dict(os.environ)
-        env[WORKER_ENV] = f"{index}/{workers}/" + ",".join(map(str, ports))
         failures = 0
-        while not stopping.is_set():
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "warmrelay",
-                "serve",
-                "-c",
-                config_path,
-                env=env,
-                stdin=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=() if lock_fd is None else (lock_fd,),
-            )
+        first = forked.pop(index, None)
+        while True:
+            proc: WorkerProcess
+            if first is not None:  # attached even when stopping: it is told to stop below
+                await first.attach()
+                proc, first, how = first, None, "forked"
+            elif stopping.is_set():
+                return
+            else:
+                proc, how = await start_worker(index), "a new process"
             procs[index] = proc
             send_config(proc, config_frame(relay.config))
-            log.info("worker %d started: pid %d", index, proc.pid)
+            log.info("worker %d started: pid %d (%s)", index, proc.pid, how)
+            if stopping.is_set():  # signal_workers may have run before it was in procs
+                proc.send_signal(signal.SIGTERM)
             ready_at: float | None = None
             assert proc.stderr is not None
             async for raw in proc.stderr:
@@ -278,8 +573,7 @@ def supervise(
     try:
         asyncio.run(main())
     finally:
-        for sock in holders:
-            sock.close()
+        release()
     return 0
 
 

@@ -12,6 +12,12 @@ a worker restarted while the file on disk is broken comes back with the last goo
 configuration and delivers its spool. The end of that pipe also tells a worker that its
 supervisor is gone (killed), so it stops instead of living on as an orphan.
 
+A worker is forked from the supervisor (``operate.supervisor``) or, when it is restarted,
+started as ``python -m warmrelay serve`` with ``WARMRELAY_WORKER`` in its environment:
+either way it finds its place in that variable and its configuration on stdin. (A forked
+worker's /proc/PID/environ is the supervisor's: the log line "worker N started: pid P"
+names each worker.)
+
 The relay (``app``) imports this module, never the supervisor's: no cycle.
 """
 
@@ -112,6 +118,11 @@ async def follow_supervisor(apply: Callable[[Config], object], fd: int = 0) -> N
             apply(_decode(data))
     finally:
         transport.close()
+
+
+def worker_env(index: int, count: int, ports: tuple[int, ...]) -> str:
+    """The value of WARMRELAY_WORKER for worker ``index`` of ``count`` ("index/count/ports")."""
+    return f"{index}/{count}/" + ",".join(map(str, ports))
 
 
 def worker_from_env() -> tuple[int, int, tuple[int, ...]] | None:
