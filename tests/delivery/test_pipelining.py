@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
+import hypothesis
+import hypothesis.strategies
 import pytest
 import trustme
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from support.pipelining_sink import PipeliningSink
 from support.postfix import Postfix, postfix_running
 from support.relay import relay_config, running
@@ -26,6 +29,7 @@ from support.tap import tapped
 from warmrelay.config import DeliveryConfig
 from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint, Transaction
 from warmrelay.delivery.nexthop import NextHop
+from warmrelay.delivery.pipeline import message
 from warmrelay.delivery.replies import Reply, Stage
 
 ENDPOINT = Endpoint(None, "mta.test", "never")
@@ -438,3 +442,18 @@ async def test_postfix_tells_improper_pipelining_the_check_above_can_fail() -> N
         await reader.read()
         writer.close()
         await postfix.wait_for_log(r"improper command pipelining after DATA from localhost")
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.lists(
+        hypothesis.strategies.sampled_from([b"\r\n", b"\r", b"\n", b".", b"..", b"a", b"\xff"]),
+        max_size=40,
+    )
+)
+def test_the_message_bytes_are_aiosmtplib_s(pieces: list[bytes]) -> None:
+    """``message`` skips aiosmtplib's two regex passes when the mail already has CRLF
+    endings; with or without that shortcut it sends what aiosmtplib would."""
+    data = b"".join(pieces)
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
+    assert message(data) == expected

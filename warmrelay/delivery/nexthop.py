@@ -8,6 +8,7 @@ The result is one flat list so the dispatcher simply fails over entry by entry.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ class NextHop:
     preference: int
 
 
+@functools.lru_cache(maxsize=4096)  # per recipient on the delivery path; dnspython is slow
 def normalize_domain(domain: str) -> str:
     """Lower-case A-label form without the trailing dot, so routes and cache keys always match."""
     try:
