@@ -229,3 +229,30 @@ async def test_snds_red_moves_microsoft_mail_to_the_pool_within_one_fetch(
     assert pair["paused_since"] == today.isoformat()
     assert pair["last"]["reason"] == f"SNDS RED on {today.isoformat()}"
     assert status["ips"][0]["pairs"]["gmail"]["paused_since"] is None
+
+
+async def test_notes_add_up_whatever_batch_they_land_in(store: list[Counters]) -> None:
+    """Notes gather in memory and go to the store in batches (one operation per distinct
+    amount): notes made while a batch is with the store, repeated keys, different amounts
+    and days all end up counted exactly once."""
+    counts = PairCounts(store[0], UTC)
+    day1, day2 = datetime(2026, 12, 1, 12, tzinfo=UTC), datetime(2026, 12, 2, 12, tzinfo=UTC)
+    expected: dict[tuple[str, date, str], int] = {}
+
+    def note(provider: str, what: str, n: int, when: datetime) -> None:
+        counts.note(WARMING, provider, what, n, when)  # type: ignore[arg-type]
+        k = (provider, when.date(), what)
+        expected[k] = expected.get(k, 0) + max(n, 0)
+
+    for i in range(300):
+        note("gmail" if i % 2 else "yahoo", "tried", 1 + i % 3, day1 if i % 5 else day2)
+        note("gmail", "handed", 1, day1)
+        note("gmail", "deferred", 0, day1)  # nothing to count
+        if i % 50 == 0:
+            await asyncio.sleep(0)  # let a batch leave; the next notes come while it is out
+    await counts.flush()
+    note("yahoo", "complaint", 2, day2)  # after a flush: a new writer
+    await counts.flush()
+    for (provider, day, what), n in expected.items():
+        got = (await counts.day(WARMING, provider, day)).get(what, 0)
+        assert got == n, (provider, day, what)

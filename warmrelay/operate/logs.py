@@ -62,6 +62,9 @@ def setup_logging(fmt: LogFormat = "text", *, worker: int | None = None) -> None
     logging.logThreads = False  # fields no format shows: skip collecting them
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    # nor the caller's file, line and function: finding them walks the stack for every
+    # record (the logging HOWTO's "Optimization" section names this switch)
+    logging._srcfile = None
 
 
 def apply_log_format(fmt: LogFormat) -> bool:

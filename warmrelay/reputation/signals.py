@@ -86,35 +86,52 @@ class Signals:
 
 
 class PairCounts:
+    """Signals counted per (IP, provider, day) in the state store. Counting never holds up a
+    delivery: notes add up in memory and one writer task takes whatever gathered while
+    the previous write was with the store (one store operation per distinct amount, not
+    one task and one operation per note: a delivery notes two or more)."""
+
     def __init__(self, counters: Counters, zone: tzinfo) -> None:
         self._counters = counters
         self.zone = zone
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._due: dict[CounterKey, int] = {}
+        self._writer: asyncio.Task[None] | None = None
         self._failing = False
 
     def note(self, ip: str, provider: str, what: Tallied, n: int, now: datetime) -> None:
         """Count ``n`` in the background (the caller never waits for the store)."""
         if n <= 0:
             return
-        day = now.astimezone(self.zone).date()
-        task = asyncio.get_running_loop().create_task(self._add(key(ip, provider, day, what), n))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        k = key(ip, provider, now.astimezone(self.zone).date(), what)
+        self._due[k] = self._due.get(k, 0) + n
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
 
-    async def _add(self, k: CounterKey, n: int) -> None:
+    async def _write(self) -> None:
         try:
-            await tally(self._counters, [k], n)
+            while self._due:
+                due, self._due = self._due, {}
+                by_amount: dict[int, list[CounterKey]] = {}
+                for k, n in due.items():
+                    by_amount.setdefault(n, []).append(k)
+                await asyncio.gather(*(self._add(keys, n) for n, keys in by_amount.items()))
+        finally:
+            self._writer = None
+
+    async def _add(self, keys: list[CounterKey], n: int) -> None:
+        try:
+            await tally(self._counters, keys, n)
         except CounterError as exc:
             if not self._failing:
-                log.warning("signals: cannot count %s (%s): the rates miss it", k, exc)
+                log.warning("signals: cannot count %s (%s): the rates miss it", keys[0], exc)
             self._failing = True
             return
         self._failing = False
 
     async def flush(self) -> None:
-        """Every count in flight written (or failed)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Every count noted so far written (or failed)."""
+        while self._writer is not None:
+            await asyncio.wait([self._writer])
 
     async def day(self, ip: str, provider: str, day: date) -> dict[str, int]:
         """One pair's tallies of one day (CounterError when the store fails)."""

@@ -74,6 +74,9 @@ _DOMAIN = re.compile(
 )
 
 
+_LOOKED_FOR = ("auth_", "handle_", "smtp_")
+
+
 class _Introspection:
     """Stands in for ``inspect`` and ``dir`` inside aiosmtpd.smtp.
 
@@ -86,19 +89,21 @@ class _Introspection:
     """
 
     def __init__(self) -> None:
-        self._names: dict[type, tuple[list[str], frozenset[str]]] = {}
+        self._names: dict[type, list[str]] = {}
         self._signatures: dict[tuple[object, bool], inspect.Signature] = {}
 
     def dir(self, obj: object) -> list[str]:
+        """The names aiosmtpd.smtp looks for (it calls dir() only to pick out handle_*
+        and smtp_* methods, and getmembers() for auth_*): the rest of a class's few
+        hundred names are left out, so its filters run over a dozen."""
         cls = type(obj)
-        known = self._names.get(cls)
-        if known is None:
-            names = dir(cls)
-            known = self._names[cls] = (names, frozenset(names))
+        names = self._names.get(cls)
+        if names is None:
+            names = self._names[cls] = [n for n in dir(cls) if n.startswith(_LOOKED_FOR)]
         own = getattr(obj, "__dict__", None)
         if not own:
-            return known[0]
-        return known[0] + [n for n in own if n not in known[1]]
+            return names
+        return names + [n for n in own if n.startswith(_LOOKED_FOR) and n not in names]
 
     def getmembers(self, obj: object) -> list[tuple[str, Any]]:
         return [(n, getattr(obj, n)) for n in self.dir(obj) if n.startswith("auth_")]
