@@ -109,6 +109,29 @@ async def test_concurrent_stores_are_group_committed(spool: Spool) -> None:
     assert os.listdir(spool.incoming) == []
 
 
+async def test_removals_go_in_batches_and_all_happen_even_at_close(tmp_path: Path) -> None:
+    """Removals made while a batch of them is on a thread go in the next batch: every file
+    goes, including removals made in the same moment as close(), and a message with a
+    .state file loses both."""
+    s = Spool(tmp_path / "spool")
+    await s.open()
+    msgs = await asyncio.gather(
+        *(s.store("a@example.test", [f"r{i}@example.test"], b"x\r\n") for i in range(300))
+    )
+    s.record_attempt(msgs[0].queue_id, 1)  # a .state file beside its .msg
+    assert (s.queue / f"{msgs[0].queue_id}.state").exists()
+    for m in msgs[:200]:
+        s.remove(m.queue_id)
+        if m is msgs[100]:
+            await asyncio.sleep(0)  # a batch leaves: the next removals wait for it
+    assert len(s) == 100
+    for m in msgs[200:]:
+        s.remove(m.queue_id)
+    await s.close()  # right away: the removals still pending are done before it returns
+    assert sorted(os.listdir(s.queue)) == []
+    assert s.unrecorded == 0
+
+
 async def test_bad_usage_is_refused(spool: Spool, tmp_path: Path) -> None:
     with pytest.raises(SpoolError):  # a second relay on the same spool would double-deliver
         await Spool(spool.directory).open()

@@ -195,7 +195,9 @@ class Spool:
         self.on_change: Callable[[], None] | None = None  # writable or backlog changed
         self._unwritten: dict[str, _Progress] = {}  # progress known only in memory
         self._unremoved: set[str] = set()  # finished, but their files are still there
-        self._removing: set[asyncio.Future[OSError | None]] = set()
+        self._removing: set[asyncio.Future[list[str]]] = set()
+        self._to_unlink: list[str] = []  # finished, to be removed by the next batch
+        self._unlinking: asyncio.Future[list[str]] | None = None  # the batch on a thread
         self._watcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._fault_since = 0.0
@@ -415,10 +417,12 @@ class Spool:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
             try:
-                for chunk in (_encode(item.message, item.data), item.data):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                head = _encode(item.message, item.data)
+                done = os.writev(fd, (head, item.data))  # one call for both, as a rule
+                if done < len(head) + len(item.data):  # a short write: the rest
+                    rest = memoryview(head + item.data)[done:]
+                    while rest:
+                        rest = rest[os.write(fd, rest) :]
                 if self._fsync:
                     os.fdatasync(fd)
             finally:
@@ -478,26 +482,47 @@ class Spool:
 
     def _discard(self, queue_id: str) -> None:
         """Unlink on the spool's threads, off the event loop: nothing waits for a delete, and
-        one that a crash undoes only means a duplicate delivery, never a loss. One the disk
-        refuses (read-only) is remembered and done again when it can be."""
+        one that a crash undoes only means a duplicate delivery, never a loss. Removals
+        made while a batch of them is on a thread go together in the next (one thread
+        hand-off per batch, not per message). One the disk refuses (read-only) is
+        remembered and done again when it can be."""
         self._messages.pop(queue_id, None)
         if self._unwritten.pop(queue_id, None) is not None:
             self._changed()
         if self._pool is not None and not self._closed:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self._pool, self._unlink, queue_id)
-            self._removing.add(future)
-            future.add_done_callback(partial(self._unlinked, queue_id))
+            self._to_unlink.append(queue_id)
+            if self._unlinking is None:
+                self._unlink_next()
         elif self._unlink(queue_id) is not None:
             self._unremoved.add(queue_id)
             self._changed()
 
-    def _unlinked(self, queue_id: str, future: asyncio.Future[OSError | None]) -> None:
+    def _unlink_next(self) -> None:
+        assert self._pool is not None
+        ids, self._to_unlink = self._to_unlink, []
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._unlink_all, ids)
+        self._unlinking = future
+        self._removing.add(future)
+        future.add_done_callback(partial(self._unlinked, ids))
+
+    def _unlinked(self, ids: list[str], future: asyncio.Future[list[str]]) -> None:
         self._removing.discard(future)
-        if future.cancelled() or future.result() is not None:
-            self._unremoved.add(queue_id)
+        self._unlinking = None
+        left = ids if future.cancelled() or future.exception() is not None else future.result()
+        if left:
+            self._unremoved.update(left)
             self._changed()
             self._suspect()
+        if self._to_unlink and self._pool is not None:
+            self._unlink_next()
+
+    def _unlink_all(self, ids: list[str]) -> list[str]:
+        """Blocking; the ids whose files are still there: from the first error on (a disk
+        that refuses one refuses the next; the watcher tries again)."""
+        for i, queue_id in enumerate(ids):
+            if self._unlink(queue_id) is not None:
+                return ids[i:]
+        return []
 
     def _unlink(self, queue_id: str) -> OSError | None:
         """Blocking; the first error, if any (the .state is kept if the .msg stays)."""
@@ -689,7 +714,7 @@ class Spool:
         if self._watcher is not None:  # ends after its probe or write (not cut in half)
             self._wake.set()
             await self._watcher
-        if self._removing:
+        while self._removing:  # a batch ending starts the next with what came meanwhile
             await asyncio.gather(*self._removing, return_exceptions=True)
         if self._pool is not None:
             await self._flush()
