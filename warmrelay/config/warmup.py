@@ -5,6 +5,7 @@ or results, which mail is eligible). The values become the pure policy objects o
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from datetime import date, datetime
@@ -162,3 +163,9 @@ class IPConfig(Frozen):
     helo: HostName
     weight: int = Field(default=1, gt=0)
     warmup: WarmupConfig | None = None
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The address as text, the key of everything kept per IP: made once (ipaddress
+        builds the string anew on every str(), and routing asks for it per message)."""
+        return str(self.address)

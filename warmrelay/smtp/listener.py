@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import inspect
 import ipaddress
 import json
@@ -867,6 +868,7 @@ def _ip(text: str) -> IPAddress | None:
     return addr
 
 
+@functools.lru_cache(maxsize=1024)  # per connection: a few clients, parsed once each
 def _address(text: str) -> str:
     """One spelling per client, so caps and lockouts count ::ffff:10.0.0.1 as 10.0.0.1."""
     addr = _ip(text)

@@ -152,7 +152,7 @@ class Route:
 
     @property
     def address(self) -> str:
-        return str(self.source.address)
+        return self.source.text
 
     @property
     def log_reason(self) -> str:
@@ -292,11 +292,11 @@ class Router:
         self._eligible: dict[str, Eligibility] = {}
         for ip in config.ips:
             if ip.warmup is not None:
-                self._plans[str(ip.address)] = ip.warmup.plan()
+                self._plans[ip.text] = ip.warmup.plan()
                 rules = ip.warmup.eligibility()
                 if rules is not None:
-                    self._eligible[str(ip.address)] = rules
-        self._control: dict[str, IPControl] = {str(ip.address): IPControl() for ip in config.ips}
+                    self._eligible[ip.text] = rules
+        self._control: dict[str, IPControl] = {ip.text: IPControl() for ip in config.ips}
         self._pending: list[tuple[str, Change]] = []  # changes the store failed to take, in order
         self._loaded_at = float("-inf")
         # the reason each IP (per provider for PER_PROVIDER ones) last did not take mail:
@@ -320,13 +320,13 @@ class Router:
         (None: not used yet, or no warmup block)."""
         if ip.warmup is None:
             return None
-        return self._control[str(ip.address)].start(ip.warmup.start)
+        return self._control[ip.text].start(ip.warmup.start)
 
     def status(self, ip: IPConfig, now: datetime) -> WarmupStatus:
         """Where the IP stands: warmup day and cap, or warm, paused, not started. An IP
         whose start is its first use is on day 1 until it is used (it may be today)."""
         today = now.astimezone(self._zone).date()
-        c = self._control[str(ip.address)]
+        c = self._control[ip.text]
         start = self.start(ip)
         if c.paused_since is not None:
             day = c.day if c.day is not None else 0
@@ -347,13 +347,13 @@ class Router:
 
     def caps(self, ip: IPConfig, now: datetime, provider: str | None = None) -> Caps | None:
         """The caps in force for a warming IP (None for an IP without a warmup block)."""
-        plan = self._plans.get(str(ip.address))
+        plan = self._plans.get(ip.text)
         if plan is None:
             return None
         status = self.status(ip, now)
         if self.pairs is not None and ip.warmup is not None and ip.warmup.progress == "reputation":
             pair = self.pairs.label(provider)
-            day = self.pairs.state(str(ip.address), pair).day
+            day = self.pairs.state(ip.text, pair).day
             return caps_at(plan, self._zone, now, provider, status, day, pair)
         return caps_at(plan, self._zone, now, provider, status)
 
@@ -375,7 +375,7 @@ class Router:
         return s if s is not None and now < s.until else None
 
     def counter_key(self, ip: IPConfig, now: datetime, scope: str = "all") -> CounterKey:
-        return CounterKey(str(ip.address), self.status(ip, now).window, scope)
+        return CounterKey(ip.text, self.status(ip, now).window, scope)
 
     async def sent(self, ip: IPConfig, now: datetime) -> int:
         """Recipients counted against ``ip`` in the current window."""
@@ -483,7 +483,7 @@ class Router:
         judgement is a compare-and-set of the progress record, so processes judging the
         same day at once advance it once, and it never goes back."""
         assert ip.warmup is not None
-        address = str(ip.address)
+        address = ip.text
         known = self._control[address]
         start = known.start(ip.warmup.start)
         if known.completed or start is None or today < start:
@@ -500,7 +500,7 @@ class Router:
     async def _judged(self, ip: IPConfig, progress: Progress | None, today: date) -> Progress:
         """The progress after judging every finished day since ``progress``."""
         assert ip.warmup is not None
-        address, schedule = str(ip.address), ip.warmup.schedule
+        address, schedule = ip.text, ip.warmup.schedule
         start = self.start(ip)
         assert start is not None  # _advance judges only IPs that have begun
         day, on = (progress.day, progress.on) if progress else (1, start)
@@ -589,7 +589,7 @@ class Router:
         """A warming IP without ``warmup.start`` routes mail for the first time: today is
         its day 1, stored once for every process and relay on the store (the first
         writer wins; everyone reads back what is stored)."""
-        address = str(ip.address)
+        address = ip.text
         c = self._control[address]
         mine = Started(now.astimezone(self._zone).date(), c.pause.days)
         wrote = False
@@ -626,7 +626,7 @@ class Router:
         began) change nothing; a block during a throttle's suspension replaces it.
         ``cooldown`` (base_s, max_s) replaces the configured one (reputation blocks);
         ``blocked`` (by default: a cooldown was given) records it as a block."""
-        address, key = str(ip.address), provider or ""
+        address, key = ip.text, provider or ""
         base_s, max_s = cooldown or self._config.throttle.cooldown(provider)
         is_block = cooldown is not None if blocked is None else blocked
 
@@ -664,7 +664,7 @@ class Router:
         for ip, st in zip(self.ips, statuses, strict=True):
             if ip.warmup is None:
                 continue
-            address = str(ip.address)
+            address = ip.text
             why = unusable(
                 address,
                 st,
@@ -685,7 +685,7 @@ class Router:
             for ip in warming[start:] + warming[:start]:
                 if remaining == 0:
                     break
-                address = str(ip.address)
+                address = ip.text
                 down_until = self._down_until.get(address) if self.is_down(address, now) else None
                 suspension = self.suspension(address, provider, now)
                 stopped = held_back(address, provider, down_until, suspension)
@@ -740,12 +740,12 @@ class Router:
         if ip.warmup is None or ip.warmup.progress != "reputation":
             return None
         pair = self.pairs.label(provider)
-        st = self.pairs.state(str(ip.address), pair)
+        st = self.pairs.state(ip.text, pair)
         if not st.paused:
             return None
         why = f" ({st.last.reason})" if st.last is not None else ""
         detail = f"paused for {pair} since {st.paused_since}{why}"
-        return Refusal(str(ip.address), OverflowReason.REPUTATION, detail, provider)
+        return Refusal(ip.text, OverflowReason.REPUTATION, detail, provider)
 
     async def _counts_after(self, limits: Sequence[Limit]) -> list[int] | None:
         """The counts under ``limits`` once a reservation ran short of them. With one limit
@@ -812,7 +812,7 @@ class Router:
         """Eligibility rules; and never a DSN (null sender): bounces from a cold IP hurt it."""
         if traffic is not None and not traffic.sender:
             return False
-        rules = self._eligible.get(str(ip.address))
+        rules = self._eligible.get(ip.text)
         return rules is None or (traffic is not None and rules.admits(traffic))
 
     def _overflow(
@@ -832,7 +832,7 @@ class Router:
         if warming_in_play and policy == "smarthost":
             return Smarthost(n, RouteReason.OVERFLOW, why)
         warm = [ip for ip, st in zip(self.ips, states, strict=True) if st is WarmupState.WARM]
-        pool = [ip for ip in warm if not self.is_down(str(ip.address), now)]
+        pool = [ip for ip in warm if not self.is_down(ip.text, now)]
         if not pool:
             if policy == "smarthost":
                 return Smarthost(n, RouteReason.POOL, why)
@@ -847,7 +847,7 @@ class Router:
         total = 0
         best: IPConfig | None = None
         for ip in pool:
-            key = str(ip.address)
+            key = ip.text
             self._rr_weights[key] = self._rr_weights.get(key, 0) + ip.weight
             total += ip.weight
             if best is None or self._rr_weights[key] > self._rr_weights[str(best.address)]:
