@@ -139,7 +139,10 @@ class _Reader(asyncio.Protocol):
         self._arrived.set()
 
     async def next(self) -> aiosmtplib.SMTPResponse:
-        """The next reply; replies that came before a hang-up are still returned first."""
+        """The next reply; replies that came before a hang-up are still returned first. One
+        already here needs no timer (the pipelined RCPT and DATA replies mostly are)."""
+        if self._replies:
+            return self._replies.popleft()
         try:
             async with asyncio.timeout(self.timeout_s):
                 while not self._replies:
