@@ -24,6 +24,7 @@ import yaml
 from support.relay import http_get, relay_doc, running
 from support.relayproc import RelayProcess
 from support.sink import Sink
+from support.wire import read_reply
 
 from warmrelay.config import parse_config
 
@@ -367,12 +368,7 @@ class Client:
 
     async def reply(self, timeout_s: float = REPLY_S) -> bytes:
         """One reply; b"" when the relay closed the connection (raises on a reset)."""
-        lines = b""
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), timeout_s)
-            lines += line
-            if not line or line[3:4] != b"-":
-                return lines
+        return await read_reply(self.reader, timeout_s)
 
     async def say(self, text: bytes) -> bytes:
         self.writer.write(text + b"\r\n")

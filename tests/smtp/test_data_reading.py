@@ -33,6 +33,7 @@ import pytest
 from support.polling import eventually
 from support.relay import relay_config, running
 from support.sink import Sink
+from support.wire import read_reply
 
 from warmrelay.app import Relay
 
@@ -102,12 +103,7 @@ class Client:
 
     async def reply(self) -> bytes:
         """One reply (all its lines); b"" once the relay has closed the connection."""
-        lines = b""
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), REPLY_S)
-            lines += line
-            if not line or line[3:4] != b"-":
-                return lines
+        return await read_reply(self.reader, REPLY_S)
 
     async def replies(self, n: int) -> list[bytes]:
         return [await self.reply() for _ in range(n)]
@@ -379,6 +375,20 @@ async def test_a_whole_session_in_one_write(relay: Relay, sink: Sink) -> None:
 # plus a transparency dot), checked on the line as sent, before unstuffing
 
 
+async def judged_then_next(relay: Relay, sink: Sink, rcpt: str, data: bytes) -> bytes:
+    """Send ``data`` to ``rcpt`` and return the reply to its dot; then check that the
+    session goes on either way: a next message in it is queued and delivered."""
+    client = await Client.open(relay)
+    await client.begin(rcpt)
+    await client.send(data)
+    await client.send(b".\r\n")
+    reply = await client.reply()
+    assert QUEUED.match(await client.transaction("next@example.test", HEAD + b"next\r\n.\r\n"))
+    await client.quit()
+    assert await delivered(sink, "next@example.test") == HEAD + b"next\r\n"
+    return reply
+
+
 @pytest.mark.parametrize(
     ("line", "accepted"),
     [
@@ -398,15 +408,9 @@ async def test_a_whole_session_in_one_write(relay: Relay, sink: Sink) -> None:
     ids=lambda v: str(v) if isinstance(v, bool) else f"{len(v)}-{v[:1].decode()}",
 )
 async def test_line_length_limit(relay: Relay, sink: Sink, line: bytes, accepted: bool) -> None:
-    client = await Client.open(relay)
-    await client.begin("long@example.test")
-    await client.send(HEAD + b"before\r\n" + line + b"\r\nafter\r\n")
-    await client.send(b".\r\n")
-    reply = await client.reply()
-    # the session goes on either way
-    assert QUEUED.match(await client.transaction("next@example.test", HEAD + b"next\r\n.\r\n"))
-    await client.quit()
-    assert await delivered(sink, "next@example.test") == HEAD + b"next\r\n"
+    reply = await judged_then_next(
+        relay, sink, "long@example.test", HEAD + b"before\r\n" + line + b"\r\nafter\r\n"
+    )
     if accepted:
         assert QUEUED.match(reply), reply
         expected = HEAD + b"before\r\n" + line.removeprefix(b".") + b"\r\nafter\r\n"
@@ -446,14 +450,7 @@ async def test_the_tail_of_a_long_line_is_no_terminator(relay: Relay, sink: Sink
     ids=["at-limit", "one-over", "stuffed-at-limit", "stuffed-one-over"],
 )
 async def test_size_limit(small_relay: Relay, sink: Sink, data: bytes, accepted: bool) -> None:
-    client = await Client.open(small_relay)
-    await client.begin("big@example.test")
-    await client.send(data)
-    await client.send(b".\r\n")
-    reply = await client.reply()
-    assert QUEUED.match(await client.transaction("next@example.test", HEAD + b"next\r\n.\r\n"))
-    await client.quit()
-    assert await delivered(sink, "next@example.test") == HEAD + b"next\r\n"
+    reply = await judged_then_next(small_relay, sink, "big@example.test", data)
     if accepted:
         assert QUEUED.match(reply), reply
         expected = data.replace(b"\r\n..", b"\r\n.")

@@ -24,6 +24,7 @@ from support.cli import warmrelay
 from support.polling import eventually
 from support.relay import relay_doc, running, send
 from support.sink import Sink
+from support.wire import read_reply
 
 from warmrelay.config import parse_config
 from warmrelay.smtp.auth import hash_password
@@ -77,12 +78,7 @@ class Line:
 
     async def reply(self) -> bytes:
         """One (possibly multi-line) reply; b"" once the relay has closed the connection."""
-        lines = b""
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), REPLY_S)
-            lines += line
-            if not line or line[3:4] != b"-":
-                return lines
+        return await read_reply(self.reader, REPLY_S)
 
     async def say(self, text: bytes) -> bytes:
         self.writer.write(text + b"\r\n")
