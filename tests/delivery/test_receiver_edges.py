@@ -20,7 +20,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import Envelope
 from support.dnsserver import LoopbackDNS
-from support.relay import http_get, relay_config, running, send
+from support.relay import http_get, mx_config, relay_config, running, send
 from support.sink import Sink
 
 from warmrelay.app import Relay
@@ -52,16 +52,7 @@ async def gmail_hosted(
         dns.add_a("gmail-smtp-in.l.google.com", sink.host)
         dns.add_mx("sender.test", 10, "mx.sender.test")
         dns.add_a("mx.sender.test", sink.host)
-        delivery = {"mx_port": sink.port, "retry_first_s": 3600, **over.pop("delivery", {})}
-        config = relay_config(
-            tmp_path,
-            sink.port,
-            cap=1000,
-            routes={},
-            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
-            delivery=delivery,
-            **over,
-        )
+        config = mx_config(tmp_path, sink.port, dns.port, sink.port, **over)
         async with running(config) as relay:
             yield relay, dns
 
@@ -105,14 +96,7 @@ async def test_throttle_at_the_greeting_is_recognised(
     async with server, LoopbackDNS() as dns:
         dns.add_mx("ymail.test", 10, "mta5.am0.yahoodns.net")
         dns.add_a("mta5.am0.yahoodns.net", "127.0.0.22")
-        config = relay_config(
-            tmp_path,
-            pool_sink.port,
-            cap=1000,
-            routes={},
-            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
-            delivery={"mx_port": throttling_port, "retry_first_s": 3600},
-        )
+        config = mx_config(tmp_path, pool_sink.port, dns.port, throttling_port)
         async with running(config) as relay:
             await send(relay, ["x@ymail.test", "y@ymail.test"])
             await logs.wait_for("yahoo throttles 127.0.0.2")
@@ -220,14 +204,7 @@ async def test_tls_failure_moves_to_the_next_mx_and_counts_once(
         dns.add_a("mx1.two-mx.test", "127.0.0.25")
         dns.add_mx("two-mx.test", 20, "mx2.two-mx.test")
         dns.add_a("mx2.two-mx.test", "127.0.0.26")
-        config = relay_config(
-            tmp_path,
-            sink.port,
-            cap=1000,
-            routes={},
-            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
-            delivery={"mx_port": port, "retry_first_s": 3600},
-        )
+        config = mx_config(tmp_path, sink.port, dns.port, port)
         async with running(config) as relay:
             await send(relay, ["a@two-mx.test"])
             (msg,) = await sink.wait_for(1)

@@ -10,7 +10,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import Envelope
 from support.dnsserver import LoopbackDNS
-from support.relay import http, http_get, relay_config, running, send, status
+from support.relay import http, http_get, mx_config, relay_config, running, send, status
 from support.sink import Sink
 
 MakeSink = Callable[..., Awaitable[Sink]]
@@ -32,14 +32,7 @@ async def test_gmail_throttle_suspends_only_for_gmail(tmp_path: Path, make_sink:
         dns.add_a("gmail-smtp-in.l.google.com", "127.0.0.20")
         dns.add_mx("other.test", 10, "mx.other.test")
         dns.add_a("mx.other.test", "127.0.0.20")
-        config = relay_config(
-            tmp_path,
-            sink.port,
-            cap=1000,
-            routes={},
-            dns={"nameservers": [f"127.0.0.1:{dns.port}"]},
-            delivery={"mx_port": sink.port, "retry_first_s": 3600},  # no retry but the re-route
-        )
+        config = mx_config(tmp_path, sink.port, dns.port, sink.port)  # no retry but the re-route
         async with running(config) as relay:
             await send(relay, ["first@brand.test"])
             (gmail,) = await sink.wait_for(1)

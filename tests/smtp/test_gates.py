@@ -85,6 +85,13 @@ class Line:
         await self.writer.drain()
         return await self.reply()
 
+    async def into_data(self, helo: bytes = b"hostile.test") -> None:
+        """EHLO, MAIL, RCPT and DATA, after the greeting was read: the message may follow."""
+        await self.say(b"EHLO " + helo)
+        await self.say(b"MAIL FROM:<a@sender.test>")
+        await self.say(b"RCPT TO:<x@example.test>")
+        assert (await self.say(b"DATA")).startswith(b"354")
+
     async def starttls(self, tls: ssl.SSLContext) -> None:
         assert (await self.say(b"STARTTLS")).startswith(b"220")
         await self.writer.start_tls(tls, server_hostname="relay.test")
@@ -401,10 +408,7 @@ async def long_lines(t: Target, rng: random.Random) -> None:
 async def reset_in_data(t: Target, rng: random.Random) -> None:
     c = await Line.open(t.plain, "127.0.0.1")
     await c.reply()
-    await c.say(b"EHLO hostile.test")
-    await c.say(b"MAIL FROM:<a@sender.test>")
-    await c.say(b"RCPT TO:<x@example.test>")
-    assert (await c.say(b"DATA")).startswith(b"354")
+    await c.into_data()
     c.writer.write(b"Subject: cut\r\n\r\n" + b"y" * rng.randrange(0, 5000))
     await c.writer.drain()
     c.reset()
@@ -456,10 +460,7 @@ async def reset_after_starttls(t: Target, rng: random.Random) -> None:
 async def reset_in_tls_data(t: Target, rng: random.Random) -> None:
     c = await Line.open(t.implicit, "127.0.0.1", tls=t.tls)
     await c.reply()
-    await c.say(b"EHLO hostile.test")
-    await c.say(b"MAIL FROM:<a@sender.test>")
-    await c.say(b"RCPT TO:<x@example.test>")
-    assert (await c.say(b"DATA")).startswith(b"354")
+    await c.into_data()
     c.writer.write(b"Subject: cut\r\n\r\n" + b"z" * rng.randrange(0, 3000))
     await c.writer.drain()
     c.reset()
@@ -486,10 +487,7 @@ async def proxy_reset_in_data(t: Target, rng: random.Random) -> None:
     c = await Line.open(t.proxy, "127.0.0.5")
     c.writer.write(b"PROXY TCP4 127.0.0.1 127.0.0.1 4000 25\r\n")
     await c.reply()
-    await c.say(b"EHLO hostile.test")
-    await c.say(b"MAIL FROM:<a@sender.test>")
-    await c.say(b"RCPT TO:<x@example.test>")
-    assert (await c.say(b"DATA")).startswith(b"354")
+    await c.into_data()
     c.writer.write(b"Subject: cut\r\n\r\nhalf a li")
     await c.writer.drain()
     c.reset()
@@ -578,10 +576,7 @@ async def test_data_deadline_answers_421_then_closes(
     async with running(parse_config(doc)) as relay:
         c = await Line.open(relay.smtp_ports[0])
         await c.reply()
-        await c.say(b"EHLO slow.test")
-        await c.say(b"MAIL FROM:<a@sender.test>")
-        await c.say(b"RCPT TO:<x@example.test>")
-        assert (await c.say(b"DATA")).startswith(b"354")
+        await c.into_data(b"slow.test")
         c.writer.write(b"Subject: slow\r\n\r\nand then nothing")
         assert (await c.reply()).startswith(b"421 4.4.2")  # told why, ...
         assert await c.rest() == b""  # ... then hung up on

@@ -49,6 +49,22 @@ def relay_config(tmp_path: Path, sink_port: int, **over: Any) -> Config:
     return parse_config(relay_doc(tmp_path, sink_port, **over))
 
 
+def mx_config(tmp_path: Path, sink_port: int, dns_port: int, mx_port: int, **over: Any) -> Config:
+    """A test relay that finds next hops by MX in the loopback DNS server on ``dns_port``
+    (no routes), delivers to port ``mx_port`` of what they name, and retries only after an
+    hour (so a test sees the first attempt and any re-route, nothing else)."""
+    delivery = {"mx_port": mx_port, "retry_first_s": 3600, **over.pop("delivery", {})}
+    return relay_config(
+        tmp_path,
+        sink_port,
+        cap=1000,
+        routes={},
+        dns={"nameservers": [f"127.0.0.1:{dns_port}"]},
+        delivery=delivery,
+        **over,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(config: Config, **kwargs: Any) -> AsyncIterator[Relay]:
     relay = Relay(config, **kwargs)
