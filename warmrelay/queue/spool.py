@@ -195,7 +195,6 @@ class Spool:
         self.on_change: Callable[[], None] | None = None  # writable or backlog changed
         self._unwritten: dict[str, _Progress] = {}  # progress known only in memory
         self._unremoved: set[str] = set()  # finished, but their files are still there
-        self._removing: set[asyncio.Future[list[str]]] = set()
         self._to_unlink: list[str] = []  # finished, to be removed by the next batch
         self._unlinking: asyncio.Future[list[str]] | None = None  # the batch on a thread
         self._watcher: asyncio.Task[None] | None = None
@@ -502,11 +501,9 @@ class Spool:
         ids, self._to_unlink = self._to_unlink, []
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._unlink_all, ids)
         self._unlinking = future
-        self._removing.add(future)
         future.add_done_callback(partial(self._unlinked, ids))
 
     def _unlinked(self, ids: list[str], future: asyncio.Future[list[str]]) -> None:
-        self._removing.discard(future)
         self._unlinking = None
         left = ids if future.cancelled() or future.exception() is not None else future.result()
         if left:
@@ -714,8 +711,8 @@ class Spool:
         if self._watcher is not None:  # ends after its probe or write (not cut in half)
             self._wake.set()
             await self._watcher
-        while self._removing:  # a batch ending starts the next with what came meanwhile
-            await asyncio.gather(*self._removing, return_exceptions=True)
+        while self._unlinking is not None:  # a batch ending starts the next, if any waits
+            await asyncio.wait([self._unlinking])
         if self._pool is not None:
             await self._flush()
             self._report_unrecorded()

@@ -59,7 +59,6 @@ _ENHANCED = {
     ),
     "553 5.1.3 Error: malformed address": "501 5.1.3 Bad address syntax",
     "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
-    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
     "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
 }
 # <local@domain> with an unquoted dot-atom local part and a plain domain, then parameters
@@ -438,7 +437,7 @@ class RelaySMTP(SMTP):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
             await self.push("501 Syntax: DATA")
