@@ -1,8 +1,10 @@
 """Helper process for tests/test_spool.py, so faults hit a real process and real files.
 
 ``crash DIR``: stores messages from many concurrent writers forever and prints
-``<queue_id> <n> <sha256 of data>`` right after each ``store()`` returned (the test's signal
-that the message is acknowledged), until the test kills it with SIGKILL.
+``<queue_id> <n> <sha256 of data> <kept|removed>`` right after each ``store()`` returned (the
+test's signal that the message is acknowledged), until the test kills it with SIGKILL. Every
+third message is removed right after its store (as if delivered at once), so that segments die
+with some of their messages removed and some not.
 
 ``fault DIR LIMIT``: limits the file size of this process to LIMIT bytes (RLIMIT_FSIZE, with
 SIGXFSZ ignored so writes fail with EFBIG instead of killing us), tries a large message, a
@@ -45,7 +47,10 @@ async def crash(directory: Path) -> None:
         while True:
             data = message(n)
             msg = await spool.store("a@example.test", [f"r{n}@example.test"], data)
-            sys.stdout.write(f"{msg.queue_id} {n} {hashlib.sha256(data).hexdigest()}\n")
+            fate = "removed" if n % 3 == 1 else "kept"
+            if fate == "removed":
+                spool.remove(msg.queue_id)
+            sys.stdout.write(f"{msg.queue_id} {n} {hashlib.sha256(data).hexdigest()} {fate}\n")
             sys.stdout.flush()
             n += WRITERS
 

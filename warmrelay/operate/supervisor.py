@@ -40,7 +40,6 @@ import threading
 import traceback
 from collections.abc import AsyncIterator, Iterable
 from datetime import date
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from warmrelay import __version__
@@ -104,10 +103,6 @@ def reserve_ports(config: Config) -> tuple[list[socket.socket], list[int]]:
         holders.append(sock)
         ports.append(int(sock.getsockname()[1]))
     return holders, ports
-
-
-def spool_files(state_dir: Path) -> int:
-    return sum(1 for d in state_dir.glob("spool*") for _ in d.glob("queue/*.msg"))
 
 
 def restart_delay(failures: int) -> float:
@@ -391,7 +386,7 @@ def supervise(
         serve the whole host (spool files of every worker, metrics merged from all)."""
 
         def spool_size(self) -> int:
-            return spool_files(config.state.dir)
+            return Spool.count_on_disk(config.state.dir.glob("spool*"))
 
         async def _metrics_page(self) -> tuple[int, str, bytes]:
             await self.update_gauges()
