@@ -452,14 +452,25 @@ class Spool:
         return msg
 
     async def _commit_loop(self) -> None:
-        """One batch at a time, so the next batch fills up while this one syncs."""
+        """One batch at a time, so the next batch fills up while this one syncs. The
+        removals waiting meanwhile ride along on the batch's thread trip (each trip is a
+        thread wake-up and a wake-up of the loop: under load they were a third of the
+        spool's CPU)."""
         loop = asyncio.get_running_loop()
         try:
             while self._pending and self._pool is not None:
                 batch = [i for i in self._pending[:MAX_BATCH] if not i.future.cancelled()]
                 del self._pending[:MAX_BATCH]
+                trip: list[_Removal] = []
+                if self._unlinking is None:
+                    trip, self._to_unlink = _trip(self._to_unlink), []
                 try:
-                    await loop.run_in_executor(self._pool, self._commit, batch)
+                    work = partial(self._commit_and_remove, batch, trip)
+                    future = loop.run_in_executor(self._pool, work)
+                    if trip:
+                        self._unlinking = future
+                        future.add_done_callback(partial(self._unlinked, trip))
+                    await future
                     self.batches_committed += 1
                 except Exception as exc:  # a bug, not a disk error: fail this batch, go on
                     log.exception("spool commit failed")
@@ -485,6 +496,13 @@ class Spool:
                         item.future.set_exception(err)
         finally:
             self._committer = None
+            if self._to_unlink and self._unlinking is None and self._pool is not None:
+                self._unlink_next()  # removals made during the last batch
+
+    def _commit_and_remove(self, batch: list[_Pending], trip: list[_Removal]) -> list[_Removal]:
+        """Blocking: the batch, then the removals (the removals not done, as _unlink_all)."""
+        self._commit(batch)
+        return self._unlink_all(trip)
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Blocking: several messages go into one segment; one message, or a batch whose
@@ -495,7 +513,10 @@ class Spool:
         assert self._pool is not None
         if len(batch) > 1 and self._write_segment(batch):
             return
-        list(self._pool.map(self._write, batch))
+        if len(batch) == 1:  # on this thread: a hand-off to another costs more than it saves
+            self._write(batch[0])
+        else:
+            list(self._pool.map(self._write, batch))
         renamed: list[_Pending] = []
         for item in batch:
             name = f"{item.message.queue_id}.msg"
@@ -658,7 +679,7 @@ class Spool:
         removal = self._removal(queue_id)
         if self._pool is not None and not self._closed:
             self._to_unlink.append(removal)
-            if self._unlinking is None:
+            if self._unlinking is None and self._committer is None:  # else: with its batch
                 self._unlink_next()
         elif self._remove_files(removal) is not None:
             self._unremoved.add(removal)
@@ -694,8 +715,8 @@ class Spool:
             self._unremoved.update(left)
             self._changed()
             self._suspect()
-        if self._to_unlink and self._pool is not None:
-            self._unlink_next()
+        if self._to_unlink and self._pool is not None and self._committer is None:
+            self._unlink_next()  # else they go with the committer's next batch, or after it
 
     def _unlink_all(self, trip: list[_Removal]) -> list[_Removal]:
         """Blocking; the removals not done: from the first error on (a disk that refuses
