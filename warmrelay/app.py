@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("warmrelay")
 
 SNDS_LEVEL = {"GREEN": 0, "YELLOW": 1, "RED": 2}  # warmrelay_reputation_signal{snds_filter}
+CONNECTION_GAUGES_S = 1.0  # warmrelay_connections follows the connections within this
 
 
 class Relay:
@@ -100,7 +101,7 @@ class Relay:
             mx_port=config.delivery.mx_port,
         )
         self.dispatcher = Dispatcher(config.delivery)
-        self.dispatcher.on_change = self._connection_gauges
+        self.dispatcher.on_change = self._connections_changed
         self.suppression = SuppressionList(
             self.counters, self.metrics, lambda: self.config.suppression, clock
         )
@@ -110,6 +111,7 @@ class Relay:
             self.spool, lambda: self.config.delivery, clock, self.metrics.spool_messages.set
         )
         self._lanes_seen: set[tuple[str, str]] = set()
+        self._gauges_due: asyncio.TimerHandle | None = None  # connection gauges to set
         self.recorder = Recorder(
             self.spool,
             self.metrics,
@@ -752,8 +754,19 @@ class Relay:
         await self.update_gauges()
         return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
 
+    def _connections_changed(self) -> None:
+        """A connection opened, closed or went idle (several times per message): the gauges
+        follow within CONNECTION_GAUGES_S, not at each change. A scrape of this process sets
+        them first anyway; a worker's are read from its metrics file, hence the timer."""
+        if self._gauges_due is None:
+            loop = asyncio.get_running_loop()
+            self._gauges_due = loop.call_later(CONNECTION_GAUGES_S, self._connection_gauges)
+
     def _connection_gauges(self) -> None:
         """warmrelay_connections: every lane seen keeps its series (0 when closed)."""
+        if self._gauges_due is not None:
+            self._gauges_due.cancel()
+            self._gauges_due = None
         now = self.dispatcher.connections()
         for key in self._lanes_seen - now.keys():
             for state in ("active", "idle"):
@@ -766,6 +779,7 @@ class Relay:
     async def update_gauges(self) -> None:
         """Gauges that mirror counters and state are set just before a scrape."""
         self.check_source_ips()
+        self._connection_gauges()
         m = self.metrics
         status = await self.status(queue=False)
         for ip in status["ips"]:

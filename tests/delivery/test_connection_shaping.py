@@ -12,6 +12,7 @@ from typing import Any
 
 import aiosmtplib
 from prometheus_client.parser import text_string_to_metric_families
+from support.polling import eventually
 from support.relay import http_get, relay_doc, running, status
 from support.sink import Sink
 
@@ -130,3 +131,35 @@ def test_defaults_per_provider_and_the_rest_per_next_hop(tmp_path: Path) -> None
     other = lane(config, pool, "other", (("10.0.0.1", 25),), warming=False)
     assert (other.max_connections, other.max_messages) == (16, 100)
     assert other.key == (str(pool.address), (("10.0.0.1", 25),))  # per next hop, as before
+
+
+def connection_gauges(body: bytes, ip: str) -> dict[str, float]:
+    return {
+        s.labels["state"]: s.value
+        for f in text_string_to_metric_families(body.decode())
+        if f.name == "warmrelay_connections"
+        for s in f.samples
+        if s.labels["ip"] == ip
+    }
+
+
+async def test_connection_gauges_follow_without_a_scrape(tmp_path: Path, sink: Sink) -> None:
+    """A worker's gauges are read from its metrics file, never asked before a scrape: they
+    follow the connections by themselves (within CONNECTION_GAUGES_S), both ways."""
+    sink.data_gate = asyncio.Event()
+    async with running(parse_config(pool_only(tmp_path, sink))) as relay:
+        sending = asyncio.create_task(blast(relay.smtp_ports[0], 20, "example.net"))
+
+        def busy() -> bool:
+            return connection_gauges(relay.metrics.render(), POOL).get("active", 0) >= 1
+
+        await eventually(busy, what="an active connection in the gauges, unscraped")
+        sink.data_gate.set()
+        await sending
+        await sink.wait_for(20)
+
+        def settled() -> bool:
+            gauges = connection_gauges(relay.metrics.render(), POOL)
+            return gauges.get("active") == 0 and gauges.get("idle", 0) >= 1
+
+        await eventually(settled, what="all connections idle in the gauges, unscraped")

@@ -32,7 +32,6 @@ import stat
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +45,7 @@ from warmrelay.config.model import Config
 from warmrelay.config.values import format_path
 from warmrelay.delivery.nexthop import normalize_domain
 from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
+from warmrelay.mail.dates import mail_date
 
 log = logging.getLogger("warmrelay.dkim")
 
@@ -365,7 +365,7 @@ class Signer:
             mid = f" <{secrets.token_hex(16)}@{self.hostname}>\r\n"
             added.append((b"Message-ID", mid.encode("ascii")))
         if b"date" not in names:
-            date = email.utils.format_datetime(datetime.fromtimestamp(now, UTC))
+            date = mail_date(now)
             added.append((b"Date", f" {date}\r\n".encode("ascii")))
         return added
 

@@ -20,7 +20,6 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from email.utils import format_datetime
 from typing import Any, AnyStr
 
 import aiosmtpd.smtp
@@ -33,6 +32,7 @@ from warmrelay.events.emitter import Events
 from warmrelay.events.model import ArgsError, parse_args
 from warmrelay.feedback.intake import FeedbackIntake
 from warmrelay.feedback.token import FEEDBACK_ID, without_header
+from warmrelay.mail.dates import mail_date
 from warmrelay.mail.dkim import Signer
 from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate.metrics import Metrics
@@ -847,7 +847,7 @@ class RelayHandler:
         # RFC 3848 protocol names: ESMTP, +S with TLS, +A when authenticated
         proto = ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP") if session.extended_smtp else "SMTP"
         proto += ("S" if encrypted else "") + ("A" if session.authenticated else "")
-        date = format_datetime(datetime.fromtimestamp(now, UTC))
+        date = mail_date(now)
         header = (
             f"Received: from {helo} ([{client}])\r\n"
             f"\tby {self.config.smtp.hostname} (warmrelay) with {proto};\r\n"
