@@ -349,6 +349,69 @@ async def test_a_timeout_after_the_dot_is_deferred_not_resent(
             late.set()
 
 
+async def test_a_message_maybe_delivered_counts_against_the_warming_cap(
+    tmp_path: Path, logs: LogWatch, make_sink: MakeSink
+) -> None:
+    """The receiver took the message and answers the dot after our timeout: it may have
+    it, so the warming IP's count keeps it (given back, the cap could be passed by every
+    such message). It waits for its retry, which counts again: over, never under."""
+    sink = await make_sink()
+    original = sink.handle_DATA
+    late = asyncio.Event()
+
+    async def handle_DATA(server: Any, session: Any, envelope: Envelope) -> str:
+        reply = await original(server, session, envelope)  # stored...
+        await late.wait()  # ...but the reply comes after our timeout
+        return reply
+
+    sink.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    config = relay_config(
+        tmp_path,
+        sink.port,
+        cap=1000,
+        delivery={"timeout_s": 1.0, "retry_first_s": 3600, "retry_max_s": 3600},
+    )
+    async with running(config) as relay:
+        try:
+            await send(relay, ["slow@example.test"])
+            line = await logs.wait_for("to=<slow@example.test>")
+            assert " deferred (451 4.4.2 " in line and "delivery uncertain" in line
+            assert [m.peer for m in sink.messages] == [WARMING]
+            assert await warming_sent(relay) == 1
+            assert relay.scheduler.deferred == 1
+        finally:
+            late.set()
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_421_before_data_gives_the_accepted_recipients_count_back(
+    tmp_path: Path, logs: LogWatch, make_sink: MakeSink, pipelining: bool
+) -> None:
+    """RCPT accepted, then 421 for the next RCPT: the message never went out, so nothing
+    counts against the warming IP, and the accepted recipient hears the 421 (not "delivery
+    uncertain")."""
+
+    def rcpt(peer: str, address: str) -> str | None:
+        return "421 4.7.0 too many errors, closing" if address.startswith("second") else None
+
+    sink = await make_sink(rcpt_reply=rcpt)
+    config = relay_config(
+        tmp_path,
+        sink.port,
+        cap=1000,
+        delivery={"retry_first_s": 3600, "retry_max_s": 3600, "pipelining": pipelining},
+    )
+    async with running(config) as relay:
+        await send(relay, ["first@example.test", "second@example.test"])
+        first = await logs.wait_for("to=<first@example.test>")
+        second = await logs.wait_for("to=<second@example.test>")
+        for line in (first, second):
+            assert " deferred (421 4.7.0 too many errors" in line, line
+        assert sink.messages == []
+        assert await warming_sent(relay) == 0
+        assert relay.scheduler.deferred == 1
+
+
 async def test_idle_connections_are_closed_and_forgotten(tmp_path: Path, sink: Sink) -> None:
     config = relay_config(tmp_path, sink.port, delivery={"idle_connection_s": 0.3})
     async with running(config) as relay:

@@ -332,7 +332,8 @@ class Attempts:
         self, chunk: Sequence[int], replies: Sequence[Reply], warming: bool
     ) -> tuple[Verdicts, int, list[tuple[int, Reply]], list[tuple[int, Reply]]]:
         """Each recipient's reply through the one classifier: the verdicts, how many count
-        against the cap (accepted at RCPT and handed over, or refused for good), and the
+        against the cap (accepted at RCPT and handed over, maybe handed over, or refused for
+        good), and the
         recipients whose provider throttled or blocked the IP."""
         v = Verdicts()
         kept = 0
@@ -350,7 +351,9 @@ class Attempts:
                 blocked.append((i, reply))
             else:
                 v.retry.append((i, reply))
-            if reply.accepted and outcome in (Outcome.DELIVERED, Outcome.BOUNCED):
+            if reply.accepted and (
+                outcome in (Outcome.DELIVERED, Outcome.BOUNCED) or reply.maybe_delivered
+            ):
                 kept += 1
         return v, kept, throttled, blocked
 

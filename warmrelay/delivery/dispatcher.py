@@ -32,7 +32,7 @@ import aiosmtplib
 
 from warmrelay.config import DeliveryConfig, IPConfig
 from warmrelay.delivery.nexthop import NextHop
-from warmrelay.delivery.pipeline import Pipeline
+from warmrelay.delivery.pipeline import START_INPUT, Pipeline
 from warmrelay.delivery.replies import Outcome, Reply, ReplyRules, Stage
 from warmrelay.delivery.shaping import Lane
 
@@ -460,33 +460,29 @@ class Dispatcher:
                     answers = [refused] * len(rcpts)
                     reset = not await pipe.finish()  # the RCPT and DATA replies are moot
                 else:
+                    ended: Reply | None = None  # the receiver went before DATA
                     for n in range(len(rcpts)):
                         try:
                             ok = await pipe.reply()
                         except (aiosmtplib.SMTPException, OSError) as exc:
                             text = f"4.4.2 {label}: lost at RCPT: {_describe(exc)}"
-                            lost = Reply(451, text, label)
-                            answers += [lost] * (len(rcpts) - n)
+                            ended = Reply(451, text, label)
+                            answers += [ended] * (len(rcpts) - n)
                             break
                         taken = ok.code in (250, 251)
                         answers.append(Reply(ok.code, ok.message, label, Stage.RCPT, taken, tls))
                         if ok.code == 421:  # the receiver closes; the rest get the same
-                            answers += [answers[-1]] * (len(rcpts) - n - 1)
+                            ended = answers[-1]
+                            answers += [ended] * (len(rcpts) - n - 1)
                             break
                     accepted = [i for i, r in enumerate(answers) if r.accepted]
-                    if not accepted:  # RFC 2920 §3.1: DATA may still get 354; a lone dot
+                    if ended is not None:  # nothing handed over: the accepted get its reply
+                        answers = [ended if r.accepted else r for r in answers]
+                        reset = False
+                    elif not accepted:  # RFC 2920 §3.1: DATA may still get 354; a lone dot
                         reset = not await pipe.finish()
                     else:
-                        try:
-                            go = await pipe.reply()
-                            done = await pipe.body(data) if go.code == 354 else go
-                            final = Reply(done.code, done.message, label, Stage.DATA, True, tls)
-                            reset = go.code != 354  # after the final dot: no RSET needed
-                        except (aiosmtplib.SMTPException, OSError) as exc:
-                            # The message may have arrived: never resend at once; defer it.
-                            text = f"4.4.2 {label}: lost during DATA, delivery uncertain: "
-                            final = Reply(451, text + _describe(exc), label, Stage.DATA, True, tls)
-                            smtp.close()
+                        final, reset = await _hand_over(pipe, data, label, tls)
                         for i in accepted:
                             answers[i] = final
             if reset:
@@ -506,34 +502,35 @@ class Dispatcher:
             lost = Reply(451, f"4.4.2 {label}: lost at MAIL: {_describe(exc)}", label, Stage.MAIL)
             return tuple(lost for _ in rcpts)
         replies: list[Reply] = []
-        for n, rcpt in enumerate(rcpts):
+        ended = None  # the receiver went before DATA (as in the pipelined branch)
+        for rcpt in rcpts:
             try:
                 ok = await smtp.rcpt(rcpt, encoding=encoding)
                 replies.append(Reply(ok.code, ok.message, label, Stage.RCPT, True, tls))
             except aiosmtplib.SMTPResponseException as exc:
                 replies.append(Reply(exc.code, exc.message, label, Stage.RCPT, tls=tls))
                 if not smtp.is_connected:  # 421: the receiver closes; the rest get the same
-                    replies += [replies[-1]] * (len(rcpts) - n - 1)
+                    ended = replies[-1]
                     break
             except (aiosmtplib.SMTPException, OSError) as exc:
-                lost = Reply(451, f"4.4.2 {label}: lost at RCPT: {_describe(exc)}", label)
-                replies += [lost] * (len(rcpts) - n)
+                ended = Reply(451, f"4.4.2 {label}: lost at RCPT: {_describe(exc)}", label)
                 break
+        if ended is not None:  # nothing handed over: the accepted and the rest get its reply
+            replies += [ended] * (len(rcpts) - len(replies))
+            return tuple(ended if r.accepted else r for r in replies)
         accepted = [i for i, r in enumerate(replies) if r.accepted]
         if not accepted:
             await _reset(smtp)
             return tuple(replies)
         try:
-            done = await smtp.data(data)
-            final = Reply(done.code, done.message, label, Stage.DATA, True, tls)
-        except aiosmtplib.SMTPResponseException as exc:  # DATA refused, or after the dot
-            final = Reply(exc.code, exc.message, label, Stage.DATA, True, tls)
+            with Pipeline(smtp, self._config.timeout_s) as pipe:
+                pipe.data()
+                final, reset = await _hand_over(pipe, data, label, tls)
+        except (aiosmtplib.SMTPException, OSError) as exc:  # DATA could not even be written
+            final = Reply(451, f"4.4.2 {label}: lost at DATA: {_describe(exc)}", label, Stage.DATA)
+            reset = False
+        if reset:
             await _reset(smtp)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # The message may have arrived: never resend at once (duplicates); defer it.
-            text = f"4.4.2 {label}: lost during DATA, delivery uncertain: {_describe(exc)}"
-            final = Reply(451, text, label, Stage.DATA, True, tls)
-            smtp.close()
         for i in accepted:
             replies[i] = final
         return tuple(replies)
@@ -587,3 +584,23 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         await asyncio.wait_for(smtp.quit(), 2)
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
         smtp.close()
+
+
+async def _hand_over(pipe: Pipeline, data: bytes, label: str, tls: bool) -> tuple[Reply, bool]:
+    """DATA's reply (owed on ``pipe``), then the message if it was 354: the reply for every
+    recipient accepted at RCPT, and whether an RSET must follow. Lost before the message
+    went out: certainly not delivered. Lost after it: maybe delivered, so it counts against
+    the cap and waits for its retry (resending at once could deliver it twice)."""
+    try:
+        go = await pipe.reply()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        text = f"4.4.2 {label}: lost at DATA, not delivered: {_describe(exc)}"
+        return Reply(451, text, label, Stage.DATA, True, tls), False
+    if go.code != START_INPUT:
+        return Reply(go.code, go.message, label, Stage.DATA, True, tls), True
+    try:
+        done = await pipe.body(data)
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        text = f"4.4.2 {label}: lost during DATA, delivery uncertain: {_describe(exc)}"
+        return Reply(451, text, label, Stage.DATA, True, tls, maybe_delivered=True), False
+    return Reply(done.code, done.message, label, Stage.DATA, True, tls), False

@@ -201,6 +201,12 @@ class Pipeline:
         self._write(commands(mail_from, rcpts, options, encoding), len(rcpts) + 2)
         self._data_next = True
 
+    def data(self) -> None:
+        """Write DATA alone (the lockstep path: MAIL and RCPT went through aiosmtplib), so
+        that both paths tell a connection lost before the message from one lost after it."""
+        self._write(b"DATA\r\n", 1)
+        self._data_next = True
+
     async def reply(self) -> aiosmtplib.SMTPResponse:
         """The next reply owed, in the order the commands went."""
         if self._owed <= 0:

@@ -55,6 +55,9 @@ class Reply:
     stage: Stage = Stage.LOCAL
     accepted: bool = False
     tls: bool = False  # the transaction ran over TLS (the events' tls field)
+    # the connection was lost after the message went out, before its reply: the receiver
+    # may have it, so it counts against a warming IP's cap (and is retried, never at once)
+    maybe_delivered: bool = False
 
     @property
     def status(self) -> str:
