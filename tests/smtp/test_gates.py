@@ -12,6 +12,7 @@ import random
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -583,6 +584,35 @@ async def test_data_deadline_answers_421_then_closes(
         c.close()
     assert "127.0.0.1: DATA took too long" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_silent_client_is_hung_up_on_after_timeout_s(tmp_path: Path, sink: Sink) -> None:
+    doc = relay_doc(tmp_path, sink.port, smtp={"timeout_s": 0.4})
+    async with running(parse_config(doc)) as relay:
+        c = await Line.open(relay.smtp_ports[0])
+        assert (await c.reply()).startswith(b"220")
+        assert (await c.say(b"EHLO quiet.test")).startswith(b"250")
+        said = time.monotonic()
+        assert await c.rest() == b""  # then nothing from it: the relay hangs up
+        assert time.monotonic() - said >= 0.35  # not before its idle time
+        c.close()
+
+
+async def test_each_command_gives_a_client_timeout_s_more(tmp_path: Path, sink: Sink) -> None:
+    """A session lasts as long as its commands keep coming (here three times timeout_s),
+    and ends timeout_s after the last one."""
+    doc = relay_doc(tmp_path, sink.port, smtp={"timeout_s": 0.4})
+    async with running(parse_config(doc)) as relay:
+        c = await Line.open(relay.smtp_ports[0])
+        assert (await c.reply()).startswith(b"220")
+        for _ in range(8):
+            assert (await c.say(b"NOOP")).startswith(b"250")
+            await asyncio.sleep(0.15)  # the client's own pace, not a wait for the relay
+        assert (await c.say(b"NOOP")).startswith(b"250")  # 1.2 s in: still open
+        said = time.monotonic()
+        assert await c.rest() == b""
+        assert time.monotonic() - said >= 0.35
+        c.close()
 
 
 # --- 4. limits follow a reload ---------------------------------------------------------

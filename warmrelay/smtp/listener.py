@@ -270,6 +270,25 @@ class RelaySMTP(SMTP):
         self._bad = 0
         self._implicit_tls = False
         self._open_line = 0  # bytes received since the last line end
+        self._idle_deadline = 0.0  # loop time after which a silent client is hung up on
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels its idle timer and starts a new one at every command (7+ timer
+        handles per message in the loop's heap); moving a deadline and keeping one timer,
+        which looks again when it fires, ends a silent session at the same moment."""
+        loop = self.loop
+        self._idle_deadline = loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._idle_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timeout_handle = loop.call_at(self._idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_deadline:  # a command came meanwhile: look later
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+        elif self.transport is not None:  # as aiosmtpd's _timeout_cb: connection_lost cleans up
+            self.transport.close()
 
     @property
     def encrypted(self) -> bool:
