@@ -422,30 +422,47 @@ async def test_idle_connections_are_closed_and_forgotten(tmp_path: Path, sink: S
         assert not relay.dispatcher._idle
 
 
-async def test_cut_short_at_the_drain_timeout_gives_the_reservation_back(
-    tmp_path: Path, make_sink: MakeSink
+@pytest.mark.parametrize(("held_at", "counted"), [("RCPT", 0), ("DATA", 1)])
+async def test_cut_short_at_the_drain_timeout_counts_only_what_may_have_gone_out(
+    tmp_path: Path, make_sink: MakeSink, held_at: str, counted: int
 ) -> None:
+    """A shutdown cuts a send short while the receiver holds its reply: to RCPT (nothing
+    went out: the reservation goes back) or to the final dot (the receiver has the
+    message and may deliver it: it stays counted; the next start sends it again)."""
     started = asyncio.Event()
-    never = asyncio.Event()  # the receiver holds DATA past the drain timeout
+    never = asyncio.Event()  # the receiver holds its reply past the drain timeout
+    sink = await make_sink()
+    if held_at == "RCPT":
+        original_rcpt = sink.handle_RCPT
 
-    def accept(peer: str, rcpt: str) -> str | None:
-        started.set()
-        return None
+        async def handle_RCPT(*args: Any) -> str:
+            started.set()
+            await never.wait()
+            return await original_rcpt(*args)
 
-    sink = await make_sink(rcpt_reply=accept, data_gate=never)
+        sink.handle_RCPT = handle_RCPT  # type: ignore[method-assign]
+    else:
+
+        def accept(peer: str, rcpt: str) -> str | None:
+            started.set()
+            return None
+
+        sink.data_gate, sink.rcpt_reply = never, accept
     config = relay_config(tmp_path, sink.port, cap=1000, delivery={"drain_timeout_s": 0.2})
     try:
         async with running(config) as relay:
             await send(relay, ["a@example.test"])
             await asyncio.wait_for(started.wait(), 30)
+            if held_at == "DATA":
+                await sink.wait_until(lambda: sink.in_data == 1, timeout_s=30)
             assert await warming_sent(relay) == 1
         again = Relay(config)  # a fresh process reading the same SQLite counters
         try:
-            assert await again.router.sent(config.ips[0], again.clock()) == 0
+            assert await again.router.sent(config.ips[0], again.clock()) == counted
         finally:
             await again.counters.close()
     finally:
-        never.set()  # lets the held DATA handler finish
+        never.set()  # lets the held handler finish
 
 
 async def test_held_mail_comes_back_when_the_suspension_ends() -> None:

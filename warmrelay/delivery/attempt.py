@@ -252,7 +252,18 @@ class Attempts:
         else:
             txs = [Transaction(msg.mail_from, [msg.rcpt_tos[i] for i in chunk], data)]
         started = asyncio.get_running_loop().time()
-        result = await self._dispatcher.send_all(endpoint, hops, txs, s.lane)
+        sent = 0  # recipients accepted when a message went out (maybe handed over)
+
+        def on_sent(n: int) -> None:
+            nonlocal sent
+            sent += n
+
+        try:
+            result = await self._dispatcher.send_all(endpoint, hops, txs, s.lane, on_sent)
+        except asyncio.CancelledError:  # cut short (shutdown, operator): the operator wins, but
+            if route is not None and route.reservation is not None:  # what may have gone out
+                route.reservation.keep(sent)  # stays counted: unknown is not "not sent"
+            raise
         now = self._clock()
         if result.connected is Connected.BIND_FAILED:
             until = datetime.fromtimestamp(now.timestamp() + self._delivery.ip_down_s, UTC)

@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import aiosmtplib
 
@@ -176,13 +177,16 @@ class Dispatcher:
         hops: Sequence[NextHop],
         txs: Sequence[Transaction],
         lane: Lane | None = None,
+        on_sent: Callable[[int], None] = lambda n: None,
     ) -> DispatchResult:
         """Try the next hops in order until one answers; there, run the transactions one
         after another on one connection. A hop that refuses us before the transaction is
         skipped, unless it blames our IP (throttle or block): the next MX of the same
         provider would only say the same to the same IP. Replies: one per recipient, in
         the order of ``txs``. ``lane``: the connection limits (per source IP and provider;
-        default: per next hop, the ``delivery`` values)."""
+        default: per next hop, the ``delivery`` values). ``on_sent(n)``: a message goes out
+        for n recipients the receiver accepted (before its reply: the moment it may be
+        handed over, which a caller cancelled afterwards still has to count)."""
         lane = lane or self._default_lane(endpoint, hops)
         self._lanes[lane.key] = lane
         rcpts = [r for tx in txs for r in tx.rcpts]
@@ -198,7 +202,7 @@ class Dispatcher:
             conn = self._reuse(key)
             if conn is not None:
                 try:
-                    replies = await self._transactions(conn.smtp, txs, label, True)
+                    replies = await self._transactions(conn.smtp, txs, label, True, on_sent)
                     return self._done(key, conn, replies)
                 except _Stale:  # the receiver closed an idle connection: go fresh
                     self._close(conn)
@@ -223,7 +227,7 @@ class Dispatcher:
             self._open[lane.key] = self._open.get(lane.key, 0) + 1
             self.on_change()
             try:
-                replies = await self._transactions(smtp, txs, label, False)
+                replies = await self._transactions(smtp, txs, label, False, on_sent)
             except _Stale as exc:  # fresh connection lost before anything was accepted
                 self._close(conn)
                 lost = Reply(451, f"4.4.2 {label}: {exc.__cause__ or exc}", label, Stage.MAIL)
@@ -392,7 +396,12 @@ class Dispatcher:
         return smtp
 
     async def _transactions(
-        self, smtp: aiosmtplib.SMTP, txs: Sequence[Transaction], label: str, reused: bool
+        self,
+        smtp: aiosmtplib.SMTP,
+        txs: Sequence[Transaction],
+        label: str,
+        reused: bool,
+        on_sent: Callable[[int], None],
     ) -> tuple[Reply, ...]:
         """Each transaction in turn; ``_Stale`` only from the first on a reused connection.
         Once the receiver hung up, the ones left get a deferral (nothing of them sent)."""
@@ -410,7 +419,7 @@ class Dispatcher:
                 replies += [gone] * len(tx.rcpts)
                 continue
             replies += await self._transaction(
-                smtp, tx.mail_from, tx.rcpts, tx.data, label, reused and n == 0
+                smtp, tx.mail_from, tx.rcpts, tx.data, label, reused and n == 0, on_sent
             )
         return tuple(replies)
 
@@ -422,6 +431,7 @@ class Dispatcher:
         data: bytes,
         label: str,
         reused: bool,
+        on_sent: Callable[[int], None],
     ) -> tuple[Reply, ...]:
         """MAIL, each RCPT, DATA: a reply per recipient; pipelined (RFC 2920, one round
         trip) when the receiver offers it. Raises ``_Stale`` only when nothing reached the
@@ -482,7 +492,8 @@ class Dispatcher:
                     elif not accepted:  # RFC 2920 §3.1: DATA may still get 354; a lone dot
                         reset = not await pipe.finish()
                     else:
-                        final, reset = await _hand_over(pipe, data, label, tls)
+                        sent = partial(on_sent, len(accepted))
+                        final, reset = await _hand_over(pipe, data, label, tls, sent)
                         for i in accepted:
                             answers[i] = final
             if reset:
@@ -525,7 +536,8 @@ class Dispatcher:
         try:
             with Pipeline(smtp, self._config.timeout_s) as pipe:
                 pipe.data()
-                final, reset = await _hand_over(pipe, data, label, tls)
+                sent = partial(on_sent, len(accepted))
+                final, reset = await _hand_over(pipe, data, label, tls, sent)
         except (aiosmtplib.SMTPException, OSError) as exc:  # DATA could not even be written
             final = Reply(451, f"4.4.2 {label}: lost at DATA: {_describe(exc)}", label, Stage.DATA)
             reset = False
@@ -586,7 +598,9 @@ async def _quit(smtp: aiosmtplib.SMTP) -> None:
         smtp.close()
 
 
-async def _hand_over(pipe: Pipeline, data: bytes, label: str, tls: bool) -> tuple[Reply, bool]:
+async def _hand_over(
+    pipe: Pipeline, data: bytes, label: str, tls: bool, sent: Callable[[], None]
+) -> tuple[Reply, bool]:
     """DATA's reply (owed on ``pipe``), then the message if it was 354: the reply for every
     recipient accepted at RCPT, and whether an RSET must follow. Lost before the message
     went out: certainly not delivered. Lost after it: maybe delivered, so it counts against
@@ -598,6 +612,7 @@ async def _hand_over(pipe: Pipeline, data: bytes, label: str, tls: bool) -> tupl
         return Reply(451, text, label, Stage.DATA, True, tls), False
     if go.code != START_INPUT:
         return Reply(go.code, go.message, label, Stage.DATA, True, tls), True
+    sent()
     try:
         done = await pipe.body(data)
     except (aiosmtplib.SMTPException, OSError) as exc:
