@@ -156,6 +156,9 @@ async def test_legacy_files_and_segments_live_side_by_side(tmp_path: Path) -> No
     s.remove(alone.queue_id)
     await s.close()
     assert Spool.count_on_disk([directory]) == 5
+    never = tmp_path / "spool-9"  # a worker's spool not made yet: counted as empty
+    assert Spool.count_on_disk([never, directory]) == 5
+    assert Spool.oldest_on_disk([never]) is None
     s = Spool(directory)
     assert {r.message.queue_id for r in await s.open()} == {q for q, _ in stored}
     await s.close()

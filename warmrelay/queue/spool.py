@@ -952,9 +952,7 @@ class Spool:
         """The same for spools this process has not opened (the supervisor of ``--workers``
         reads its workers'): from the queue file names alone, since a queue id begins with
         the time it was stored in ms and sorts by it (a segment: its first message's)."""
-        names = (
-            p.stem[:16] for d in directories for p in (d / "queue").iterdir() if _stored(p.name)
-        )
+        names = (p.stem[:16] for p in _queue_files(directories) if _stored(p.name))
         oldest = min(names, default=None)
         if oldest is None:
             return None
@@ -968,14 +966,20 @@ class Spool:
         """How many messages spools this process has not opened hold: a .msg each, a
         segment the count in its name less its ``.removed`` list."""
         total = 0
-        for d in directories:
-            for p in (d / "queue").iterdir():
-                if not _stored(p.name):
-                    continue
-                count = p.stem.partition("-")[2]
-                gone = _removed_ids(p.with_suffix(".removed")) if count else ()
-                total += int(count) - len(gone) if count else 1
+        for p in _queue_files(directories):
+            if not _stored(p.name):
+                continue
+            count = p.stem.partition("-")[2]
+            gone = _removed_ids(p.with_suffix(".removed")) if count else ()
+            total += int(count) - len(gone) if count else 1
         return total
+
+
+def _queue_files(directories: Iterable[Path]) -> Iterable[Path]:
+    """The files in the queue/ of each spool directory (one not made yet has none)."""
+    for d in directories:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            yield from (d / "queue").iterdir()
 
 
 def _stored(name: str) -> bool:
