@@ -37,6 +37,20 @@ async def warming_sent(relay: Relay) -> int:
     return await relay.router.sent(relay.config.ips[0], relay.clock())
 
 
+def reply_late(sink: Sink, late: asyncio.Event, rcpts: list[str] | None = None) -> None:
+    """The sink stores each message (of ``rcpts`` only, if given), then holds its reply to
+    the final dot until ``late`` is set: a receiver that answers after our timeout."""
+    original = sink.handle_DATA
+
+    async def handle_DATA(server: Any, session: Any, envelope: Envelope) -> str:
+        reply = await original(server, session, envelope)  # stored...
+        if rcpts is None or envelope.rcpt_tos == rcpts:
+            await late.wait()  # ...but the reply comes after our timeout
+        return reply
+
+    sink.handle_DATA = handle_DATA  # type: ignore[method-assign]
+
+
 async def metrics(relay: Relay) -> str:
     _, body = await http_get(relay.admin.port, "/metrics")
     return body.decode()
@@ -315,16 +329,8 @@ async def test_a_timeout_after_the_dot_is_deferred_not_resent(
     """The receiver stores the message but answers the final dot later than our timeout:
     resending at once (on a fresh connection) would deliver it twice."""
     sink = await make_sink()  # no connection yet: the hook below is the one sessions use
-    original = sink.handle_DATA
     late = asyncio.Event()  # set once the relay has given up on the reply
-
-    async def handle_DATA(server: Any, session: Any, envelope: Envelope) -> str:
-        reply = await original(server, session, envelope)  # stored...
-        if envelope.rcpt_tos == ["slow@example.test"]:
-            await late.wait()  # ...but the reply comes after our timeout
-        return reply
-
-    sink.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    reply_late(sink, late, ["slow@example.test"])
     config = relay_config(
         tmp_path,
         sink.port,
@@ -356,15 +362,8 @@ async def test_a_message_maybe_delivered_counts_against_the_warming_cap(
     it, so the warming IP's count keeps it (given back, the cap could be passed by every
     such message). It waits for its retry, which counts again: over, never under."""
     sink = await make_sink()
-    original = sink.handle_DATA
     late = asyncio.Event()
-
-    async def handle_DATA(server: Any, session: Any, envelope: Envelope) -> str:
-        reply = await original(server, session, envelope)  # stored...
-        await late.wait()  # ...but the reply comes after our timeout
-        return reply
-
-    sink.handle_DATA = handle_DATA  # type: ignore[method-assign]
+    reply_late(sink, late)
     config = relay_config(
         tmp_path,
         sink.port,
