@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -12,7 +13,9 @@ def mail_date(now: float) -> str:
 
     Two headers per message need it and a second holds hundreds of messages: formatting
     (a datetime, then strftime-like work in Python) once per second, not twice per message."""
-    return _of_second(int(now // 1))
+    frac, whole = math.modf(now)  # the second datetime.fromtimestamp makes of it: it rounds
+    micro = round(frac * 1e6)  # to the microsecond first (half to even), so 1.9999996 is 2
+    return _of_second(int(whole) + (micro >= 1_000_000) - (micro < 0))
 
 
 @functools.lru_cache(maxsize=4)
