@@ -405,13 +405,17 @@ async def test_postfix_takes_a_pipelined_delivery_from_the_relay(
     assert "improper command pipelining" not in postfix.log()
 
 
-async def test_postfix_refusals_pipelined(postfix: Postfix) -> None:
-    """A refused recipient beside an accepted one, then only refused ones: Postfix answers
-    DATA 554 ("no valid recipients"), we RSET; nothing out of order in its log."""
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_postfix_refusals(postfix: Postfix, pipelining: bool) -> None:
+    """A refused recipient beside an accepted one, then only refused ones: pipelined,
+    Postfix answers DATA 554 ("no valid recipients"), we RSET; in lockstep DATA (through
+    the same reader) is sent only for the first. Nothing out of order in its log."""
     marker = uuid.uuid4().hex
     data = f"Subject: {marker}\r\nMessage-ID: <{marker}@sender.test>\r\n\r\nhi\r\n".encode()
     replies = await deliver(
-        postfix.ports["smtp"], [tx("ok@dest.test", REFUSED, data=data), tx(REFUSED, data=data)]
+        postfix.ports["smtp"],
+        [tx("ok@dest.test", REFUSED, data=data), tx(REFUSED, data=data)],
+        pipelining=pipelining,
     )
     assert [(r.code, r.stage, r.accepted) for r in replies] == [
         (250, Stage.DATA, True),
