@@ -341,6 +341,13 @@ class RelaySMTP(SMTP):
         self._metrics.smtp_sessions.dec()
         self.relay.session_ended(self)
         super().connection_lost(error)
+        # asyncio sets a client's reset (ConnectionResetError) on this protocol's "closed"
+        # future too, and retrieves it only in the protocol's __del__; when a garbage
+        # collection finalizes the future first, the log gets "Future exception was never
+        # retrieved" for a client's hang-up. Retrieved here: it was just handled above.
+        closed = getattr(self, "_closed", None)
+        if closed is not None and closed.done() and not closed.cancelled():
+            closed.exception()
 
     @property
     def in_transaction(self) -> bool:
