@@ -28,7 +28,7 @@ from warmrelay.warmup.router import Router, RouteReason
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 WARMING = "127.0.0.2"
-TODAY = datetime.now(UTC).date()
+TODAY = datetime.now(UTC).date()  # for parameters (collection time); tests take their own
 
 
 def example_doc(tmp_path: Path, sink_port: int) -> dict[str, Any]:
@@ -206,6 +206,7 @@ def ip_row(stdout: str) -> str:
 
 
 async def test_check_config_and_schedule_show_what_the_store_says(tmp_path: Path) -> None:
+    today = datetime.now(UTC).date()  # when the test runs, not when it was collected
     path = write_config(tmp_path, {"schedule": [10, 20, 30]})
     before = warmrelay("check-config", "-c", str(path))
     assert before.returncode == 0, before.stderr
@@ -224,24 +225,24 @@ async def test_check_config_and_schedule_show_what_the_store_says(tmp_path: Path
 
     after = warmrelay("check-config", "-c", str(path))
     assert ip_row(after.stdout).endswith("warming 1/3 10")
-    assert f"  {WARMING}: day 1 was {TODAY}, its first use (no warmup.start)" in after.stdout
+    assert f"  {WARMING}: day 1 was {today}, its first use (no warmup.start)" in after.stdout
     assert f"  {WARMING}: suspended for gmail until " in after.stdout
     assert "(421-4.7.28 slow down)" in after.stdout
     schedule = warmrelay("schedule", "-c", str(path)).stdout
-    assert f"schedule custom, started {TODAY} (first use), 3 days" in schedule
-    assert f"> {TODAY}      1" in schedule
+    assert f"schedule custom, started {today} (first use), 3 days" in schedule
+    assert f"> {today}      1" in schedule
 
     for action, role in (
-        ("pause", f"paused since {TODAY} 1/3 0"),
+        ("pause", f"paused since {today} 1/3 0"),
         ("resume", "warming 1/3 10"),
-        ("complete", f"warm (completed on {TODAY}) - -"),
+        ("complete", f"warm (completed on {today}) - -"),
     ):
         done = warmrelay("ip", action, WARMING, "-c", str(path))
         assert done.returncode == 0, done.stderr
         assert "(no relay running)" in done.stdout
         assert ip_row(warmrelay("check-config", "-c", str(path)).stdout).endswith(role)
     schedule = warmrelay("schedule", "-c", str(path)).stdout
-    assert f"declared complete on {TODAY}: warm, in the pool" in schedule
+    assert f"declared complete on {today}: warm, in the pool" in schedule
     undone = warmrelay("ip", "uncomplete", WARMING, "-c", str(path))
     assert undone.returncode == 0, undone.stderr
     assert undone.stdout.rstrip().endswith("state warming")
@@ -249,7 +250,8 @@ async def test_check_config_and_schedule_show_what_the_store_says(tmp_path: Path
 
 
 def test_warnings_for_a_warmup_that_is_over_or_not_begun(tmp_path: Path) -> None:
-    over = write_config(tmp_path, {"start": str(TODAY - timedelta(days=30)), "schedule": [5] * 30})
+    today = datetime.now(UTC).date()  # when the test runs, not when it was collected
+    over = write_config(tmp_path, {"start": str(today - timedelta(days=30)), "schedule": [5] * 30})
     result = warmrelay("check-config", "-c", str(over))
     assert result.returncode == 0
     assert (
@@ -257,15 +259,16 @@ def test_warnings_for_a_warmup_that_is_over_or_not_begun(tmp_path: Path) -> None
     )
     schedule = warmrelay("schedule", "-c", str(over))
     assert "  day 31 of 30: warm now, joins the pool" in schedule.stdout
-    ahead = write_config(tmp_path, {"start": str(TODAY + timedelta(days=3)), "schedule": [5]})
+    ahead = write_config(tmp_path, {"start": str(today + timedelta(days=3)), "schedule": [5]})
     result = warmrelay("check-config", "-c", str(ahead))
     assert result.returncode == 0
-    assert f"  ips[0].warmup.start: {TODAY + timedelta(days=3)} is 3 day(s) ahead" in result.stderr
+    assert f"  ips[0].warmup.start: {today + timedelta(days=3)} is 3 day(s) ahead" in result.stderr
     assert "warning: ips[0].warmup.start:" in warmrelay("schedule", "-c", str(ahead)).stderr
 
 
 async def test_uncomplete_through_the_running_relay(tmp_path: Path, sink: Sink) -> None:
-    path = write_config(tmp_path, {"start": str(TODAY), "schedule": [5, 5]})
+    today = datetime.now(UTC).date()  # when the test runs, not when it was collected
+    path = write_config(tmp_path, {"start": str(today), "schedule": [5, 5]})
     doc = yaml.safe_load(path.read_text())
     doc["smtp"] = {"listen": ["127.0.0.1:0"]}
     doc["routes"] = {"*": f"127.0.0.1:{sink.port}"}
