@@ -344,8 +344,7 @@ class Attempts:
     ) -> tuple[Verdicts, int, list[tuple[int, Reply]], list[tuple[int, Reply]]]:
         """Each recipient's reply through the one classifier: the verdicts, how many count
         against the cap (accepted at RCPT and handed over, maybe handed over, or refused for
-        good), and the
-        recipients whose provider throttled or blocked the IP."""
+        good), and the recipients whose provider throttled or blocked the IP."""
         v = Verdicts()
         kept = 0
         throttled: list[tuple[int, Reply]] = []

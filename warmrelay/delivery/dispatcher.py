@@ -539,8 +539,7 @@ class Dispatcher:
                 sent = partial(on_sent, len(accepted))
                 final, reset = await _hand_over(pipe, data, label, tls, sent)
         except (aiosmtplib.SMTPException, OSError) as exc:  # DATA could not even be written
-            final = Reply(451, f"4.4.2 {label}: lost at DATA: {_describe(exc)}", label, Stage.DATA)
-            reset = False
+            final, reset = _lost_at_data(label, tls, exc), False
         if reset:
             await _reset(smtp)
         for i in accepted:
@@ -608,8 +607,7 @@ async def _hand_over(
     try:
         go = await pipe.reply()
     except (aiosmtplib.SMTPException, OSError) as exc:
-        text = f"4.4.2 {label}: lost at DATA, not delivered: {_describe(exc)}"
-        return Reply(451, text, label, Stage.DATA, True, tls), False
+        return _lost_at_data(label, tls, exc), False
     if go.code != START_INPUT:
         return Reply(go.code, go.message, label, Stage.DATA, True, tls), True
     sent()
@@ -619,3 +617,9 @@ async def _hand_over(
         text = f"4.4.2 {label}: lost during DATA, delivery uncertain: {_describe(exc)}"
         return Reply(451, text, label, Stage.DATA, True, tls, maybe_delivered=True), False
     return Reply(done.code, done.message, label, Stage.DATA, True, tls), False
+
+
+def _lost_at_data(label: str, tls: bool, exc: BaseException) -> Reply:
+    """The connection went before DATA's 354: the message never went out."""
+    text = f"4.4.2 {label}: lost at DATA, not delivered: {_describe(exc)}"
+    return Reply(451, text, label, Stage.DATA, True, tls)
