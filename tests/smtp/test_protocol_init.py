@@ -77,3 +77,42 @@ async def test_aiosmtpd_command_lines_are_still_logged_masked_when_asked_for(
         caplog.set_level(logging.WARNING, logger="mail.log")
         await session(relay.smtp_ports[0])
         assert [r for r in caplog.records if r.name == "mail.log"] == []
+
+
+async def test_a_multi_line_reply_leaves_in_one_write(tmp_path: Path, sink: Sink) -> None:
+    """aiosmtpd pushes EHLO's lines one write each; the listener holds the continuation
+    lines ("250-") and writes the whole reply with its last line: one send(), one wake-up
+    of the client. A continuation line followed by a reply of another code is dropped."""
+    config = relay_config(tmp_path, sink.port)
+    async with running(config) as relay:
+        assert relay.handler is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_ports[0])
+        assert (await reader.readline()).startswith(b"220 ")
+        (session,) = relay.handler.sessions
+        transport = session.transport
+        assert isinstance(transport, asyncio.WriteTransport)
+        writes: list[bytes] = []
+        real_write = transport.write
+
+        def counted(data: bytes | bytearray | memoryview) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        writer.write(b"EHLO client.test\r\n")
+        lines = [await reader.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(await reader.readline())
+        assert len(lines) >= 6 and lines[-1].startswith(b"250 ")
+        assert {b"250-PIPELINING\r\n", b"250-ENHANCEDSTATUSCODES\r\n"} <= set(lines)
+        assert writes == [b"".join(lines)]
+
+        writes.clear()
+        await session.push("250-a line whose reply never came")
+        refusal = "451 4.3.0 Local error in processing, try again later"
+        await session.push(refusal)
+        assert await reader.readline() == refusal.encode() + b"\r\n"
+        assert len(writes) == 1
+        writer.write(b"NOOP\r\n")
+        assert (await reader.readline()).startswith(b"250 ")
+        writer.close()
