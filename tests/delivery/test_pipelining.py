@@ -18,6 +18,7 @@ import hypothesis
 import hypothesis.strategies
 import pytest
 import trustme
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from support.pipelining_sink import PipeliningSink
 from support.postfix import Postfix, postfix_running
@@ -29,7 +30,7 @@ from support.tap import tapped
 from warmrelay.config import DeliveryConfig
 from warmrelay.delivery.dispatcher import Connected, Dispatcher, Endpoint, Transaction
 from warmrelay.delivery.nexthop import NextHop
-from warmrelay.delivery.pipeline import message
+from warmrelay.delivery.pipeline import message, quoted
 from warmrelay.delivery.replies import Reply, Stage
 
 ENDPOINT = Endpoint(None, "mta.test", "never")
@@ -463,3 +464,28 @@ def test_the_message_bytes_are_aiosmtplib_s(pieces: list[bytes]) -> None:
     data = b"".join(pieces)
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data)) + b".\r\n"
     assert message(data) == expected
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+
+
+@hypothesis.settings(max_examples=1000, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.one_of(
+        hypothesis.strategies.from_regex(
+            r"[a-zA-Z0-9!#$%&'*+/=?^_`{|}~.-]+@[a-zA-Z0-9.-]+", fullmatch=True
+        ),
+        hypothesis.strategies.text(alphabet=_ATEXT + '."()<>@,:;[]\\ \té\r\n\0', max_size=30),
+    )
+)
+def test_addresses_are_quoted_as_aiosmtplib_quotes_them(address: str) -> None:
+    """``quoted`` skips aiosmtplib's parser for a plain local@domain; for every address,
+    plain or not (dots in odd places, quotes, comments, control characters), it gives what
+    ``quote_address`` gives, or refuses what it refuses."""
+    try:
+        expected = quote_address(address)
+    except ValueError:
+        with pytest.raises(ValueError):
+            quoted(address)
+        return
+    assert quoted(address) == expected

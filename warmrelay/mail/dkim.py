@@ -27,7 +27,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import stat
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from warmrelay.config.values import format_path
 from warmrelay.delivery.nexthop import normalize_domain
 from warmrelay.errors import ConfigError, ConfigProblem, NextHopError
 from warmrelay.mail.dates import mail_date
+from warmrelay.tokens import token_hex
 
 log = logging.getLogger("warmrelay.dkim")
 
@@ -362,7 +362,7 @@ class Signer:
         names = {name.lower() for name, _ in headers}
         added: list[Field] = []
         if b"message-id" not in names:
-            mid = f" <{secrets.token_hex(16)}@{self.hostname}>\r\n"
+            mid = f" <{token_hex(16)}@{self.hostname}>\r\n"
             added.append((b"Message-ID", mid.encode("ascii")))
         if b"date" not in names:
             date = mail_date(now)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from warmrelay.errors import CounterError
+from warmrelay.tokens import token_hex
 
 log = logging.getLogger("warmrelay.counters")
 
@@ -91,7 +91,7 @@ RELEASE_ID_TTL_S = 2 * 86400  # applied release ids are remembered this long (a 
 
 def new_release_id() -> str:
     """A release id unique across processes and hosts (a fleet shares one store)."""
-    return os.urandom(9).hex()
+    return token_hex(9)
 
 
 UNCAPPED = 2**62  # the cap of a tally: a count kept for rates, never a limit
