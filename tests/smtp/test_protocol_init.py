@@ -1,16 +1,22 @@
-"""The listener lists aiosmtpd's auth_/handle_/smtp_ methods once per class instead of per
-connection (warmrelay.smtp.listener._Introspection): each new session must still get what
-aiosmtpd's own introspection (inspect.getmembers, dir, inspect.signature) would give it."""
+"""The listener sets a session up as aiosmtpd's SMTP.__init__ would, but lists the auth_/
+handle_/smtp_ methods once per class and binds them when looked up
+(warmrelay.smtp.listener.RelaySMTP.__init__, _Methods): each new session must still get
+what aiosmtpd's own __init__ (inspect.getmembers, dir, inspect.signature) would give it."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import inspect
 import logging
+import ssl
+import warnings
+import weakref
 from pathlib import Path
 
 import pytest
+from aiosmtpd.smtp import SMTP
 from support.relay import relay_config, running
 from support.sink import Sink
 
@@ -46,6 +52,66 @@ async def test_every_session_gets_the_methods_aiosmtpd_would_find(
             ehlo = len(inspect.signature(handler.handle_EHLO).parameters)
             assert proto._ehlo_hook_ver == {4: "old", 5: "new"}[ehlo]
         assert first._smtp_methods["DATA"] != second._smtp_methods["DATA"]
+
+
+@pytest.mark.parametrize("listener_kind", ["plain", "starttls-auth", "proxy"])
+async def test_a_session_is_set_up_as_aiosmtpd_s_own_init_would(
+    tmp_path: Path, sink: Sink, listener_kind: str
+) -> None:
+    """Every attribute aiosmtpd's SMTP.__init__ sets, for the arguments make_protocol
+    passes, has the same value in a session made by RelaySMTP.__init__ (methods: the same
+    function bound to the session; per-session objects: the same kind, not shared)."""
+    config = relay_config(tmp_path, sink.port)
+    listener = config.smtp.listen[0]
+    context = None
+    if listener_kind == "starttls-auth":
+        listener = listener.model_copy(update={"require_auth": True, "tls": "starttls"})
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    elif listener_kind == "proxy":
+        listener = listener.model_copy(update={"proxy_protocol": True})
+    async with running(config) as relay:
+        assert relay.handler is not None
+        ours = make_protocol(relay.handler, config, listener, context)()
+        kwargs = {
+            "hostname": config.smtp.hostname,
+            "data_size_limit": config.smtp.max_message_bytes,
+            "enable_SMTPUTF8": True,
+            "decode_data": False,
+            "timeout": config.smtp.timeout_s,
+            "ident": "warmrelay ESMTP",
+            "loop": asyncio.get_running_loop(),
+            "tls_context": ours.tls_context,
+            "auth_required": ours._auth_required,
+            "auth_require_tls": ours._auth_require_tls,
+            "proxy_protocol_timeout": ours._proxy_timeout,
+        }
+        theirs = RelaySMTP.__new__(RelaySMTP)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # aiosmtpd warns of AUTH without TLS here
+            SMTP.__init__(theirs, relay.handler, authenticator=theirs._capture, **kwargs)
+        assert (listener_kind == "starttls-auth") == (ours.tls_context is not None)
+        assert (listener_kind == "proxy") == (ours._proxy_timeout is not None)
+        for name, expected in vars(theirs).items():
+            got = getattr(ours, name)
+            if isinstance(expected, dict) and name.endswith(("_methods", "_hooks")):
+                assert set(got) == set(expected), name
+                for key, value in expected.items():
+                    if isinstance(value, tuple):  # _AuthMechAttr(method, is_builtin)
+                        assert got[key].is_builtin == value.is_builtin, (name, key)
+                        value, got_value = value.method, got[key].method
+                    else:
+                        got_value = got[key]
+                    assert got_value.__func__ is value.__func__, (name, key)
+                    owner = relay.handler if value.__self__ is relay.handler else ours
+                    assert got_value.__self__ is owner, (name, key)
+            elif inspect.ismethod(expected):
+                assert got.__func__ is expected.__func__ and got.__self__ is ours, name
+            elif isinstance(expected, (asyncio.StreamReader, asyncio.Future, weakref.ref)):
+                assert type(got) is type(expected) and got is not expected, name
+            elif isinstance(expected, collections.deque):
+                assert got == expected and got is not expected, name
+            else:
+                assert got == expected, name
 
 
 async def test_aiosmtpd_command_lines_are_still_logged_masked_when_asked_for(

@@ -18,7 +18,8 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, AnyStr
 
@@ -74,55 +75,80 @@ _DOMAIN = re.compile(
 )
 
 
-_LOOKED_FOR = ("auth_", "handle_", "smtp_")
+class _Methods(Mapping[str, Any]):
+    """Command or mechanism name -> this session's method, bound when aiosmtpd looks it up.
+
+    aiosmtpd's SMTP.__init__ lists the protocol's smtp_*/auth_* and the handler's handle_*
+    methods into dicts of bound methods for every connection (with dir(), getmembers() and
+    a getattr per name), of which a session uses four or five: ~5 % of the event loop at
+    one connection per message. The names depend only on the class; see ``_methods``."""
+
+    __slots__ = ("_functions", "_owner", "_wrap")
+
+    def __init__(
+        self,
+        owner: object,
+        functions: dict[str, Callable[..., Any]],
+        wrap: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._owner, self._functions, self._wrap = owner, functions, wrap
+
+    def __getitem__(self, name: str) -> Any:
+        bound = self._functions[name].__get__(self._owner, type(self._owner))
+        return bound if self._wrap is None else self._wrap(bound)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
 
 
-class _Introspection:
-    """Stands in for ``inspect`` and ``dir`` inside aiosmtpd.smtp.
-
-    aiosmtpd's SMTP.__init__ looks its protocol and handler over on every connection:
-    inspect.getmembers() for auth_* methods, dir() for handle_* and smtp_* methods and
-    inspect.signature() of handle_EHLO. At one connection per message that was ~10 % of
-    the event loop's CPU. The names depend only on the class, so they are listed once per
-    class (plus whatever the instance holds itself) and bound per instance; a signature
-    once per function. aiosmtpd gets the same answers.
-    """
-
-    def __init__(self) -> None:
-        self._names: dict[type, list[str]] = {}
-        self._signatures: dict[tuple[object, bool], inspect.Signature] = {}
-
-    def dir(self, obj: object) -> list[str]:
-        """The names aiosmtpd.smtp looks for (it calls dir() only to pick out handle_*
-        and smtp_* methods, and getmembers() for auth_*): the rest of a class's few
-        hundred names are left out, so its filters run over a dozen."""
-        cls = type(obj)
-        names = self._names.get(cls)
-        if names is None:
-            names = self._names[cls] = [n for n in dir(cls) if n.startswith(_LOOKED_FOR)]
-        own = getattr(obj, "__dict__", None)
-        if not own:
-            return names
-        return names + [n for n in own if n.startswith(_LOOKED_FOR) and n not in names]
-
-    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
-        return [(n, getattr(obj, n)) for n in self.dir(obj) if n.startswith("auth_")]
-
-    def signature(self, fn: Callable[..., Any]) -> inspect.Signature:
-        # a bound method: its function (the same each time), and whether bound (no self)
-        key = (getattr(fn, "__func__", fn), hasattr(fn, "__self__"))
-        sig = self._signatures.get(key)
-        if sig is None:
-            sig = self._signatures[key] = inspect.signature(fn)
-        return sig
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(inspect, name)
+_FOUND: dict[tuple[type, str], dict[str, Callable[..., Any]]] = {}
 
 
-_INTROSPECTION = _Introspection()
-setattr(aiosmtpd.smtp, "inspect", _INTROSPECTION)  # noqa: B010 - patching module globals
-setattr(aiosmtpd.smtp, "dir", _INTROSPECTION.dir)  # noqa: B010
+def _methods(cls: type, prefix: str) -> dict[str, Callable[..., Any]]:
+    """The functions behind ``cls``'s methods named ``prefix``*, by the name aiosmtpd gives
+    them: the rest of the name; for auth_, ``__auth_mechanism_name__`` or "__" as "-".
+    Listed once per class."""
+    found = _FOUND.get((cls, prefix))
+    if found is not None:
+        return found
+    found = {}
+    for name in dir(cls):
+        if name.startswith(prefix):
+            fn = getattr(cls, name)
+            key = name[len(prefix) :]
+            if prefix == "auth_":
+                key = getattr(fn, "__auth_mechanism_name__", key.replace("__", "-"))
+            found[key] = fn
+    _FOUND[(cls, prefix)] = found
+    return found
+
+
+class _HandlerMethods:
+    """What aiosmtpd's SMTP.__init__ derives from the handler, once per handler: its
+    handle_* hooks (bound to it, so one dict serves every session; aiosmtpd never changes
+    it), its own auth_* mechanisms, and which handle_EHLO signature it has."""
+
+    def __init__(self, handler: object) -> None:
+        names = [n for n in dir(handler) if n.startswith("handle_")]
+        self.hooks = {n[len("handle_") :]: getattr(handler, n) for n in names}
+        self.auth = {
+            k: aiosmtpd.smtp._AuthMechAttr(fn.__get__(handler, type(handler)), False)
+            for k, fn in _methods(type(handler), "auth_").items()
+        }
+        ehlo = self.hooks.get("EHLO")
+        self.ehlo_version: str | None = None
+        if ehlo is not None:
+            self.ehlo_version = {4: "old", 5: "new"}[len(inspect.signature(ehlo).parameters)]
+
+
+_HANDLERS: weakref.WeakKeyDictionary[object, _HandlerMethods] = weakref.WeakKeyDictionary()
+
+
+def _builtin_auth(method: Any) -> Any:
+    return aiosmtpd.smtp._AuthMechAttr(method, True)
 
 
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
@@ -255,9 +281,65 @@ class RelaySMTP(SMTP):
     """
 
     def __init__(
-        self, handler: RelayHandler, listener: ListenerConfig, tls: str, **kwargs: Any
+        self,
+        handler: RelayHandler,
+        listener: ListenerConfig,
+        tls: str,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        hostname: str,
+        data_size_limit: int,
+        timeout: float,
+        tls_context: ssl.SSLContext | None,
+        auth_required: bool,
+        auth_require_tls: bool,
+        proxy_protocol_timeout: float | None,
     ) -> None:
-        super().__init__(handler, authenticator=self._capture, **kwargs)
+        """What aiosmtpd's SMTP.__init__ sets up for these arguments (enable_SMTPUTF8,
+        decode_data=False, our authenticator), with its method dicts made per class
+        (``_Methods``) instead of per connection; test_protocol_init compares the two."""
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
+        )
+        self.__ident__ = "warmrelay ESMTP"
+        self.loop = loop
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits.clear()  # as aiosmtpd does (a dict of its class)
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.require_starttls = False if tls_context else None  # aiosmtpd: ctx and False
+        self._timeout_duration = timeout
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = proxy_protocol_timeout
+        self._authenticator = self._capture
+        self._auth_callback = None
+        self._auth_required = auth_required
+        known = _HANDLERS.get(handler)
+        if known is None:
+            known = _HANDLERS[handler] = _HandlerMethods(handler)
+        auth: Mapping[str, Any] = _Methods(self, _methods(type(self), "auth_"), _builtin_auth)
+        if known.auth:  # a handler's mechanism replaces the protocol's of that name
+            auth = {**auth, **known.auth}
+        # aiosmtpd declares dicts; it only reads them (get, [], in, keys, items)
+        self._auth_methods = auth  # type: ignore[assignment]
+        self._handle_hooks = known.hooks
+        self._ehlo_hook_ver = known.ehlo_version
+        self._smtp_methods = _Methods(self, _methods(type(self), "smtp_"))  # type: ignore[assignment]
+        self._enforce_call_limit = False
         self.relay = handler
         self.listener = listener
         self.tls_mode = tls
@@ -959,13 +1041,10 @@ def make_protocol(
             handler,
             listener,
             tls,
+            loop=asyncio.get_running_loop(),  # aiosmtpd's own lookup costs a warnings context
             hostname=handler.config.smtp.hostname,  # the handler's: follows reloads
             data_size_limit=handler.config.smtp.max_message_bytes,
-            enable_SMTPUTF8=True,
-            decode_data=False,
             timeout=handler.config.smtp.timeout_s,
-            ident="warmrelay ESMTP",
-            loop=asyncio.get_running_loop(),  # aiosmtpd's own lookup costs a warnings context
             tls_context=tls_context if tls == "starttls" else None,
             auth_required=listener.require_auth,
             auth_require_tls=not in_clear_ok,
