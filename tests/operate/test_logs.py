@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import hypothesis
+import hypothesis.strategies
 import pytest
 import yaml
 from support.relay import relay_doc
@@ -174,3 +176,29 @@ async def test_log_format_on_the_command_line_wins_over_the_file_and_its_reloads
     await relay.wait_for_line("applied")
     parse_all(relay.log[seen:])  # still one JSON object per line
     assert await relay.terminate() == 0
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    hypothesis.strategies.lists(
+        hypothesis.strategies.floats(min_value=1.6e9, max_value=1.9e9), min_size=1, max_size=6
+    ),
+    hypothesis.strategies.integers(min_value=0, max_value=3),
+)
+def test_the_text_format_writes_what_logging_s_formatter_writes(
+    moments: list[float], nearby: int
+) -> None:
+    """The text formatter formats the date and time once per second; for records in any
+    order, in one second or across seconds, its lines are logging.Formatter's."""
+    ours, theirs = (
+        formatter("text"),
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"),
+    )
+    moments = moments + [moments[0] + k * 0.3 for k in range(nearby)]  # the same second, the next
+    for created in moments:
+        record = logging.LogRecord(
+            "warmrelay.test", logging.INFO, __file__, 1, "x %s", ("y",), None
+        )
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == theirs.format(record)
