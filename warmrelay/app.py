@@ -44,6 +44,7 @@ from warmrelay.mail.suppression import SuppressionList
 from warmrelay.operate import sdnotify, statuspage
 from warmrelay.operate.actions import QueueActions
 from warmrelay.operate.api import json_page
+from warmrelay.operate.heap import settle_heap
 from warmrelay.operate.logs import LogFormat, apply_log_format, setup_logging
 from warmrelay.operate.metrics import Metrics
 from warmrelay.operate.queueapi import QueueApi, worker_socket
@@ -949,6 +950,7 @@ def run(
             follower = loop.create_task(follow())
         try:
             await relay.start()
+            settle_heap()
             if notifies:
                 sdnotify.ready(f"serving: {len(relay.config.ips)} IP(s)")
             try:
