@@ -162,3 +162,90 @@ async def test_legacy_files_and_segments_live_side_by_side(tmp_path: Path) -> No
     s = Spool(directory)
     assert {r.message.queue_id for r in await s.open()} == {q for q, _ in stored}
     await s.close()
+
+
+async def test_an_old_segment_gives_its_deferred_messages_files_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """Two of ten messages are still spooled (deferred) when the segment is old: each gets
+    a .msg, the segment and its list go, the two keep their progress and reopen once."""
+    directory = tmp_path / "spool"
+    s = Spool(directory, segment_keep_s=3600.0)
+    await s.open()
+    stored = await store_many(s, 10)
+    deferred = [stored[3], stored[7]]
+    s.record_attempt(stored[3][0], 2)
+    for q, _ in stored:
+        if (q, _) not in deferred:
+            s.remove(q)
+    assert await s.retire_segments() == 0  # not old yet
+    s._segment_keep_s = 0.0  # the clock moved on (its age is measured from the store)
+    assert await s.retire_segments() == 2
+    assert await s.retire_segments() == 0  # nothing left in segments
+    assert all(s.read_data(q) == d for q, d in deferred)
+    s.remove(stored[7][0])  # a moved message finishes: its own file goes
+    await s.close()
+    queue = directory / "queue"
+    assert sorted(os.listdir(queue)) == [f"{stored[3][0]}.msg", f"{stored[3][0]}.state"]
+    assert Spool.count_on_disk([directory]) == 1
+
+    again = Spool(directory)
+    [found] = await again.open()
+    assert found.message.queue_id == stored[3][0] and found.attempts == 2
+    assert again.read_data(stored[3][0]) == stored[3][1]
+    await again.close()
+
+
+async def test_a_retirement_cut_short_by_a_crash_delivers_each_message_once(
+    tmp_path: Path,
+) -> None:
+    """A crash after the .msg files were synced but before the segment's list got them: the
+    next start takes each message once, from its .msg, and drops the segment."""
+    directory = tmp_path / "spool"
+    s = Spool(directory)
+    await s.open()
+    stored = await store_many(s, 6)
+    s.remove(stored[0][0])
+    await s.close()
+    queue = directory / "queue"
+    [segment] = names(queue, ".seg")
+    raw = (queue / segment).read_bytes()
+    # what the retirement's copy step leaves: each live record as a .msg of its own
+    loader = Spool(directory)
+    await loader.open()
+    for q, _ in stored[1:]:
+        _, offset, length = loader._located[q]
+        (queue / f"{q}.msg").write_bytes(raw[offset : offset + length])
+    await loader.close()
+
+    again = Spool(directory)
+    found = [r.message.queue_id for r in await again.open()]
+    assert sorted(found) == sorted(q for q, _ in stored[1:])  # once each
+    assert all(again.read_data(q) == d for q, d in stored[1:])
+    assert names(queue, ".seg") == [] and names(queue, ".removed") == []
+    for q in found:
+        again.remove(q)
+    await again.close()
+    assert os.listdir(queue) == []
+
+
+async def test_a_message_finished_while_it_is_moved_out_leaves_no_file(tmp_path: Path) -> None:
+    """The operator or a delivery finishes a message while the retirement copies it (on a
+    thread): whichever comes first, nothing of it is left, so no restart sends it again."""
+    directory = tmp_path / "spool"
+    s = Spool(directory, segment_keep_s=0.0)
+    await s.open()
+    stored = await store_many(s, 5)
+    retiring = asyncio.create_task(s.retire_segments())
+    await asyncio.sleep(0)  # the copy is on its thread now
+    for q, _ in stored[:3]:
+        s.remove(q)
+    await retiring
+    for q, _ in stored[3:]:
+        assert s.read_data(q)
+        s.remove(q)
+    await s.close()
+    assert os.listdir(directory / "queue") == []
+    again = Spool(directory)
+    assert await again.open() == []
+    await again.close()

@@ -6,7 +6,10 @@ A batch of several messages becomes one *segment* ``queue/<first id>-<count>.seg
 records back to back: one create, one writev, one fdatasync, one rename, one fsync of queue/):
 per message, the kernel work and the thread hand-offs of a file of its own were a sixth of the
 relay's CPU. A finished message of a segment is written to its ``.removed`` list; the segment
-goes when its last message does. A batch of one message, and a batch whose segment could not
+goes when its last message does; one still holding messages after ``SEGMENT_KEEP_S`` (they
+were deferred or held: delivery takes seconds) gives each a ``.msg`` of its own, so that a
+few deferred messages do not keep their batches' delivered mail on disk for days. A batch
+of one message, and a batch whose segment could not
 be written (its messages are then tried one by one, so that one message too big for the disk
 fails alone), are stored the older way: ``queue/<id>.msg`` per message, written and synced on
 ``sync_threads`` (stores/s on a 2-vCPU ext4 VM, 5000 concurrent: 1 thread 1300-1460, 8
@@ -51,6 +54,8 @@ log = logging.getLogger("warmrelay.spool")
 MAGIC = b"WARMRELAY-SPOOL 1\n"
 MAX_BATCH = 512  # bounds one commit's latency when thousands of stores pile up
 PROBE_INTERVAL_S = 1.0  # while not writable: how often to try again (a small write + fsync)
+SEGMENT_KEEP_S = 300.0  # a segment still holding messages this long: each gets a .msg file
+RETIRE_MAX = 1000  # messages moved out of old segments per round (one thread trip)
 PROBE_BYTES = 4096  # one page: a full disk refuses it, an almost full one may not
 REPORT_MAX_IDS = 200  # queue ids named in the one line about progress lost at a stop
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: sorts like the numbers
@@ -228,12 +233,20 @@ def _reason(exc: OSError) -> str:
 class Spool:
     """The durable store between the listener and the scheduler."""
 
-    def __init__(self, directory: Path, *, fsync: bool = True, sync_threads: int = 8) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        fsync: bool = True,
+        sync_threads: int = 8,
+        segment_keep_s: float = SEGMENT_KEEP_S,
+    ) -> None:
         self.directory = Path(directory)
         self.incoming, self.queue = self.directory / "incoming", self.directory / "queue"
         self.quarantine = self.directory / "quarantine"
         self.batches_committed = 0  # observability: far below the message count under load
         self._fsync, self._sync_threads = fsync, sync_threads
+        self._segment_keep_s = segment_keep_s
         self._messages: dict[str, SpooledMessage] = {}
         self._pending: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
@@ -245,6 +258,9 @@ class Spool:
         self.on_change: Callable[[], None] | None = None  # writable or backlog changed
         self._located: dict[str, tuple[str, int, int]] = {}  # id -> segment, offset, length
         self._segments: dict[str, set[str]] = {}  # segment -> the ids in it not yet removed
+        self._born: dict[str, float] = {}  # segment -> when stored or loaded (monotonic)
+        self._retirer: asyncio.TimerHandle | None = None
+        self._retiring: asyncio.Future[list[tuple[str, str]]] | None = None  # on a thread
         self._stated: set[str] = set()  # ids that have (or may have) a .state file
         self._unwritten: dict[str, _Progress] = {}  # progress known only in memory
         self._unremoved: set[_Removal] = set()  # finished, but their files are still there
@@ -278,6 +294,7 @@ class Spool:
         self._pool = ThreadPoolExecutor(1 + self._sync_threads, thread_name_prefix="spool")
         if problem is not None:  # full, say: delivering frees it, so start anyway
             self._set_writable(problem)
+        self._schedule_retire()
         return recovered
 
     def _recover(self) -> tuple[list[RecoveredMessage], OSError | None]:
@@ -307,10 +324,11 @@ class Spool:
         if stray:
             log.info("discarded %d unacknowledged file(s) from %s", len(stray), self.incoming)
         found: list[RecoveredMessage] = []
-        for name in sorted(p.name for p in self.queue.iterdir()):  # segments before .msg
+        before = sorted(p.name for p in self.queue.iterdir())
+        for name in before:  # segments before .msg
             stem, _, ext = name.partition(".")
             if ext == "seg" and _SEGMENT_RE.fullmatch(stem):
-                found += self._load_segment(stem)
+                found += self._load_segment(stem, set(before))
         names = {p.name for p in self.queue.iterdir()}  # salvaged records are .msg files now
         for name in names:
             stem, _, ext = name.partition(".")
@@ -332,10 +350,12 @@ class Spool:
         found.sort(key=lambda r: (r.message.received_at, r.message.queue_id))
         return found, problem
 
-    def _load_segment(self, stem: str) -> list[RecoveredMessage]:
-        """The messages of a segment that are not on its ``.removed`` list. A segment that
-        is not whole (a disk that rotted it: it was synced before any 250) is quarantined,
-        and the records still readable from it are stored as ``.msg`` files first."""
+    def _load_segment(self, stem: str, names: set[str]) -> list[RecoveredMessage]:
+        """The messages of a segment that are not on its ``.removed`` list, nor moved to a
+        ``.msg`` of their own (``names``: a retirement stopped before the list got them). A
+        segment that is not whole (a disk that rotted it: it was synced before any 250) is
+        quarantined, and the records still readable from it are stored as ``.msg`` files
+        first."""
         path = self.queue / f"{stem}.seg"
         removed = _removed_ids(self.queue / f"{stem}.removed")
         records: list[tuple[SpooledMessage, bytes, int, int]] = []
@@ -362,7 +382,11 @@ class Spool:
         except OSError as exc:
             problems.append(_reason(exc))
         problem = "; ".join(problems) or None
-        live = [r for r in records if r[0].queue_id not in removed]
+        live = [
+            r
+            for r in records
+            if r[0].queue_id not in removed and f"{r[0].queue_id}.msg" not in names
+        ]
         if problem is not None:
             for msg, data, _, _ in live:  # the same ids: their .state files still apply
                 self._write_file(self.queue / f"{msg.queue_id}.msg", _encode(msg, data), data)
@@ -377,6 +401,7 @@ class Spool:
             _unlink(self.queue / f"{stem}.removed")
             return []
         self._segments[stem] = {msg.queue_id for msg, _, _, _ in live}
+        self._born[stem] = time.monotonic()  # deferred or held ones move out in due time
         for msg, _, offset, length in live:
             self._located[msg.queue_id] = (stem, offset, length)
         return [self._progress_of(msg) for msg, _, _, _ in live]
@@ -482,6 +507,7 @@ class Spool:
                         queue_id = item.message.queue_id
                         self._located[queue_id] = (item.segment, item.offset, item.length)
                         self._segments.setdefault(item.segment, set()).add(queue_id)
+                        self._born.setdefault(item.segment, time.monotonic())
                 for item in batch:
                     if item.future.done():  # its caller was cancelled: nobody acked it
                         if item.error is None:
@@ -676,7 +702,9 @@ class Spool:
         self._messages.pop(queue_id, None)
         if self._unwritten.pop(queue_id, None) is not None:
             self._changed()
-        removal = self._removal(queue_id)
+        self._queue_removal(self._removal(queue_id))
+
+    def _queue_removal(self, removal: _Removal) -> None:
         if self._pool is not None and not self._closed:
             self._to_unlink.append(removal)
             if self._unlinking is None and self._committer is None:  # else: with its batch
@@ -698,7 +726,105 @@ class Spool:
         live.discard(queue_id)
         if not live:
             self._segments.pop(segment, None)
+            self._born.pop(segment, None)
         return _Removal((queue_id,), segment, not live, states)
+
+    # -- old segments: their remaining messages get files of their own ----------------------
+
+    def _schedule_retire(self) -> None:
+        if self._pool is None or self._closed:
+            return
+        delay = min(60.0, max(1.0, self._segment_keep_s / 5))
+        self._retirer = asyncio.get_running_loop().call_later(delay, self._retire_soon)
+
+    def _retire_soon(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.retire_segments())
+        task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[int]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("spool: retiring old segments failed", exc_info=task.exception())
+        self._schedule_retire()
+
+    async def retire_segments(self) -> int:
+        """Segments stored (or loaded) ``segment_keep_s`` ago that still hold messages: write
+        each of those (up to ``RETIRE_MAX``) as a ``.msg`` of its own, synced, then strike it
+        from its segment (whose file goes with its last message). A segment is kept on disk
+        until its last message is finished; deferred or held mail would keep its batch's
+        delivered mail there for days. How many were moved. A crash between the two steps
+        leaves both: at the next start the ``.msg`` counts and the record is skipped."""
+        if self._pool is None or self._closed or self._retiring is not None:
+            return 0
+        due = time.monotonic() - self._segment_keep_s
+        jobs: list[tuple[str, list[tuple[str, int, int]]]] = []
+        count = 0
+        for stem, born in list(self._born.items()):
+            if born > due or count >= RETIRE_MAX:
+                continue
+            ids = sorted(self._segments.get(stem, ()))[: RETIRE_MAX - count]
+            members = [(q, *self._located[q][1:]) for q in ids if q in self._located]
+            if members:
+                jobs.append((stem, members))
+                count += len(members)
+        if not jobs:
+            return 0
+        loop = asyncio.get_running_loop()
+        self._retiring = loop.run_in_executor(self._pool, self._copy_out, jobs)
+        try:
+            copied = await self._retiring
+        finally:
+            self._retiring = None
+        moved: dict[str, list[str]] = {}
+        for stem, queue_id in copied:
+            where = self._located.get(queue_id)
+            if where is not None and where[0] == stem:  # still spooled: now a .msg file
+                del self._located[queue_id]
+                self._segments.get(stem, set()).discard(queue_id)
+                moved.setdefault(stem, []).append(queue_id)
+            else:  # finished while it was copied: the copy goes too
+                self._queue_removal(_Removal((queue_id,), None, False, ()))
+        for stem, ids in moved.items():
+            last = not self._segments.get(stem)
+            if last:
+                self._segments.pop(stem, None)
+                self._born.pop(stem, None)
+            self._queue_removal(_Removal(tuple(ids), stem, last, ()))
+        if copied:
+            log.info("spool: %d deferred message(s) moved out of old segments", len(copied))
+        return len(copied)
+
+    def _copy_out(
+        self, jobs: list[tuple[str, list[tuple[str, int, int]]]]
+    ) -> list[tuple[str, str]]:
+        """Blocking: each record, checked, as a ``.msg`` in incoming/, renamed into queue/,
+        then queue/ synced. A record that does not check is left in its segment; any other
+        error takes every copy back (nothing was struck from a segment yet)."""
+        copied: list[tuple[str, str]] = []
+        try:
+            for stem, members in jobs:
+                fd = os.open(self.queue / f"{stem}.seg", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    for queue_id, offset, length in members:
+                        record = os.pread(fd, length, offset)
+                        try:
+                            _decode(record, queue_id)
+                        except ValueError as exc:
+                            log.warning("spool: %s in %s does not check: %s", queue_id, stem, exc)
+                            continue
+                        name = f"{queue_id}.msg"
+                        self._write_file(self.incoming / name, record)
+                        os.rename(self.incoming / name, self.queue / name)
+                        copied.append((stem, queue_id))
+                finally:
+                    os.close(fd)
+            if copied and self._fsync:
+                os.fsync(self._queue_fd)
+        except OSError as exc:
+            log.warning("spool: old segments not retired now: %s", _reason(exc))
+            for _, queue_id in copied:
+                _unlink(self.queue / f"{queue_id}.msg")
+            return []
+        return copied
 
     def _unlink_next(self) -> None:
         assert self._pool is not None
@@ -922,6 +1048,10 @@ class Spool:
         """Finish the pending batches and removals, try the backlog a last time, then stop
         the threads and release the spool lock."""
         self._closed = True
+        if self._retirer is not None:
+            self._retirer.cancel()
+        while self._retiring is not None:
+            await asyncio.wait([self._retiring])
         while self._committer is not None:
             await asyncio.shield(self._committer)
         if self._watcher is not None:  # ends after its probe or write (not cut in half)
