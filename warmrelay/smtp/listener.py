@@ -382,9 +382,7 @@ class RelaySMTP(SMTP):
             super().connection_made(transport)
             return
         if self.relay.closing:  # accepted just before the listener closed
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(SHUTTING_DOWN.encode("ascii") + b"\r\n")
-            transport.close()
+            _last_word(transport, SHUTTING_DOWN)
             return
         peer = transport.get_extra_info("peername")
         self.client = _address(str(peer[0])) if peer else ""
@@ -407,9 +405,7 @@ class RelaySMTP(SMTP):
         if not self.relay.limits.acquire(self.client, exempt=exempt):
             self._metrics.rejected.labels("421").inc()
             log.warning("%s: too many connections, refusing", self.client)
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
-            transport.close()
+            _last_word(transport, "421 4.7.0 Too many connections, try again later")
             return
         self._held = self.client
         self._metrics.smtp_sessions.inc()
@@ -431,6 +427,15 @@ class RelaySMTP(SMTP):
         closed = getattr(self, "_closed", None)
         if closed is not None and closed.done() and not closed.cancelled():
             closed.exception()
+
+    def eof_received(self) -> bool:
+        """The client closed its side: no command can follow. aiosmtpd cancels the session
+        task here and keeps the half-closed transport open; a task cancelled before its
+        first step (a client that connects and closes at once, seen with uvloop) then never
+        closes it, and the session would hold its connection slot until the idle timeout.
+        Closing it now still sends what is queued."""
+        super().eof_received()
+        return False
 
     @property
     def in_transaction(self) -> bool:
@@ -537,9 +542,7 @@ class RelaySMTP(SMTP):
         if transport is None or transport.is_closing():
             return
         self._metrics.rejected.labels(reply[:3]).inc()
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(reply.encode("ascii") + b"\r\n")
-        transport.close()
+        _last_word(transport, reply)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The common "<local@domain> PARAMS" is split here; anything else (quoted local
@@ -975,6 +978,17 @@ class RelayHandler:
             f"\t{date}\r\n"
         )
         return header.encode("utf-8", "surrogateescape")
+
+
+def _last_word(transport: asyncio.BaseTransport, reply: str) -> None:
+    """Write one reply, then close (the transport sends what it holds first). Not behind
+    ``isinstance(transport, asyncio.WriteTransport)``: another event loop's transports
+    (uvloop's) have write() without being its subclasses, and the client would hear
+    nothing."""
+    write = getattr(transport, "write", None)
+    if write is not None:
+        write(reply.encode("ascii") + b"\r\n")
+    transport.close()
 
 
 def _has_bare_newline(content: bytes) -> bool:
