@@ -4,16 +4,28 @@ ends, passed or failed. The helpers themselves live in ``support/``."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from support.disk import Disk, mount_tmpfs
 from support.redisserver import RedisServer, redis_running
 from support.relayproc import RelayProcess
 from support.sink import Sink
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on the event loop serve runs on (uvloop), except those marked
+    ``asyncio_loop``: they look at asyncio's own transports (write() can be wrapped there)."""
+    if item.get_closest_marker("asyncio_loop") is not None:
+        return {"asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

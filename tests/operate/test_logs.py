@@ -98,6 +98,8 @@ async def test_a_relay_logs_json_from_its_first_line_and_a_reload_switches_to_te
     assert delivered["disposition"] == "delivered"
     assert delivered["queue_id"] in delivered["message"]
     assert any(" ready: smtp " in e["message"] for e in entries)
+    # serve runs on uvloop (what the in-process tests run on too: tests/conftest.py)
+    assert any(e["message"].endswith(", event loop uvloop") for e in entries)
 
     doc["log"] = {"format": "text"}
     relay.config_path.write_text(yaml.safe_dump(doc))

@@ -145,6 +145,7 @@ async def test_aiosmtpd_command_lines_are_still_logged_masked_when_asked_for(
         assert [r for r in caplog.records if r.name == "mail.log"] == []
 
 
+@pytest.mark.asyncio_loop  # wraps the transport's write(): asyncio's, not uvloop's C type
 async def test_a_multi_line_reply_leaves_in_one_write(tmp_path: Path, sink: Sink) -> None:
     """aiosmtpd pushes EHLO's lines one write each; the listener holds the continuation
     lines ("250-") and writes the whole reply with its last line: one send(), one wake-up
