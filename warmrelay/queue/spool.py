@@ -755,6 +755,8 @@ class Spool:
         leaves both: at the next start the ``.msg`` counts and the record is skipped."""
         if self._pool is None or self._closed or self._retiring is not None:
             return 0
+        if not self.writable:  # a full disk: the watcher's probes say when it takes writes
+            return 0
         due = time.monotonic() - self._segment_keep_s
         jobs: list[tuple[str, list[tuple[str, int, int]]]] = []
         count = 0
