@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -248,4 +249,31 @@ async def test_a_message_finished_while_it_is_moved_out_leaves_no_file(tmp_path:
     assert os.listdir(directory / "queue") == []
     again = Spool(directory)
     assert await again.open() == []
+    await again.close()
+
+
+async def test_a_retirement_that_fails_leaves_nothing_behind_and_the_next_one_works(
+    tmp_path: Path,
+) -> None:
+    """Something in the way of one message's .msg (here a directory of that name): the round
+    takes back every copy it made, leaves nothing in incoming/, and the next round, with the
+    obstacle gone, moves them all."""
+    directory = tmp_path / "spool"
+    s = Spool(directory, segment_keep_s=0.0)
+    await s.open()
+    stored = await store_many(s, 3)
+    blocker = s.queue / f"{stored[1][0]}.msg"
+    blocker.mkdir()
+    (blocker / "in-the-way").write_text("x")
+    assert await s.retire_segments() == 0
+    assert os.listdir(s.incoming) == []
+    assert names(s.queue, ".msg") == [blocker.name] and len(names(s.queue, ".seg")) == 1
+    shutil.rmtree(blocker)
+    assert await s.retire_segments() == 3
+    await s.close()
+    assert names(directory / "queue", ".seg") == []
+    again = Spool(directory)
+    found = await again.open()
+    assert sorted(r.message.queue_id for r in found) == sorted(q for q, _ in stored)
+    assert all(again.read_data(q) == d for q, d in stored)
     await again.close()

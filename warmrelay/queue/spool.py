@@ -815,7 +815,11 @@ class Spool:
                             continue
                         name = f"{queue_id}.msg"
                         self._write_file(self.incoming / name, record)
-                        os.rename(self.incoming / name, self.queue / name)
+                        try:
+                            os.rename(self.incoming / name, self.queue / name)
+                        except OSError:  # left in incoming/, it would block every next round
+                            _unlink(self.incoming / name)
+                            raise
                         copied.append((stem, queue_id))
                 finally:
                     os.close(fd)
