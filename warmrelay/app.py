@@ -965,7 +965,7 @@ def run(
                 follower.cancel()
 
     try:
-        # uvloop (see pyproject.toml): asyncio's transports and callbacks in C, ~17 % less
+        # uvloop (see pyproject.toml): asyncio's transports and callbacks in C, ~15 % less
         # CPU per message; the CLI's short commands keep asyncio's own loop
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(main())
