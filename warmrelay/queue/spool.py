@@ -258,7 +258,6 @@ class Spool:
         self.on_change: Callable[[], None] | None = None  # writable or backlog changed
         self._located: dict[str, tuple[str, int, int]] = {}  # id -> segment, offset, length
         self._segments: dict[str, set[str]] = {}  # segment -> the ids in it not yet removed
-        self._born: dict[str, float] = {}  # segment -> when stored or loaded (monotonic)
         self._retirer: asyncio.TimerHandle | None = None
         self._retiring: asyncio.Future[list[tuple[str, str]]] | None = None  # on a thread
         self._stated: set[str] = set()  # ids that have (or may have) a .state file
@@ -401,7 +400,6 @@ class Spool:
             _unlink(self.queue / f"{stem}.removed")
             return []
         self._segments[stem] = {msg.queue_id for msg, _, _, _ in live}
-        self._born[stem] = time.monotonic()  # deferred or held ones move out in due time
         for msg, _, offset, length in live:
             self._located[msg.queue_id] = (stem, offset, length)
         return [self._progress_of(msg) for msg, _, _, _ in live]
@@ -507,7 +505,6 @@ class Spool:
                         queue_id = item.message.queue_id
                         self._located[queue_id] = (item.segment, item.offset, item.length)
                         self._segments.setdefault(item.segment, set()).add(queue_id)
-                        self._born.setdefault(item.segment, time.monotonic())
                 for item in batch:
                     if item.future.done():  # its caller was cancelled: nobody acked it
                         if item.error is None:
@@ -726,7 +723,6 @@ class Spool:
         live.discard(queue_id)
         if not live:
             self._segments.pop(segment, None)
-            self._born.pop(segment, None)
         return _Removal((queue_id,), segment, not live, states)
 
     # -- old segments: their remaining messages get files of their own ----------------------
@@ -747,23 +743,26 @@ class Spool:
         self._schedule_retire()
 
     async def retire_segments(self) -> int:
-        """Segments stored (or loaded) ``segment_keep_s`` ago that still hold messages: write
-        each of those (up to ``RETIRE_MAX``) as a ``.msg`` of its own, synced, then strike it
-        from its segment (whose file goes with its last message). A segment is kept on disk
-        until its last message is finished; deferred or held mail would keep its batch's
-        delivered mail there for days. How many were moved. A crash between the two steps
-        leaves both: at the next start the ``.msg`` counts and the record is skipped."""
+        """Segments stored ``segment_keep_s`` ago (a restart does not reset their age) that
+        still hold messages: write each of those (up to ``RETIRE_MAX``) as a ``.msg`` of its
+        own, synced, then strike it from its segment (whose file goes with its last
+        message). A segment is kept on disk until its last message is finished; deferred or
+        held mail would keep its batch's delivered mail there for days. How many were
+        moved. A crash between the two steps leaves both: at the next start the ``.msg``
+        counts and the record is skipped."""
         if self._pool is None or self._closed or self._retiring is not None:
             return 0
         if not self.writable:  # a full disk: the watcher's probes say when it takes writes
             return 0
-        due = time.monotonic() - self._segment_keep_s
+        # a segment's name begins with its first message's queue id, which begins with the
+        # time it was stored (ms): those named below this were stored segment_keep_s ago
+        due = queue_id_floor(time.time() - self._segment_keep_s + 0.001)
         jobs: list[tuple[str, list[tuple[str, int, int]]]] = []
         count = 0
-        for stem, born in list(self._born.items()):
-            if born > due or count >= RETIRE_MAX:
+        for stem, live in self._segments.items():
+            if stem[:16] >= due or count >= RETIRE_MAX:
                 continue
-            ids = sorted(self._segments.get(stem, ()))[: RETIRE_MAX - count]
+            ids = sorted(live)[: RETIRE_MAX - count]
             members = [(q, *self._located[q][1:]) for q in ids if q in self._located]
             if members:
                 jobs.append((stem, members))
@@ -789,7 +788,6 @@ class Spool:
             last = not self._segments.get(stem)
             if last:
                 self._segments.pop(stem, None)
-                self._born.pop(stem, None)
             self._queue_removal(_Removal(tuple(ids), stem, last, ()))
         if copied:
             log.info("spool: %d deferred message(s) moved out of old segments", len(copied))
